@@ -1,0 +1,527 @@
+//! The configuration tree: one serde structure, its defaults (the dev
+//! defaults), the `WSGATE_*` environment overlay, and `validate()`.
+//!
+//! Precedence is file < environment < flags. Every key is documented in
+//! `docs/configuration.md`; a key that is not known is an error, wherever it
+//! came from, so a typo never silently leaves a default in place.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use jsonwebtoken::{Algorithm, AlgorithmFamily};
+use serde::{Deserialize, Serialize};
+
+/// Prefix of the environment variables that override file keys.
+pub const ENV_PREFIX: &str = "WSGATE_";
+
+/// Smallest HMAC secret accepted, in bytes (RFC 7518 §3.2 for HS256).
+pub const MIN_HMAC_SECRET_BYTES: usize = 32;
+
+/// hyper refuses a read buffer smaller than this; header limits below it
+/// are still enforced by `max_header_bytes`.
+const HYPER_MIN_BUF: usize = 8192;
+
+/// The whole configuration. `Default` is the development setup that
+/// `wsgate serve --dev` runs with.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub tls: TlsConfig,
+    pub auth: AuthConfig,
+    pub websocket: WebSocketConfig,
+    pub log: LogConfig,
+}
+
+/// The listener and its HTTP limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address and port of the wss:// listener.
+    pub listen: SocketAddr,
+    /// Deadline for the whole TLS handshake, in milliseconds.
+    pub handshake_timeout_ms: u64,
+    /// Deadline for a request's headers to arrive, in milliseconds.
+    pub header_read_timeout_ms: u64,
+    /// Largest request head (request line and headers), in bytes; past it: 431.
+    pub max_header_bytes: usize,
+    /// Most request headers accepted; past it: 431.
+    pub max_headers: usize,
+    /// Open TCP connections at once (handshaking, HTTP and WebSocket).
+    pub max_connections: usize,
+    /// Connections beyond `max_connections` that are still accepted, only to
+    /// be answered `503` with `Retry-After` instead of waiting unanswered.
+    pub overflow_connections: usize,
+    /// `Retry-After` sent with `503`/`429` refusals, in seconds.
+    pub retry_after_s: u64,
+    /// Hard deadline for sessions to close at shutdown, in milliseconds.
+    pub shutdown_timeout_ms: u64,
+    /// Exact `Origin` values (scheme://host[:port]) allowed to open `/ws`.
+    pub allowed_origins: Vec<String>,
+    /// Also allow an `Origin` equal to `https://` + the request's `Host`.
+    pub allow_same_origin: bool,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
+            handshake_timeout_ms: 10_000,
+            header_read_timeout_ms: 5_000,
+            max_header_bytes: 16 * 1024,
+            max_headers: 64,
+            max_connections: 10_000,
+            overflow_connections: 64,
+            retry_after_s: 5,
+            shutdown_timeout_ms: 10_000,
+            allowed_origins: Vec::new(),
+            allow_same_origin: true,
+        }
+    }
+}
+
+/// The server certificate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM file: the server certificate followed by its chain.
+    pub cert_file: PathBuf,
+    /// PEM file: the server's private key (PKCS#8, SEC1 or PKCS#1).
+    pub key_file: PathBuf,
+    /// Accept TLS 1.3 only (otherwise TLS 1.2 and 1.3).
+    pub tls13_only: bool,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            cert_file: PathBuf::from("certs/server.pem"),
+            key_file: PathBuf::from("certs/server.key"),
+            tls13_only: false,
+        }
+    }
+}
+
+/// How tokens are carried and verified.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Accepted JWT algorithms, all of one family (HS*, RS*/PS*, ES*, EdDSA).
+    pub algorithms: Vec<String>,
+    /// File holding the HMAC secret (HS*): its bytes, less a trailing newline.
+    pub hmac_secret_file: PathBuf,
+    /// PEM public key for RS*/PS*/ES*/EdDSA.
+    pub public_key_file: Option<PathBuf>,
+    /// PEM private key that `wsgate token` signs with for asymmetric algorithms.
+    pub private_key_file: Option<PathBuf>,
+    /// Required `iss` values; empty: `iss` not checked.
+    pub issuers: Vec<String>,
+    /// Accepted `aud` values; empty: `aud` not checked.
+    pub audiences: Vec<String>,
+    /// Clock leeway for `exp` and `nbf`, in seconds.
+    pub leeway_s: u64,
+    /// Largest token accepted, in bytes, checked before any parsing.
+    pub max_token_bytes: usize,
+    /// Claim holding the user's roles (an array of strings).
+    pub roles_claim: String,
+    /// Accept `?access_token=` on the upgrade URL (off: URLs end up in logs).
+    pub query_token: bool,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            algorithms: vec!["HS256".to_owned()],
+            hmac_secret_file: PathBuf::from("certs/dev-hmac.secret"),
+            public_key_file: None,
+            private_key_file: None,
+            issuers: Vec::new(),
+            audiences: Vec::new(),
+            leeway_s: 30,
+            max_token_bytes: 8 * 1024,
+            roles_claim: "roles".to_owned(),
+            query_token: false,
+        }
+    }
+}
+
+// Paths only, but keep Debug output boring and uniform with the rest.
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("algorithms", &self.algorithms)
+            .field("hmac_secret_file", &self.hmac_secret_file)
+            .field("public_key_file", &self.public_key_file)
+            .field("issuers", &self.issuers)
+            .field("audiences", &self.audiences)
+            .field("leeway_s", &self.leeway_s)
+            .field("max_token_bytes", &self.max_token_bytes)
+            .field("roles_claim", &self.roles_claim)
+            .field("query_token", &self.query_token)
+            .finish_non_exhaustive()
+    }
+}
+
+/// WebSocket framing limits and liveness.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebSocketConfig {
+    /// Largest inbound message, in bytes; past it the session closes with 1009.
+    pub max_message_bytes: usize,
+    /// Largest inbound frame, in bytes.
+    pub max_frame_bytes: usize,
+    /// Read buffer per connection, in bytes (allocated for every session).
+    pub read_buffer_bytes: usize,
+    /// Interval between WebSocket pings, in milliseconds.
+    pub heartbeat_ms: u64,
+    /// Extra silence tolerated after a missed heartbeat, in milliseconds.
+    pub heartbeat_grace_ms: u64,
+    /// Deadline for one write to the socket, in milliseconds.
+    pub write_timeout_ms: u64,
+    /// Frames queued for one connection before it is closed with 4008.
+    pub outbox_frames: usize,
+}
+
+impl Default for WebSocketConfig {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 64 * 1024,
+            max_frame_bytes: 64 * 1024,
+            read_buffer_bytes: 4 * 1024,
+            heartbeat_ms: 25_000,
+            heartbeat_grace_ms: 10_000,
+            write_timeout_ms: 10_000,
+            outbox_frames: 256,
+        }
+    }
+}
+
+/// Log output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `tracing` filter directive, e.g. `info` or `wsgate=debug`.
+    pub level: String,
+    /// `text` for people, `json` for log pipelines.
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".to_owned(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("environment variable {name}: {message}")]
+    Env { name: String, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Loads the file (if any), overlays `env` (pairs of name and value,
+    /// normally `std::env::vars()`), and validates the result.
+    ///
+    /// # Errors
+    /// An unreadable file, unknown keys, wrongly typed values, or a
+    /// configuration that [`Config::validate`] refuses.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut table = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Parse {
+                        path: path.to_owned(),
+                        message: e.to_string(),
+                    })?
+            }
+            None => toml::Table::new(),
+        };
+        apply_env(&mut table, env)?;
+        let config: Config = table.try_into().map_err(|e: toml::de::Error| {
+            ConfigError::Parse {
+                path: file.map_or_else(|| PathBuf::from("<environment>"), Path::to_owned),
+                message: e.message().to_owned(),
+            }
+        })?;
+        Ok(config)
+    }
+
+    /// Checks values that parse but cannot work together.
+    ///
+    /// # Errors
+    /// A description of the first problem found.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        let s = &self.server;
+        if s.handshake_timeout_ms == 0 || s.header_read_timeout_ms == 0 {
+            return bad("server timeouts must be above 0 ms".into());
+        }
+        if s.max_header_bytes < 1024 {
+            return bad("server.max_header_bytes must be at least 1024".into());
+        }
+        if s.max_headers == 0 {
+            return bad("server.max_headers must be at least 1".into());
+        }
+        if s.max_connections == 0 {
+            return bad("server.max_connections must be at least 1".into());
+        }
+        for origin in &s.allowed_origins {
+            if crate::upgrade::Origin::parse(origin).is_none() {
+                return bad(format!(
+                    "server.allowed_origins: {origin:?} is not scheme://host[:port]"
+                ));
+            }
+        }
+        let a = &self.auth;
+        let algs = self.algorithms()?;
+        if a.max_token_bytes == 0 {
+            return bad("auth.max_token_bytes must be at least 1".into());
+        }
+        if a.max_token_bytes + 512 > s.max_header_bytes {
+            return bad(format!(
+                "auth.max_token_bytes ({}) must leave room in server.max_header_bytes ({})",
+                a.max_token_bytes, s.max_header_bytes
+            ));
+        }
+        if algs[0].family() != AlgorithmFamily::Hmac && a.public_key_file.is_none() {
+            return bad("auth.public_key_file is required for asymmetric algorithms".into());
+        }
+        if a.roles_claim.is_empty() {
+            return bad("auth.roles_claim must not be empty".into());
+        }
+        let w = &self.websocket;
+        if w.max_frame_bytes == 0 || w.max_message_bytes == 0 || w.read_buffer_bytes == 0 {
+            return bad("websocket sizes must be above 0".into());
+        }
+        if w.max_frame_bytes > w.max_message_bytes {
+            return bad("websocket.max_frame_bytes must not exceed max_message_bytes".into());
+        }
+        if w.heartbeat_ms == 0 || w.write_timeout_ms == 0 {
+            return bad("websocket.heartbeat_ms and write_timeout_ms must be above 0".into());
+        }
+        if w.outbox_frames == 0 {
+            return bad("websocket.outbox_frames must be at least 1".into());
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return bad(format!("log.level {:?} is not a valid filter", self.log.level));
+        }
+        Ok(())
+    }
+
+    /// The configured algorithms, parsed; all of one family.
+    ///
+    /// # Errors
+    /// An unknown name, an empty list, or a mix of families.
+    pub fn algorithms(&self) -> Result<Vec<Algorithm>, ConfigError> {
+        let mut out = Vec::with_capacity(self.auth.algorithms.len());
+        for name in &self.auth.algorithms {
+            let alg: Algorithm = name.parse().map_err(|_| {
+                ConfigError::Invalid(format!("auth.algorithms: unknown algorithm {name:?}"))
+            })?;
+            out.push(alg);
+        }
+        let Some(first) = out.first() else {
+            return Err(ConfigError::Invalid("auth.algorithms must not be empty".into()));
+        };
+        if out.iter().any(|a| a.family() != first.family()) {
+            // A verifier holds one key; mixing families is how HS/RS confusion starts.
+            return Err(ConfigError::Invalid(
+                "auth.algorithms must all be of one family".into(),
+            ));
+        }
+        Ok(out)
+    }
+
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.server.handshake_timeout_ms)
+    }
+
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.server.header_read_timeout_ms)
+    }
+
+    /// hyper's read buffer: the header limit, but never below hyper's floor.
+    pub fn http_buf_size(&self) -> usize {
+        self.server.max_header_bytes.max(HYPER_MIN_BUF)
+    }
+}
+
+/// Writes `WSGATE_SECTION_KEY=value` pairs into `table` as
+/// `[section] key = value`. The value's type follows the key's default
+/// (integer, boolean, list); lists may be TOML (`["a","b"]`) or
+/// comma-separated. Variables that configure the CLI itself are skipped.
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    let defaults = toml::Table::try_from(Config::default())
+        .map_err(|e| ConfigError::Invalid(format!("defaults do not serialize: {e}")))?;
+    for (name, raw) in env {
+        let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        if rest == "CONFIG" {
+            continue;
+        }
+        let env_err = |message: String| ConfigError::Env {
+            name: name.clone(),
+            message,
+        };
+        let lower = rest.to_ascii_lowercase();
+        let Some((section, key)) = lower.split_once('_') else {
+            return Err(env_err("expected WSGATE_<SECTION>_<KEY>".into()));
+        };
+        let Some(toml::Value::Table(section_defaults)) = defaults.get(section) else {
+            return Err(env_err(format!("unknown section {section:?}")));
+        };
+        let value = env_value(section_defaults.get(key), &raw).map_err(env_err)?;
+        let entry = table
+            .entry(section.to_owned())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let toml::Value::Table(section_table) = entry else {
+            return Err(env_err(format!("{section} in the file is not a table")));
+        };
+        section_table.insert(key.to_owned(), value);
+    }
+    Ok(())
+}
+
+fn env_value(default: Option<&toml::Value>, raw: &str) -> Result<toml::Value, String> {
+    use toml::Value;
+    let parse_toml = |s: &str| -> Result<Value, String> {
+        let doc: toml::Table = format!("v = {s}")
+            .parse()
+            .map_err(|_| format!("{s:?} is not a valid value"))?;
+        doc.get("v").cloned().ok_or_else(|| "empty value".to_owned())
+    };
+    match default {
+        Some(Value::Integer(_)) => raw
+            .trim()
+            .parse::<i64>()
+            .map(Value::Integer)
+            .map_err(|_| "expected an integer".to_owned()),
+        Some(Value::Boolean(_)) => match raw.trim() {
+            "true" | "1" => Ok(Value::Boolean(true)),
+            "false" | "0" => Ok(Value::Boolean(false)),
+            _ => Err("expected true or false".to_owned()),
+        },
+        Some(Value::Array(_)) | None if raw.trim_start().starts_with('[') => parse_toml(raw),
+        Some(Value::Array(_)) => Ok(Value::Array(
+            raw.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| Value::String(s.to_owned()))
+                .collect(),
+        )),
+        _ => Ok(Value::String(raw.to_owned())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_validate() {
+        let c = Config::load(None, env(&[])).unwrap();
+        assert_eq!(c, Config::default());
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn env_overrides_file_with_typed_values() {
+        let dir = std::env::temp_dir().join(format!("wsgate-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(
+            &file,
+            "[server]\nlisten = \"127.0.0.1:9000\"\nmax_connections = 5\n[auth]\nleeway_s = 1\n",
+        )
+        .unwrap();
+        let c = Config::load(
+            Some(&file),
+            env(&[
+                ("WSGATE_SERVER_MAX_CONNECTIONS", "7"),
+                ("WSGATE_AUTH_QUERY_TOKEN", "true"),
+                ("WSGATE_AUTH_ALGORITHMS", "HS384, HS512"),
+                ("WSGATE_AUTH_ISSUERS", "[\"a\", \"b\"]"),
+                ("WSGATE_AUTH_PUBLIC_KEY_FILE", "k.pem"),
+                ("WSGATE_CONFIG", "ignored"),
+                ("HOME", "/root"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.server.listen.port(), 9000);
+        assert_eq!(c.server.max_connections, 7);
+        assert_eq!(c.auth.leeway_s, 1);
+        assert!(c.auth.query_token);
+        assert_eq!(c.auth.algorithms, ["HS384", "HS512"]);
+        assert_eq!(c.auth.issuers, ["a", "b"]);
+        assert_eq!(c.auth.public_key_file.as_deref(), Some(Path::new("k.pem")));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_everywhere() {
+        let err = Config::load(None, env(&[("WSGATE_SERVER_LISTN", "x")])).unwrap_err();
+        assert!(err.to_string().contains("listn"), "{err}");
+        let err = Config::load(None, env(&[("WSGATE_NOPE_X", "1")])).unwrap_err();
+        assert!(err.to_string().contains("WSGATE_NOPE_X"), "{err}");
+        let err = Config::load(None, env(&[("WSGATE_SERVER_MAX_HEADERS", "many")])).unwrap_err();
+        assert!(err.to_string().contains("integer"), "{err}");
+    }
+
+    #[test]
+    fn validate_refuses_mixed_families_and_tight_limits() {
+        let mut c = Config::default();
+        c.auth.algorithms = vec!["HS256".into(), "RS256".into()];
+        assert!(c.validate().is_err());
+        c.auth.algorithms = vec!["none".into()];
+        assert!(c.validate().is_err());
+        c = Config::default();
+        c.auth.algorithms = vec!["ES256".into()];
+        assert!(c.validate().unwrap_err().to_string().contains("public_key_file"));
+        c = Config::default();
+        c.auth.max_token_bytes = c.server.max_header_bytes;
+        assert!(c.validate().is_err());
+        c = Config::default();
+        c.server.allowed_origins = vec!["example.com".into()];
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,26 @@
+//! wsgate: a secure, authenticated WebSocket (wss://) gateway.
+//!
+//! The path of one connection, module by module:
+//!
+//! 1. [`server`] takes a connection permit, accepts with back-off, runs the
+//!    TLS handshake under its deadline ([`server::tls`]) and serves HTTP/1.1
+//!    with header limits.
+//! 2. [`upgrade`] decides `/ws`: RFC 6455 checks, the Origin allow-list, the
+//!    token carriers, and verification by [`auth`]. A refusal is an HTTP
+//!    status, never a WebSocket.
+//! 3. [`session`] owns the upgraded socket: one task, one `select!` loop,
+//!    typed frames from [`protocol`], exactly one close reason at the end.
+//!
+//! [`config`] is the one configuration tree; [`certs`] makes development
+//! certificates; [`auth::mint`] makes development tokens.
+
+pub mod auth;
+pub mod certs;
+pub mod config;
+pub mod protocol;
+pub mod server;
+pub mod session;
+pub mod upgrade;
+
+pub use config::Config;
+pub use server::Server;

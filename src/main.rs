@@ -1,0 +1,292 @@
+//! The `wsgate` command line: `serve`, `certs`, `token`, `check-config`.
+//! Errors are boxed here and only here; every leaf error is typed.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::{Map, Value};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use wsgate::auth::mint::{self, TokenRequest};
+use wsgate::certs::{self, CaSource, CertPaths};
+use wsgate::config::{Config, LogFormat};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Parser)]
+#[command(name = "wsgate", version, about = "A secure, authenticated WebSocket (wss://) gateway")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve wss:// until SIGTERM or Ctrl-C.
+    Serve(ServeArgs),
+    /// Create a development CA and a server certificate it signs.
+    Certs(CertsArgs),
+    /// Mint a development JWT (printed alone on stdout).
+    Token(TokenArgs),
+    /// Validate the configuration (and its key and certificate files) without binding.
+    CheckConfig(ConfigArgs),
+}
+
+#[derive(Args)]
+struct ConfigArgs {
+    /// TOML configuration file (also WSGATE_CONFIG).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Create missing dev certificates and secret, and print a ready token.
+    #[arg(long)]
+    dev: bool,
+    /// Listen address, e.g. 127.0.0.1:8443 (overrides server.listen).
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Log filter, e.g. info or wsgate=debug (overrides log.level).
+    #[arg(long)]
+    log_level: Option<String>,
+    /// Log format (overrides log.format).
+    #[arg(long, value_parser = ["text", "json"])]
+    log_format: Option<String>,
+}
+
+#[derive(Args)]
+struct CertsArgs {
+    /// Directory for ca.pem, ca.key, server.pem and server.key.
+    #[arg(long, default_value = "certs")]
+    out: PathBuf,
+    /// Extra DNS name or IP address for the server certificate (repeatable).
+    #[arg(long = "host")]
+    hosts: Vec<String>,
+    /// Replace existing files, including the CA.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args)]
+struct TokenArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// The user id (`sub`).
+    #[arg(long)]
+    sub: String,
+    /// A role (repeatable).
+    #[arg(long = "role")]
+    roles: Vec<String>,
+    /// Lifetime: 90s, 15m, 1h, 7d.
+    #[arg(long, default_value = "1h", value_parser = mint::parse_duration)]
+    ttl: Duration,
+    /// Extra claim NAME=VALUE; VALUE is JSON when it parses as JSON (repeatable).
+    #[arg(long = "claim", value_parser = parse_claim)]
+    claims: Vec<(String, Value)>,
+    /// Private key PEM for asymmetric algorithms (overrides auth.private_key_file).
+    #[arg(long)]
+    key: Option<PathBuf>,
+}
+
+fn parse_claim(text: &str) -> Result<(String, Value), String> {
+    let (name, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not NAME=VALUE"))?;
+    if name.is_empty() {
+        return Err("claim name is empty".into());
+    }
+    let value = serde_json::from_str(value).unwrap_or_else(|_| Value::String(value.to_owned()));
+    Ok((name.to_owned(), value))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Certs(args) => run_certs(&args),
+        Command::Token(args) => token(args),
+        Command::CheckConfig(args) => check_config(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wsgate: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_config(args: &ConfigArgs) -> Result<Config, BoxError> {
+    let file = args
+        .config
+        .clone()
+        .or_else(|| std::env::var_os("WSGATE_CONFIG").map(PathBuf::from));
+    Ok(Config::load(file.as_deref(), std::env::vars())?)
+}
+
+fn check_config(args: &ConfigArgs) -> Result<(), BoxError> {
+    let config = load_config(args)?;
+    config.validate()?;
+    wsgate::auth::Verifier::from_config(&config)?;
+    wsgate::server::tls::server_config(&config.tls)?;
+    println!("configuration is valid");
+    Ok(())
+}
+
+fn run_certs(args: &CertsArgs) -> Result<(), BoxError> {
+    let paths = CertPaths::in_dir(&args.out);
+    let ca = certs::generate(&paths, &args.hosts, args.force)?;
+    let verb = match ca {
+        CaSource::Created => "created",
+        CaSource::Reused => "reused",
+    };
+    println!("CA ({verb}):  {}", paths.ca_cert.display());
+    println!("server cert: {}", paths.server_cert.display());
+    println!("server key:  {} (mode 0600)", paths.server_key.display());
+    println!();
+    print!("{}", certs::trust_instructions(&paths.ca_cert));
+    Ok(())
+}
+
+fn token(args: TokenArgs) -> Result<(), BoxError> {
+    let config = load_config(&args.config)?;
+    let request = TokenRequest {
+        sub: args.sub,
+        roles: args.roles,
+        ttl: args.ttl,
+        claims: args.claims.into_iter().collect::<Map<_, _>>(),
+    };
+    println!("{}", mint::mint(&config, &request, args.key.as_deref())?);
+    Ok(())
+}
+
+fn serve(args: ServeArgs) -> Result<(), BoxError> {
+    let mut config = load_config(&args.config)?;
+    if let Some(listen) = args.listen {
+        config.server.listen = listen;
+    }
+    if let Some(level) = args.log_level {
+        config.log.level = level;
+    }
+    if let Some(format) = args.log_format {
+        config.log.format = if format == "json" { LogFormat::Json } else { LogFormat::Text };
+    }
+    config.validate()?;
+    init_logging(&config)?;
+    if args.dev {
+        prepare_dev(&config)?;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let server = wsgate::Server::bind(config.clone()).await?;
+        let addr = server.local_addr()?;
+        info!(%addr, "listening");
+        if args.dev {
+            print_dev_banner(&config, addr)?;
+        }
+        let stop = CancellationToken::new();
+        tokio::spawn(stop_on_signal(stop.clone()));
+        server.run(stop).await;
+        Ok::<(), BoxError>(())
+    })
+}
+
+fn init_logging(config: &Config) -> Result<(), BoxError> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    }
+}
+
+/// Creates what `serve --dev` needs and is missing: the dev certificate
+/// (signed by the dev CA beside it) and the HMAC secret.
+fn prepare_dev(config: &Config) -> Result<(), BoxError> {
+    let tls = &config.tls;
+    if !tls.cert_file.exists() || !tls.key_file.exists() {
+        let paths = CertPaths::for_server(&tls.cert_file, &tls.key_file);
+        certs::generate(&paths, &[], true_if_partial(&tls.cert_file, &tls.key_file))?;
+        info!(cert = %tls.cert_file.display(), ca = %paths.ca_cert.display(), "created development certificate");
+    }
+    if config.algorithms()?[0].family() == jsonwebtoken::AlgorithmFamily::Hmac
+        && mint::ensure_dev_secret(&config.auth.hmac_secret_file)?
+    {
+        info!(file = %config.auth.hmac_secret_file.display(), "created development HMAC secret");
+    }
+    Ok(())
+}
+
+/// Only one half of the pair exists: replace it rather than refuse, since a
+/// lone certificate or key is useless.
+fn true_if_partial(cert: &Path, key: &Path) -> bool {
+    cert.exists() != key.exists()
+}
+
+fn print_dev_banner(config: &Config, addr: std::net::SocketAddr) -> Result<(), BoxError> {
+    let request = TokenRequest {
+        sub: "dev".into(),
+        roles: vec!["member".into()],
+        ttl: Duration::from_secs(24 * 3600),
+        claims: Map::new(),
+    };
+    let token = mint::mint(config, &request, None)?;
+    let host = if addr.ip().is_loopback() || addr.ip().is_unspecified() {
+        "localhost".to_owned()
+    } else {
+        addr.ip().to_string()
+    };
+    let port = addr.port();
+    let ca = CertPaths::for_server(&config.tls.cert_file, &config.tls.key_file).ca_cert;
+    println!(
+        "\nwsgate is running (development mode)\n\
+         \x20 WebSocket: wss://{host}:{port}/ws\n\
+         \x20 health:    https://{host}:{port}/healthz\n\
+         \x20 dev CA:    {ca}\n\n\
+         A token for user \"dev\" (role member, valid 24 h):\n\n{token}\n\n\
+         Try it:\n\
+         \x20 TOKEN=$(cargo run -q -- token --sub alice --role member)\n\
+         \x20 curl --cacert {ca} https://{host}:{port}/healthz\n",
+        ca = ca.display()
+    );
+    if !ca.exists() {
+        warn!(ca = %ca.display(), "the dev CA is not where the certificate was expected");
+    }
+    Ok(())
+}
+
+async fn stop_on_signal(stop: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot listen for SIGTERM; Ctrl-C only");
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    info!("shutting down");
+    stop.cancel();
+}

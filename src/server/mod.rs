@@ -1,0 +1,279 @@
+//! The listener: connection permits, the accept loop with back-off, the TLS
+//! handshake under its deadline, hyper's HTTP/1.1 with its limits, and
+//! shutdown. Routes live in [`routes`], the TLS config in [`tls`].
+//!
+//! hyper stops tracking a connection once it is upgraded, so sessions are
+//! tracked here, in a `TaskTracker`, and each holds its connection permit.
+
+mod routes;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::auth::Verifier;
+use crate::config::{Config, ConfigError};
+use crate::upgrade::UpgradePolicy;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Everything a connection task shares with the others.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub config: Config,
+    pub verifier: Verifier,
+    pub upgrade: UpgradePolicy,
+    /// Set when shutdown begins: `/readyz` and new upgrades answer 503.
+    pub draining: AtomicBool,
+    /// Cancelled when sessions must close (1001).
+    pub shutdown: CancellationToken,
+    /// Upgraded sessions, which hyper no longer tracks.
+    pub sessions: TaskTracker,
+}
+
+/// A bound, not yet running gateway.
+pub struct Server {
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    shared: Arc<Shared>,
+}
+
+impl Server {
+    /// Validates the config, loads keys and certificates, and binds the
+    /// listener (port 0 picks a free port; see [`Server::local_addr`]).
+    ///
+    /// # Errors
+    /// An invalid config, unreadable keys or certificates, or a failed bind.
+    pub async fn bind(config: Config) -> Result<Self, StartError> {
+        config.validate()?;
+        let verifier = Verifier::from_config(&config)?;
+        let acceptor = TlsAcceptor::from(tls::server_config(&config.tls)?);
+        let addr = config.server.listen;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { addr, source })?;
+        let shared = Arc::new(Shared {
+            upgrade: UpgradePolicy::from_config(&config),
+            verifier,
+            config,
+            draining: AtomicBool::new(false),
+            shutdown: CancellationToken::new(),
+            sessions: TaskTracker::new(),
+        });
+        Ok(Self {
+            listener,
+            acceptor,
+            shared,
+        })
+    }
+
+    /// The address actually bound.
+    ///
+    /// # Errors
+    /// The OS could not report it.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `stop` is cancelled, then stops accepting, closes every
+    /// session with 1001, and waits for them up to `shutdown_timeout_ms`.
+    pub async fn run(self, stop: CancellationToken) {
+        let Self {
+            listener,
+            acceptor,
+            shared,
+        } = self;
+        let connections = TaskTracker::new();
+        let permits = Arc::new(Semaphore::new(shared.config.server.max_connections));
+        let overflow = Arc::new(Semaphore::new(shared.config.server.overflow_connections));
+        let mut backoff = Backoff::default();
+
+        loop {
+            // The permit comes first, so a full gateway stops accepting
+            // instead of piling up handshakes. Past the cap, a small overflow
+            // pool still answers 503 rather than leaving clients hanging.
+            let (permit, overloaded) = match Arc::clone(&permits).try_acquire_owned() {
+                Ok(p) => (p, false),
+                Err(_) => match Arc::clone(&overflow).try_acquire_owned() {
+                    Ok(p) => (p, true),
+                    Err(_) => tokio::select! {
+                        () = stop.cancelled() => break,
+                        p = Arc::clone(&permits).acquire_owned() => match p {
+                            Ok(p) => (p, false),
+                            Err(_) => break,
+                        },
+                    },
+                },
+            };
+            let accepted = tokio::select! {
+                () = stop.cancelled() => break,
+                accepted = listener.accept() => accepted,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(conn) => {
+                    backoff.reset();
+                    conn
+                }
+                Err(e) => {
+                    // EMFILE/ENFILE/ENOBUFS: wait for resources to free up.
+                    let delay = backoff.next();
+                    warn!(error = %e, delay_ms = delay.as_millis() as u64, "accept failed; backing off");
+                    tokio::select! {
+                        () = stop.cancelled() => break,
+                        () = tokio::time::sleep(delay) => continue,
+                    }
+                }
+            };
+            let span = info_span!("conn", %peer);
+            connections.spawn(
+                serve_connection(
+                    tcp,
+                    acceptor.clone(),
+                    Arc::clone(&shared),
+                    Arc::new(permit),
+                    overloaded,
+                )
+                .instrument(span),
+            );
+        }
+
+        drop(listener);
+        shared.draining.store(true, Ordering::SeqCst);
+        shared.shutdown.cancel();
+        connections.close();
+        shared.sessions.close();
+        let deadline = Duration::from_millis(shared.config.server.shutdown_timeout_ms);
+        let wait = async {
+            connections.wait().await;
+            shared.sessions.wait().await;
+        };
+        if tokio::time::timeout(deadline, wait).await.is_err() {
+            warn!(
+                sessions = shared.sessions.len(),
+                connections = connections.len(),
+                "shutdown deadline reached; dropping the rest"
+            );
+        }
+        info!("stopped");
+    }
+}
+
+/// TLS handshake, then HTTP/1.1 until the connection ends or upgrades.
+async fn serve_connection(
+    tcp: TcpStream,
+    acceptor: TlsAcceptor,
+    shared: Arc<Shared>,
+    permit: Arc<OwnedSemaphorePermit>,
+    overloaded: bool,
+) {
+    if let Err(e) = tcp.set_nodelay(true) {
+        debug!(error = %e, "set_nodelay failed");
+    }
+    let handshake = tokio::time::timeout(shared.config.handshake_timeout(), acceptor.accept(tcp));
+    let stream = match handshake.await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            debug!(error = %e, "tls handshake failed");
+            return;
+        }
+        Err(_) => {
+            debug!("tls handshake timed out");
+            return;
+        }
+    };
+    let cfg = &shared.config;
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(cfg.header_read_timeout())
+        .max_headers(cfg.server.max_headers)
+        .max_header_size(cfg.server.max_header_bytes)
+        .max_buf_size(cfg.http_buf_size())
+        .keep_alive(true);
+    let service = {
+        let shared = Arc::clone(&shared);
+        service_fn(move |req| {
+            let response =
+                routes::handle(req, &shared, Arc::clone(&permit), overloaded);
+            std::future::ready(Ok::<_, std::convert::Infallible>(response))
+        })
+    };
+    let conn = builder
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = shared.shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        // Header timeouts, 431s and resets land here; client faults.
+        debug!(error = %e, "http connection ended with an error");
+    }
+}
+
+/// Accept-error back-off: 5 ms doubling to 1 s.
+#[derive(Debug, Default)]
+struct Backoff {
+    current: Option<Duration>,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(5);
+    const MAX: Duration = Duration::from_secs(1);
+
+    fn next(&mut self) -> Duration {
+        let next = self.current.map_or(Self::FIRST, |d| (d * 2).min(Self::MAX));
+        self.current = Some(next);
+        next
+    }
+
+    fn reset(&mut self) {
+        self.current = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_a_cap_and_resets() {
+        let mut b = Backoff::default();
+        assert_eq!(b.next(), Duration::from_millis(5));
+        assert_eq!(b.next(), Duration::from_millis(10));
+        for _ in 0..20 {
+            b.next();
+        }
+        assert_eq!(b.next(), Duration::from_secs(1));
+        b.reset();
+        assert_eq!(b.next(), Duration::from_millis(5));
+    }
+}

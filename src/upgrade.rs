@@ -1,0 +1,495 @@
+//! The upgrade decision for `/ws`, exactly as `protocol.md` §1 lists it:
+//! RFC 6455 §4.2.1 checks, the Origin allow-list, draining, the three token
+//! carriers, and JWT verification. Everything here is pure (no I/O), so each
+//! refusal row is a plain function result; the server turns a [`Refusal`]
+//! into the HTTP answer and an [`Accepted`] into the `101`.
+//!
+//! Token values are never put into a [`Refusal`], an error, or a log line.
+
+use std::borrow::Cow;
+
+use base64::Engine as _;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+
+use crate::auth::{AuthFailure, Identity, Verifier};
+use crate::config::Config;
+
+/// The only subprotocol we speak; echoed when offered.
+pub const SUBPROTOCOL: &str = "wsgate.v1";
+const BEARER_PREFIX: &str = "bearer.";
+const QUERY_PARAM: &str = "access_token";
+
+/// A normalised `Origin`: scheme, host and port, compared exactly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    scheme: String,
+    host: String,
+    port: u16,
+}
+
+impl Origin {
+    /// Parses `scheme://host[:port]` (no path, no user info). The default
+    /// port of `http`/`ws` (80) and `https`/`wss` (443) is filled in.
+    pub fn parse(text: &str) -> Option<Self> {
+        let (scheme, rest) = text.split_once("://")?;
+        let valid_scheme = scheme.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+        if !valid_scheme || rest.contains(['/', '?', '#', '@']) {
+            return None;
+        }
+        let scheme = scheme.to_ascii_lowercase();
+        let default_port = match scheme.as_str() {
+            "http" | "ws" => 80,
+            "https" | "wss" => 443,
+            _ => 0,
+        };
+        let (host, port) = split_host_port(rest, default_port)?;
+        Some(Self { scheme, host, port })
+    }
+}
+
+/// Splits `host[:port]`, `[v6]` or `[v6]:port`; lowercases the host.
+fn split_host_port(text: &str, default_port: u16) -> Option<(String, u16)> {
+    let (host, port) = if let Some(rest) = text.strip_prefix('[') {
+        let (v6, after) = rest.split_once(']')?;
+        let port = match after {
+            "" => None,
+            p => Some(p.strip_prefix(':')?),
+        };
+        (format!("[{v6}]"), port)
+    } else {
+        match text.rsplit_once(':') {
+            Some((h, p)) => (h.to_owned(), Some(p)),
+            None => (text.to_owned(), None),
+        }
+    };
+    if host.is_empty() || host.contains(char::is_whitespace) {
+        return None;
+    }
+    let port = match port {
+        Some(p) => p.parse().ok()?,
+        None => default_port,
+    };
+    Some((host.to_ascii_lowercase(), port))
+}
+
+/// The upgrade rules, compiled once from the config.
+#[derive(Debug, Clone)]
+pub struct UpgradePolicy {
+    allowed_origins: Vec<Origin>,
+    allow_same_origin: bool,
+    query_token: bool,
+    max_token_bytes: usize,
+    retry_after_s: u64,
+}
+
+impl UpgradePolicy {
+    /// Compiles the Origin list and token rules; origins were checked by
+    /// `Config::validate`, unparseable ones never match.
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            allowed_origins: config
+                .server
+                .allowed_origins
+                .iter()
+                .filter_map(|o| Origin::parse(o))
+                .collect(),
+            allow_same_origin: config.server.allow_same_origin,
+            query_token: config.auth.query_token,
+            max_token_bytes: config.auth.max_token_bytes,
+            retry_after_s: config.server.retry_after_s,
+        }
+    }
+
+    pub fn retry_after_s(&self) -> u64 {
+        self.retry_after_s
+    }
+}
+
+/// Why an upgrade was refused. Each maps to one status of the contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Not a valid WebSocket upgrade (RFC 6455 §4.2.1): `400`.
+    BadUpgrade(&'static str),
+    /// A plain GET without `Upgrade`: `426`.
+    PlainGet,
+    /// `Sec-WebSocket-Version` other than 13: `426`.
+    Version,
+    /// `Origin` not allowed: `403`.
+    Origin,
+    /// The gateway is draining: `503`.
+    Draining,
+    /// Too many connections: `503` with `Retry-After`.
+    Overloaded,
+    /// No token in any carrier: `401`.
+    NoToken,
+    /// `bearer.` offered without `wsgate.v1`, or twice: `400`.
+    SubprotocolCarrier(&'static str),
+    /// Two carriers, an oversized token, or a query token while disabled: `401`.
+    Carrier(&'static str),
+    /// The token failed verification: `401` with `error="invalid_token"`.
+    InvalidToken(AuthFailure),
+    /// A path that is neither `/ws` nor a documented route: `404`.
+    NotFound,
+}
+
+impl Refusal {
+    pub fn status(self) -> StatusCode {
+        match self {
+            Self::BadUpgrade(_) | Self::SubprotocolCarrier(_) => StatusCode::BAD_REQUEST,
+            Self::PlainGet | Self::Version => StatusCode::UPGRADE_REQUIRED,
+            Self::Origin => StatusCode::FORBIDDEN,
+            Self::Draining | Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NoToken | Self::Carrier(_) | Self::InvalidToken(_) => StatusCode::UNAUTHORIZED,
+            Self::NotFound => StatusCode::NOT_FOUND,
+        }
+    }
+
+    /// A stable label for logs and metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::BadUpgrade(_) => "bad_upgrade",
+            Self::PlainGet => "plain_get",
+            Self::Version => "version",
+            Self::Origin => "origin",
+            Self::Draining => "draining",
+            Self::Overloaded => "overloaded",
+            Self::NoToken => "no_token",
+            Self::SubprotocolCarrier(_) | Self::Carrier(_) => "carrier",
+            Self::InvalidToken(f) => f.label(),
+            Self::NotFound => "not_found",
+        }
+    }
+
+    /// The human reason sent in the body; never contains the token.
+    pub fn reason(self) -> Cow<'static, str> {
+        match self {
+            Self::BadUpgrade(r) | Self::SubprotocolCarrier(r) | Self::Carrier(r) => r.into(),
+            Self::PlainGet => "this endpoint speaks WebSocket only".into(),
+            Self::Version => "only WebSocket version 13 is supported".into(),
+            Self::Origin => "origin not allowed".into(),
+            Self::Draining => "server is shutting down".into(),
+            Self::Overloaded => "too many connections".into(),
+            Self::NoToken => "a bearer token is required".into(),
+            Self::InvalidToken(f) => f.to_string().into(),
+            Self::NotFound => "not found".into(),
+        }
+    }
+
+    /// The complete HTTP answer: status, the contract's headers, a short
+    /// text body, and `Connection: close` so nothing follows on the socket.
+    pub fn response<B: From<String>>(self, policy: &UpgradePolicy) -> Response<B> {
+        let mut res = Response::new(B::from(format!("{}\n", self.reason())));
+        *res.status_mut() = self.status();
+        let h = res.headers_mut();
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        match self {
+            Self::NoToken => {
+                h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            Self::Carrier(_) => {
+                h.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer error=\"invalid_request\""),
+                );
+            }
+            Self::InvalidToken(_) => {
+                h.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer error=\"invalid_token\""),
+                );
+            }
+            Self::Version => {
+                h.insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+            }
+            Self::PlainGet => {
+                h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+                h.insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+            }
+            Self::Overloaded => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from(policy.retry_after_s));
+            }
+            _ => {}
+        }
+        res
+    }
+}
+
+/// A request that may be upgraded: who it is and how to answer.
+#[derive(Debug)]
+pub struct Accepted {
+    pub identity: Identity,
+    accept_key: String,
+    subprotocol: bool,
+}
+
+impl Accepted {
+    /// The `101 Switching Protocols` answer.
+    pub fn response<B: Default>(&self) -> Response<B> {
+        let mut res = Response::new(B::default());
+        *res.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let h = res.headers_mut();
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        if let Ok(v) = HeaderValue::from_str(&self.accept_key) {
+            h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+        }
+        if self.subprotocol {
+            h.insert(
+                header::SEC_WEBSOCKET_PROTOCOL,
+                HeaderValue::from_static(SUBPROTOCOL),
+            );
+        }
+        res
+    }
+}
+
+/// Decides an upgrade request on `/ws`. The order is: the HTTP shape,
+/// Origin, draining, then the token (cheap carrier rules before any
+/// signature work).
+///
+/// # Errors
+/// The [`Refusal`] whose answer the client gets.
+pub fn authorize<B>(
+    req: &Request<B>,
+    policy: &UpgradePolicy,
+    verifier: &Verifier,
+    draining: bool,
+) -> Result<Accepted, Refusal> {
+    let accept_key = check_handshake(req)?;
+    check_origin(req.headers(), policy)?;
+    if draining {
+        return Err(Refusal::Draining);
+    }
+    let (token, subprotocol) = extract_token(req, policy)?;
+    let identity = verifier.verify(&token).map_err(Refusal::InvalidToken)?;
+    Ok(Accepted {
+        identity,
+        accept_key,
+        subprotocol,
+    })
+}
+
+/// RFC 6455 §4.2.1, items 1–6, in order. Returns `Sec-WebSocket-Accept`.
+fn check_handshake<B>(req: &Request<B>) -> Result<String, Refusal> {
+    let headers = req.headers();
+    // 1. An HTTP/1.1 or higher GET request.
+    if req.method() != Method::GET {
+        return Err(Refusal::BadUpgrade("the upgrade must be a GET request"));
+    }
+    if req.version() < Version::HTTP_11 {
+        return Err(Refusal::BadUpgrade("the upgrade needs HTTP/1.1"));
+    }
+    // 2. A Host header field.
+    if headers.get_all(header::HOST).iter().count() != 1 {
+        return Err(Refusal::BadUpgrade("exactly one Host header is required"));
+    }
+    // 3. Upgrade including `websocket`; without any Upgrade it is a plain GET.
+    if !headers.contains_key(header::UPGRADE) {
+        return Err(Refusal::PlainGet);
+    }
+    if !has_token(headers, &header::UPGRADE, "websocket") {
+        return Err(Refusal::BadUpgrade("Upgrade must include websocket"));
+    }
+    // 4. Connection including `Upgrade`.
+    if !has_token(headers, &header::CONNECTION, "upgrade") {
+        return Err(Refusal::BadUpgrade("Connection must include Upgrade"));
+    }
+    // 5. Sec-WebSocket-Key: base64 of 16 bytes.
+    let mut keys = headers.get_all(header::SEC_WEBSOCKET_KEY).iter();
+    let key = match (keys.next(), keys.next()) {
+        (Some(k), None) => k.as_bytes(),
+        _ => return Err(Refusal::BadUpgrade("exactly one Sec-WebSocket-Key is required")),
+    };
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(key)
+        .map_err(|_| Refusal::BadUpgrade("Sec-WebSocket-Key is not base64"))?;
+    if decoded.len() != 16 {
+        return Err(Refusal::BadUpgrade("Sec-WebSocket-Key must decode to 16 bytes"));
+    }
+    // 6. Sec-WebSocket-Version: 13.
+    let mut versions = headers.get_all(header::SEC_WEBSOCKET_VERSION).iter();
+    match (versions.next(), versions.next()) {
+        (Some(v), None) if v.as_bytes() == b"13" => {}
+        _ => return Err(Refusal::Version),
+    }
+    Ok(tokio_tungstenite::tungstenite::handshake::derive_accept_key(key))
+}
+
+/// Whether a comma-separated header (possibly repeated) holds `token`,
+/// compared case-insensitively.
+fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+fn check_origin(headers: &HeaderMap, policy: &UpgradePolicy) -> Result<(), Refusal> {
+    let mut origins = headers.get_all(header::ORIGIN).iter();
+    let origin = match (origins.next(), origins.next()) {
+        (None, _) => return Ok(()), // not a browser: nothing to protect against
+        (Some(o), None) => o,
+        _ => return Err(Refusal::Origin),
+    };
+    let Some(origin) = origin.to_str().ok().and_then(Origin::parse) else {
+        return Err(Refusal::Origin); // includes the opaque `null` origin
+    };
+    if policy.allowed_origins.contains(&origin) {
+        return Ok(());
+    }
+    // Same origin as the page that the gateway itself serves: the browser
+    // sets Host to where it connects, so this only admits our own pages.
+    let same = policy.allow_same_origin
+        && origin.scheme == "https"
+        && headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| split_host_port(h, 443))
+            .is_some_and(|(host, port)| host == origin.host && port == origin.port);
+    if same { Ok(()) } else { Err(Refusal::Origin) }
+}
+
+/// Finds the token in exactly one carrier. Returns it and whether
+/// `wsgate.v1` was offered (to echo it).
+fn extract_token<B>(req: &Request<B>, policy: &UpgradePolicy) -> Result<(String, bool), Refusal> {
+    let headers = req.headers();
+    let mut found: Vec<Cow<'_, str>> = Vec::with_capacity(1);
+
+    for value in headers.get_all(header::AUTHORIZATION) {
+        let value = value
+            .to_str()
+            .map_err(|_| Refusal::InvalidToken(AuthFailure::Malformed))?;
+        let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
+        if scheme.eq_ignore_ascii_case("bearer") {
+            found.push(Cow::Borrowed(rest.trim()));
+        }
+    }
+
+    let mut offered_v1 = false;
+    let mut bearer_entries = 0;
+    for value in headers.get_all(header::SEC_WEBSOCKET_PROTOCOL) {
+        let value = value
+            .to_str()
+            .map_err(|_| Refusal::SubprotocolCarrier("Sec-WebSocket-Protocol is not ASCII"))?;
+        for entry in value.split(',').map(str::trim) {
+            if entry == SUBPROTOCOL {
+                offered_v1 = true;
+            } else if let Some(token) = entry.strip_prefix(BEARER_PREFIX) {
+                bearer_entries += 1;
+                found.push(Cow::Borrowed(token));
+            }
+        }
+    }
+    if bearer_entries > 1 {
+        return Err(Refusal::SubprotocolCarrier(
+            "more than one bearer. subprotocol entry",
+        ));
+    }
+    if bearer_entries == 1 && !offered_v1 {
+        return Err(Refusal::SubprotocolCarrier(
+            "a bearer. subprotocol requires wsgate.v1 to be offered too",
+        ));
+    }
+
+    let mut query_seen = false;
+    for pair in req.uri().query().unwrap_or("").split('&') {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if name == QUERY_PARAM {
+            query_seen = true;
+            found.push(percent_decode(value));
+        }
+    }
+    if query_seen && !policy.query_token {
+        return Err(Refusal::Carrier("query tokens are disabled on this gateway"));
+    }
+
+    match found.len() {
+        0 => Err(Refusal::NoToken),
+        1 => {
+            let token = found.swap_remove(0);
+            if token.len() > policy.max_token_bytes {
+                return Err(Refusal::Carrier("token too large"));
+            }
+            if token.is_empty() {
+                return Err(Refusal::InvalidToken(AuthFailure::Malformed));
+            }
+            Ok((token.into_owned(), offered_v1))
+        }
+        _ => Err(Refusal::Carrier("a token must be sent in exactly one carrier")),
+    }
+}
+
+/// Decodes `%XX` escapes (and `+` as space, as forms do). Bytes that are
+/// not valid UTF-8 afterwards become U+FFFD, which no JWT contains.
+fn percent_decode(text: &str) -> Cow<'_, str> {
+    if !text.contains(['%', '+']) {
+        return Cow::Borrowed(text);
+    }
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = match bytes[i] {
+            b'%' => bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok()),
+            _ => None,
+        };
+        match (escaped, bytes[i]) {
+            (Some(b), _) => {
+                out.push(b);
+                i += 3;
+            }
+            (None, b'+') => {
+                out.push(b' ');
+                i += 1;
+            }
+            (None, b) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    Cow::Owned(String::from_utf8_lossy(&out).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origins_normalise() {
+        let o = Origin::parse("HTTPS://Example.COM").unwrap();
+        assert_eq!(o, Origin::parse("https://example.com:443").unwrap());
+        assert_ne!(o, Origin::parse("http://example.com").unwrap());
+        assert_ne!(o, Origin::parse("https://example.com:8443").unwrap());
+        assert_eq!(
+            Origin::parse("https://[::1]:8443").unwrap().host,
+            "[::1]"
+        );
+        for bad in ["null", "example.com", "https://", "https://a/b", "https://u@a", "https://a:x"] {
+            assert!(Origin::parse(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("a.b_c-d"), "a.b_c-d");
+        assert_eq!(percent_decode("a%2Eb"), "a.b");
+        assert_eq!(percent_decode("a%2"), "a%2");
+        assert_eq!(percent_decode("%zz"), "%zz");
+        assert_eq!(percent_decode("a+b"), "a b");
+    }
+}
