@@ -80,7 +80,11 @@ pub enum CertError {
 ///
 /// # Errors
 /// A server file exists without `force`, or a file cannot be read or written.
-pub fn generate(paths: &CertPaths, extra_hosts: &[String], force: bool) -> Result<CaSource, CertError> {
+pub fn generate(
+    paths: &CertPaths,
+    extra_hosts: &[String],
+    force: bool,
+) -> Result<CaSource, CertError> {
     if !force {
         for path in [&paths.server_cert, &paths.server_key] {
             if path.exists() {
@@ -120,7 +124,11 @@ pub fn generate(paths: &CertPaths, extra_hosts: &[String], force: bool) -> Resul
     // fixed, so a reused CA signs exactly as the original did.
     let issuer = Issuer::new(ca_params(now)?, ca_key);
 
-    let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
+    let mut names = vec![
+        "localhost".to_owned(),
+        "127.0.0.1".to_owned(),
+        "::1".to_owned(),
+    ];
     for host in extra_hosts {
         if !names.contains(host) {
             names.push(host.clone());

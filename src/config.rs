@@ -55,6 +55,9 @@ pub struct ServerConfig {
     pub overflow_connections: usize,
     /// `Retry-After` sent with `503`/`429` refusals, in seconds.
     pub retry_after_s: u64,
+    /// After SIGTERM, how long `/readyz` and new upgrades answer 503 before
+    /// the listener closes, in milliseconds.
+    pub drain_grace_ms: u64,
     /// Hard deadline for sessions to close at shutdown, in milliseconds.
     pub shutdown_timeout_ms: u64,
     /// Exact `Origin` values (scheme://host[:port]) allowed to open `/ws`.
@@ -74,6 +77,7 @@ impl Default for ServerConfig {
             max_connections: 10_000,
             overflow_connections: 64,
             retry_after_s: 5,
+            drain_grace_ms: 0,
             shutdown_timeout_ms: 10_000,
             allowed_origins: Vec::new(),
             allow_same_origin: true,
@@ -266,12 +270,12 @@ impl Config {
             None => toml::Table::new(),
         };
         apply_env(&mut table, env)?;
-        let config: Config = table.try_into().map_err(|e: toml::de::Error| {
-            ConfigError::Parse {
+        let config: Config = table
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse {
                 path: file.map_or_else(|| PathBuf::from("<environment>"), Path::to_owned),
                 message: e.message().to_owned(),
-            }
-        })?;
+            })?;
         Ok(config)
     }
 
@@ -332,7 +336,10 @@ impl Config {
             return bad("websocket.outbox_frames must be at least 1".into());
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            return bad(format!("log.level {:?} is not a valid filter", self.log.level));
+            return bad(format!(
+                "log.level {:?} is not a valid filter",
+                self.log.level
+            ));
         }
         Ok(())
     }
@@ -350,7 +357,9 @@ impl Config {
             out.push(alg);
         }
         let Some(first) = out.first() else {
-            return Err(ConfigError::Invalid("auth.algorithms must not be empty".into()));
+            return Err(ConfigError::Invalid(
+                "auth.algorithms must not be empty".into(),
+            ));
         };
         if out.iter().any(|a| a.family() != first.family()) {
             // A verifier holds one key; mixing families is how HS/RS confusion starts.
@@ -421,7 +430,9 @@ fn env_value(default: Option<&toml::Value>, raw: &str) -> Result<toml::Value, St
         let doc: toml::Table = format!("v = {s}")
             .parse()
             .map_err(|_| format!("{s:?} is not a valid value"))?;
-        doc.get("v").cloned().ok_or_else(|| "empty value".to_owned())
+        doc.get("v")
+            .cloned()
+            .ok_or_else(|| "empty value".to_owned())
     };
     match default {
         Some(Value::Integer(_)) => raw
@@ -466,9 +477,8 @@ mod tests {
 
     #[test]
     fn env_overrides_file_with_typed_values() {
-        let dir = std::env::temp_dir().join(format!("wsgate-cfg-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("c.toml");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
         std::fs::write(
             &file,
             "[server]\nlisten = \"127.0.0.1:9000\"\nmax_connections = 5\n[auth]\nleeway_s = 1\n",
@@ -494,7 +504,6 @@ mod tests {
         assert_eq!(c.auth.algorithms, ["HS384", "HS512"]);
         assert_eq!(c.auth.issuers, ["a", "b"]);
         assert_eq!(c.auth.public_key_file.as_deref(), Some(Path::new("k.pem")));
-        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
@@ -516,7 +525,12 @@ mod tests {
         assert!(c.validate().is_err());
         c = Config::default();
         c.auth.algorithms = vec!["ES256".into()];
-        assert!(c.validate().unwrap_err().to_string().contains("public_key_file"));
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("public_key_file")
+        );
         c = Config::default();
         c.auth.max_token_bytes = c.server.max_header_bytes;
         assert!(c.validate().is_err());

@@ -18,7 +18,11 @@ use wsgate::config::{Config, LogFormat};
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 #[derive(Parser)]
-#[command(name = "wsgate", version, about = "A secure, authenticated WebSocket (wss://) gateway")]
+#[command(
+    name = "wsgate",
+    version,
+    about = "A secure, authenticated WebSocket (wss://) gateway"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -176,7 +180,11 @@ fn serve(args: ServeArgs) -> Result<(), BoxError> {
         config.log.level = level;
     }
     if let Some(format) = args.log_format {
-        config.log.format = if format == "json" { LogFormat::Json } else { LogFormat::Text };
+        config.log.format = if format == "json" {
+            LogFormat::Json
+        } else {
+            LogFormat::Text
+        };
     }
     config.validate()?;
     init_logging(&config)?;

@@ -152,7 +152,10 @@ mod tests {
             decode(r#"{"op":"ping","id":7,"extra":true}"#),
             Ok(ClientFrame::Ping { id: Some(7) })
         );
-        assert_eq!(decode(r#"{"op":"ping"}"#), Ok(ClientFrame::Ping { id: None }));
+        assert_eq!(
+            decode(r#"{"op":"ping"}"#),
+            Ok(ClientFrame::Ping { id: None })
+        );
     }
 
     #[test]
@@ -187,7 +190,13 @@ mod tests {
             code: ErrorCode::BadRequest,
             message: "x",
         };
-        assert_eq!(e.encode(), r#"{"op":"error","code":"bad_request","message":"x"}"#);
-        assert_eq!(ServerFrame::Pong { id: Some(1) }.encode(), r#"{"op":"pong","id":1}"#);
+        assert_eq!(
+            e.encode(),
+            r#"{"op":"error","code":"bad_request","message":"x"}"#
+        );
+        assert_eq!(
+            ServerFrame::Pong { id: Some(1) }.encode(),
+            r#"{"op":"pong","id":1}"#
+        );
     }
 }

@@ -142,7 +142,15 @@ where
     let reason = match send(&mut ws, welcome.encode(), write_timeout).await {
         Err(reason) => reason,
         Ok(()) => {
-            event_loop(&mut ws, &shutdown, expiry, heartbeat, silence_limit, write_timeout).await
+            event_loop(
+                &mut ws,
+                &shutdown,
+                expiry,
+                heartbeat,
+                silence_limit,
+                write_timeout,
+            )
+            .await
         }
     };
     if let Some(code) = reason.close_code() {
@@ -240,7 +248,11 @@ fn read_error(e: &WsError) -> CloseReason {
     }
 }
 
-async fn send<S>(ws: &mut WebSocketStream<S>, text: String, limit: Duration) -> Result<(), CloseReason>
+async fn send<S>(
+    ws: &mut WebSocketStream<S>,
+    text: String,
+    limit: Duration,
+) -> Result<(), CloseReason>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {

@@ -33,7 +33,10 @@ impl Origin {
     /// port of `http`/`ws` (80) and `https`/`wss` (443) is filled in.
     pub fn parse(text: &str) -> Option<Self> {
         let (scheme, rest) = text.split_once("://")?;
-        let valid_scheme = scheme.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+        let valid_scheme = scheme
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic())
             && scheme
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
@@ -208,11 +211,17 @@ impl Refusal {
                 );
             }
             Self::Version => {
-                h.insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+                h.insert(
+                    header::SEC_WEBSOCKET_VERSION,
+                    HeaderValue::from_static("13"),
+                );
             }
             Self::PlainGet => {
                 h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-                h.insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+                h.insert(
+                    header::SEC_WEBSOCKET_VERSION,
+                    HeaderValue::from_static("13"),
+                );
             }
             Self::Overloaded => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from(policy.retry_after_s));
@@ -307,13 +316,19 @@ fn check_handshake<B>(req: &Request<B>) -> Result<String, Refusal> {
     let mut keys = headers.get_all(header::SEC_WEBSOCKET_KEY).iter();
     let key = match (keys.next(), keys.next()) {
         (Some(k), None) => k.as_bytes(),
-        _ => return Err(Refusal::BadUpgrade("exactly one Sec-WebSocket-Key is required")),
+        _ => {
+            return Err(Refusal::BadUpgrade(
+                "exactly one Sec-WebSocket-Key is required",
+            ));
+        }
     };
     let decoded = base64::engine::general_purpose::STANDARD
         .decode(key)
         .map_err(|_| Refusal::BadUpgrade("Sec-WebSocket-Key is not base64"))?;
     if decoded.len() != 16 {
-        return Err(Refusal::BadUpgrade("Sec-WebSocket-Key must decode to 16 bytes"));
+        return Err(Refusal::BadUpgrade(
+            "Sec-WebSocket-Key must decode to 16 bytes",
+        ));
     }
     // 6. Sec-WebSocket-Version: 13.
     let mut versions = headers.get_all(header::SEC_WEBSOCKET_VERSION).iter();
@@ -411,7 +426,9 @@ fn extract_token<B>(req: &Request<B>, policy: &UpgradePolicy) -> Result<(String,
         }
     }
     if query_seen && !policy.query_token {
-        return Err(Refusal::Carrier("query tokens are disabled on this gateway"));
+        return Err(Refusal::Carrier(
+            "query tokens are disabled on this gateway",
+        ));
     }
 
     match found.len() {
@@ -426,7 +443,9 @@ fn extract_token<B>(req: &Request<B>, policy: &UpgradePolicy) -> Result<(String,
             }
             Ok((token.into_owned(), offered_v1))
         }
-        _ => Err(Refusal::Carrier("a token must be sent in exactly one carrier")),
+        _ => Err(Refusal::Carrier(
+            "a token must be sent in exactly one carrier",
+        )),
     }
 }
 
@@ -475,11 +494,15 @@ mod tests {
         assert_eq!(o, Origin::parse("https://example.com:443").unwrap());
         assert_ne!(o, Origin::parse("http://example.com").unwrap());
         assert_ne!(o, Origin::parse("https://example.com:8443").unwrap());
-        assert_eq!(
-            Origin::parse("https://[::1]:8443").unwrap().host,
-            "[::1]"
-        );
-        for bad in ["null", "example.com", "https://", "https://a/b", "https://u@a", "https://a:x"] {
+        assert_eq!(Origin::parse("https://[::1]:8443").unwrap().host, "[::1]");
+        for bad in [
+            "null",
+            "example.com",
+            "https://",
+            "https://a/b",
+            "https://u@a",
+            "https://a:x",
+        ] {
             assert!(Origin::parse(bad).is_none(), "{bad}");
         }
     }

@@ -52,7 +52,10 @@ pub fn mint(
                 _ => EncodingKey::from_ed_pem(&pem),
             };
             parsed.map_err(|e| {
-                ConfigError::Invalid(format!("{}: not a {family:?} private key ({e})", path.display()))
+                ConfigError::Invalid(format!(
+                    "{}: not a {family:?} private key ({e})",
+                    path.display()
+                ))
             })?
         }
     };
@@ -106,7 +109,9 @@ pub fn unix_now() -> u64 {
 /// Anything else, or zero.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (digits, unit) = text.split_at(split);
     let n: u64 = digits
         .parse()
@@ -116,7 +121,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "m" => 60,
         "h" => 3600,
         "d" => 86_400,
-        _ => return Err(format!("unknown unit {unit:?} in {text:?} (use s, m, h or d)")),
+        _ => {
+            return Err(format!(
+                "unknown unit {unit:?} in {text:?} (use s, m, h or d)"
+            ));
+        }
     };
     match n.checked_mul(scale) {
         Some(0) => Err("a duration must be above zero".into()),

@@ -98,8 +98,10 @@ impl Verifier {
         let auth = &config.auth;
         let family = algorithms[0].family();
         let key = match family {
-            AlgorithmFamily::Hmac => DecodingKey::from_secret(&read_hmac_secret(&auth.hmac_secret_file)?),
-            _ => {
+            AlgorithmFamily::Hmac => {
+                DecodingKey::from_secret(&read_hmac_secret(&auth.hmac_secret_file)?)
+            }
+            family => {
                 let path = auth.public_key_file.as_deref().ok_or_else(|| {
                     ConfigError::Invalid("auth.public_key_file is required".into())
                 })?;
@@ -107,8 +109,7 @@ impl Verifier {
                 let parsed = match family {
                     AlgorithmFamily::Rsa => DecodingKey::from_rsa_pem(&pem),
                     AlgorithmFamily::Ec => DecodingKey::from_ec_pem(&pem),
-                    AlgorithmFamily::Ed => DecodingKey::from_ed_pem(&pem),
-                    AlgorithmFamily::Hmac => unreachable!("handled above"),
+                    _ => DecodingKey::from_ed_pem(&pem),
                 };
                 parsed.map_err(|e| {
                     ConfigError::Invalid(format!(
@@ -233,9 +234,8 @@ pub fn read_hmac_secret(path: &Path) -> Result<Vec<u8>, ConfigError> {
 }
 
 fn read_key_file(path: &Path) -> Result<Vec<u8>, ConfigError> {
-    std::fs::read(path).map_err(|e| {
-        ConfigError::Invalid(format!("cannot read key file {}: {e}", path.display()))
-    })
+    std::fs::read(path)
+        .map_err(|e| ConfigError::Invalid(format!("cannot read key file {}: {e}", path.display())))
 }
 
 #[cfg(test)]
@@ -268,7 +268,10 @@ mod tests {
         let mut m = Map::new();
         m.insert("exp".into(), 10.into());
         m.insert("sub".into(), "".into());
-        assert_eq!(identity_from_claims(m.clone(), "roles"), Err(AuthFailure::BadClaim));
+        assert_eq!(
+            identity_from_claims(m.clone(), "roles"),
+            Err(AuthFailure::BadClaim)
+        );
         m.insert("sub".into(), 7.into());
         assert_eq!(identity_from_claims(m, "roles"), Err(AuthFailure::BadClaim));
     }

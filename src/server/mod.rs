@@ -99,8 +99,10 @@ impl Server {
         self.listener.local_addr()
     }
 
-    /// Serves until `stop` is cancelled, then stops accepting, closes every
-    /// session with 1001, and waits for them up to `shutdown_timeout_ms`.
+    /// Serves until `stop` is cancelled; then drains: `/readyz` and new
+    /// upgrades answer 503 for `drain_grace_ms`, after which the listener
+    /// closes, every session is closed with 1001, and they are awaited up
+    /// to `shutdown_timeout_ms`.
     pub async fn run(self, stop: CancellationToken) {
         let Self {
             listener,
@@ -111,6 +113,20 @@ impl Server {
         let permits = Arc::new(Semaphore::new(shared.config.server.max_connections));
         let overflow = Arc::new(Semaphore::new(shared.config.server.overflow_connections));
         let mut backoff = Backoff::default();
+        // Stop accepting only after the drain grace, so a load balancer sees
+        // `/readyz` fail and new upgrades get 503 before the port closes.
+        let closing = CancellationToken::new();
+        tokio::spawn({
+            let (shared, closing) = (Arc::clone(&shared), closing.clone());
+            async move {
+                stop.cancelled().await;
+                shared.draining.store(true, Ordering::SeqCst);
+                info!(grace_ms = shared.config.server.drain_grace_ms, "draining");
+                tokio::time::sleep(Duration::from_millis(shared.config.server.drain_grace_ms))
+                    .await;
+                closing.cancel();
+            }
+        });
 
         loop {
             // The permit comes first, so a full gateway stops accepting
@@ -121,7 +137,7 @@ impl Server {
                 Err(_) => match Arc::clone(&overflow).try_acquire_owned() {
                     Ok(p) => (p, true),
                     Err(_) => tokio::select! {
-                        () = stop.cancelled() => break,
+                        () = closing.cancelled() => break,
                         p = Arc::clone(&permits).acquire_owned() => match p {
                             Ok(p) => (p, false),
                             Err(_) => break,
@@ -130,7 +146,7 @@ impl Server {
                 },
             };
             let accepted = tokio::select! {
-                () = stop.cancelled() => break,
+                () = closing.cancelled() => break,
                 accepted = listener.accept() => accepted,
             };
             let (tcp, peer) = match accepted {
@@ -143,7 +159,7 @@ impl Server {
                     let delay = backoff.next();
                     warn!(error = %e, delay_ms = delay.as_millis() as u64, "accept failed; backing off");
                     tokio::select! {
-                        () = stop.cancelled() => break,
+                        () = closing.cancelled() => break,
                         () = tokio::time::sleep(delay) => continue,
                     }
                 }
@@ -217,8 +233,7 @@ async fn serve_connection(
     let service = {
         let shared = Arc::clone(&shared);
         service_fn(move |req| {
-            let response =
-                routes::handle(req, &shared, Arc::clone(&permit), overloaded);
+            let response = routes::handle(req, &shared, Arc::clone(&permit), overloaded);
             std::future::ready(Ok::<_, std::convert::Infallible>(response))
         })
     };

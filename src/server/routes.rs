@@ -71,9 +71,12 @@ pub(super) fn handle(
                 }
             };
             debug!("session open");
-            let ws =
-                WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(limits))
-                    .await;
+            let ws = WebSocketStream::from_raw_socket(
+                TokioIo::new(upgraded),
+                Role::Server,
+                Some(limits),
+            )
+            .await;
             session::run(ws, ctx, stop).await;
         }
         .instrument(span),

@@ -1,0 +1,358 @@
+//! The one test harness: a gateway started in-process on `127.0.0.1:0`
+//! with a freshly generated CA, clients that trust it, and a log capture
+//! at trace level shared by every test in this binary.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, RootCertStore};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::{self, HeaderValue};
+use tokio_util::sync::CancellationToken;
+use wsgate::auth::mint::{self, TokenRequest};
+use wsgate::certs::{self, CertPaths};
+use wsgate::{Config, Server};
+
+/// Deadline for anything a test waits on, so a bug fails instead of hanging.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub struct Gateway {
+    pub addr: SocketAddr,
+    pub config: Config,
+    pub client: Arc<ClientConfig>,
+    pub dir: tempfile::TempDir,
+    stop: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+pub type Ws = WebSocketStream<TlsStream<TcpStream>>;
+
+/// A gateway with the test defaults and `tweak` applied.
+pub async fn start(tweak: impl FnOnce(&mut Config, &std::path::Path)) -> Gateway {
+    capture_logs();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let paths = CertPaths::in_dir(dir.path());
+    certs::generate(&paths, &[], false).expect("generate certs");
+    let secret = dir.path().join("hmac.secret");
+    mint::ensure_dev_secret(&secret).expect("secret");
+
+    let mut config = Config::default();
+    config.server.listen = "127.0.0.1:0".parse().expect("addr");
+    config.tls.cert_file = paths.server_cert.clone();
+    config.tls.key_file = paths.server_key.clone();
+    config.auth.hmac_secret_file = secret;
+    tweak(&mut config, dir.path());
+
+    let server = Server::bind(config.clone()).await.expect("bind");
+    let addr = server.local_addr().expect("local addr");
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(server.run(stop.clone()));
+    Gateway {
+        addr,
+        client: client_config(&paths.ca_cert),
+        config,
+        dir,
+        stop,
+        task: Some(task),
+    }
+}
+
+/// A rustls client config that trusts only the CA at `ca`.
+pub fn client_config(ca: &std::path::Path) -> Arc<ClientConfig> {
+    let mut roots = RootCertStore::empty();
+    for cert in wsgate::server::tls::load_certs(ca).expect("ca") {
+        roots.add(cert).expect("add root");
+    }
+    let config = ClientConfig::builder_with_provider(wsgate::server::tls::provider())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Arc::new(config)
+}
+
+impl Gateway {
+    /// A token for `sub` with `roles`, valid for an hour.
+    pub fn token(&self, sub: &str, roles: &[&str]) -> String {
+        let request = TokenRequest {
+            sub: sub.to_owned(),
+            roles: roles.iter().map(|r| (*r).to_owned()).collect(),
+            ttl: Duration::from_secs(3600),
+            claims: serde_json::Map::new(),
+        };
+        mint::mint(&self.config, &request, None).expect("mint")
+    }
+
+    /// The HMAC secret the gateway verifies with.
+    pub fn secret(&self) -> Vec<u8> {
+        wsgate::auth::read_hmac_secret(&self.config.auth.hmac_secret_file).expect("secret")
+    }
+
+    /// A TLS connection to the gateway (SNI `localhost`).
+    pub async fn tls(&self) -> TlsStream<TcpStream> {
+        let tcp = TcpStream::connect(self.addr).await.expect("connect");
+        let name = ServerName::try_from("localhost").expect("name");
+        TlsConnector::from(Arc::clone(&self.client))
+            .connect(name, tcp)
+            .await
+            .expect("tls handshake")
+    }
+
+    /// Sends `head` (a request without its final blank line is completed)
+    /// followed, in the same write, by a masked `ping` frame, then reads
+    /// until the server closes. Fails if the server keeps the socket open.
+    pub async fn raw(&self, head: &str) -> RawResponse {
+        let mut tls = self.tls().await;
+        let mut bytes = head.replace('\n', "\r\n").into_bytes();
+        if !head.ends_with("\n\n") {
+            bytes.extend_from_slice(b"\r\n");
+        }
+        bytes.extend_from_slice(&masked_text_frame(r#"{"op":"ping","id":99}"#));
+        tls.write_all(&bytes).await.expect("write");
+        let mut out = Vec::new();
+        let read = tokio::time::timeout(WAIT, tls.read_to_end(&mut out)).await;
+        let closed = match read {
+            Ok(Ok(_)) => true,
+            // A reset after the response still means the server closed.
+            Ok(Err(_)) => true,
+            Err(_) => false,
+        };
+        RawResponse::parse(&out, closed)
+    }
+
+    /// A plain `GET path` that asks the server to close afterwards.
+    pub async fn get(&self, path: &str) -> RawResponse {
+        self.raw(&format!(
+            "GET {path} HTTP/1.1\nHost: localhost\nConnection: close\n"
+        ))
+        .await
+    }
+
+    /// A standard upgrade request for `/ws` with `extra` header lines.
+    pub fn upgrade_head(&self, target: &str, extra: &[&str]) -> String {
+        let mut head = format!(
+            "GET {target} HTTP/1.1\nHost: localhost:{}\nConnection: Upgrade\nUpgrade: websocket\n\
+             Sec-WebSocket-Version: 13\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\n",
+            self.addr.port()
+        );
+        for line in extra {
+            head.push_str(line);
+            head.push('\n');
+        }
+        head
+    }
+
+    /// Connects a WebSocket client with the token in the Authorization header.
+    pub async fn connect(
+        &self,
+        token: &str,
+    ) -> Result<(Ws, http::Response<Option<Vec<u8>>>), tokio_tungstenite::tungstenite::Error> {
+        let mut req = self.ws_url().into_client_request().expect("request");
+        req.headers_mut().insert(
+            http::header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Bearer {token}")).expect("header"),
+        );
+        self.connect_with(req).await
+    }
+
+    /// Connects with a prepared request.
+    pub async fn connect_with(
+        &self,
+        req: http::Request<()>,
+    ) -> Result<(Ws, http::Response<Option<Vec<u8>>>), tokio_tungstenite::tungstenite::Error> {
+        let tls = self.tls().await;
+        tokio::time::timeout(WAIT, tokio_tungstenite::client_async(req, tls))
+            .await
+            .expect("upgrade timed out")
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("wss://localhost:{}/ws", self.addr.port())
+    }
+
+    /// Begins shutdown (drain) without waiting for it.
+    pub fn begin_stop(&self) {
+        self.stop.cancel();
+    }
+
+    /// Stops the gateway and waits until it has finished.
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(WAIT, task)
+                .await
+                .expect("shutdown timed out")
+                .expect("server task");
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// One HTTP response read off a raw socket.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+    /// Bytes after the declared body: must be empty on a refusal.
+    pub trailing: Vec<u8>,
+    pub closed: bool,
+}
+
+impl RawResponse {
+    fn parse(bytes: &[u8], closed: bool) -> Self {
+        let split = bytes
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .unwrap_or_else(|| panic!("no response head in {:?}", String::from_utf8_lossy(bytes)));
+        let head = String::from_utf8_lossy(&bytes[..split]).into_owned();
+        let mut lines = head.split("\r\n");
+        let status_line = lines.next().unwrap_or_default();
+        let status = status_line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+            .collect();
+        let rest = &bytes[split + 4..];
+        let len = headers
+            .iter()
+            .find(|(k, _)| k == "content-length")
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0usize)
+            .min(rest.len());
+        Self {
+            status,
+            body: String::from_utf8_lossy(&rest[..len]).into_owned(),
+            trailing: rest[len..].to_vec(),
+            headers,
+            closed,
+        }
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The contract's refusal shape: status, `no-store`, `close`, nothing
+    /// after the response, and the socket closed.
+    pub fn assert_refused(&self, status: u16) {
+        assert_eq!(self.status, status, "{self:?}");
+        assert_eq!(self.header("cache-control"), Some("no-store"), "{self:?}");
+        assert_eq!(self.header("connection"), Some("close"), "{self:?}");
+        assert!(
+            self.trailing.is_empty(),
+            "bytes after the refusal: {self:?}"
+        );
+        assert!(self.closed, "socket left open after refusal: {self:?}");
+        assert!(self.header("sec-websocket-accept").is_none());
+    }
+}
+
+/// A client-to-server text frame (masked, as RFC 6455 requires).
+pub fn masked_text_frame(text: &str) -> Vec<u8> {
+    let payload = text.as_bytes();
+    assert!(payload.len() < 126);
+    let mask = [0x12u8, 0x34, 0x56, 0x78];
+    let mut frame = vec![0x81, 0x80 | payload.len() as u8];
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
+
+/// Builds an unsigned-or-signed JWT by hand from raw JSON parts, for tokens
+/// that no well-behaved library would make.
+pub fn raw_jwt(header: &str, claims: &str, signature: &[u8]) -> String {
+    use base64::Engine as _;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    format!(
+        "{}.{}.{}",
+        b64(header.as_bytes()),
+        b64(claims.as_bytes()),
+        b64(signature)
+    )
+}
+
+/// HMAC-SHA256 over `header.claims` with `key`, giving a complete JWT.
+pub fn hs256_jwt(header: &str, claims: &str, key: &[u8]) -> String {
+    use base64::Engine as _;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let signing_input = format!("{}.{}", b64(header.as_bytes()), b64(claims.as_bytes()));
+    let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, key);
+    let tag = aws_lc_rs::hmac::sign(&key, signing_input.as_bytes());
+    format!("{signing_input}.{}", b64(tag.as_ref()))
+}
+
+pub fn now() -> u64 {
+    wsgate::auth::mint::unix_now()
+}
+
+// ---- log capture ---------------------------------------------------------
+
+static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+
+#[derive(Clone)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Ok(mut logs) = self.0.lock() {
+            logs.extend_from_slice(buf);
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Installs, once per test binary, a trace-level subscriber that records
+/// every log line of every test.
+pub fn capture_logs() {
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let writer = Capture(Arc::clone(&buf));
+        let _ = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .try_init();
+        buf
+    });
+}
+
+/// Everything logged so far by any test in this binary.
+pub fn captured_logs() -> String {
+    LOGS.get()
+        .and_then(|b| {
+            b.lock()
+                .ok()
+                .map(|l| String::from_utf8_lossy(&l).into_owned())
+        })
+        .unwrap_or_default()
+}

@@ -1,0 +1,146 @@
+//! Deadlines and caps: the TLS handshake and header timeouts, header size
+//! and count limits (431), the global connection cap (503 + Retry-After),
+//! and draining (503 on `/readyz` and on new upgrades).
+
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::harness::{WAIT, start};
+
+/// Reads until EOF or error; returns the bytes and how long it took.
+async fn read_until_closed<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> (Vec<u8>, Duration) {
+    let started = Instant::now();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(WAIT, stream.read_to_end(&mut out))
+        .await
+        .expect("server never closed the connection");
+    (out, started.elapsed())
+}
+
+#[tokio::test]
+async fn silent_tcp_client_is_dropped_at_handshake_timeout() {
+    let gw = start(|c, _| c.server.handshake_timeout_ms = 300).await;
+    let mut tcp = TcpStream::connect(gw.addr).await.unwrap();
+    let (bytes, took) = read_until_closed(&mut tcp).await;
+    assert!(bytes.is_empty());
+    assert!(
+        took >= Duration::from_millis(250),
+        "closed too early: {took:?}"
+    );
+}
+
+#[tokio::test]
+async fn partial_tls_handshake_is_dropped_at_handshake_timeout() {
+    let gw = start(|c, _| c.server.handshake_timeout_ms = 300).await;
+    let mut tcp = TcpStream::connect(gw.addr).await.unwrap();
+    // The first bytes of a ClientHello record, then nothing.
+    tcp.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+        .await
+        .unwrap();
+    let (_, took) = read_until_closed(&mut tcp).await;
+    assert!(
+        took >= Duration::from_millis(250),
+        "closed too early: {took:?}"
+    );
+}
+
+#[tokio::test]
+async fn slow_header_sender_is_dropped_at_header_timeout() {
+    let gw = start(|c, _| c.server.header_read_timeout_ms = 400).await;
+    let mut tls = gw.tls().await;
+    tls.write_all(b"GET /ws HTTP/1.1\r\nHost: localhost\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    // Trickle a header byte now and then; the deadline covers the whole head.
+    let trickle = async {
+        for _ in 0..50 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if tls.write_all(b"X").await.is_err() {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(WAIT, trickle).await;
+    let (bytes, _) = read_until_closed(&mut tls).await;
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(4),
+        "not dropped at the header deadline: {took:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(350),
+        "dropped too early: {took:?}"
+    );
+    // Either nothing or an error status, never an upgrade.
+    assert!(!String::from_utf8_lossy(&bytes).contains(" 101 "));
+}
+
+#[tokio::test]
+async fn oversized_headers_are_431() {
+    let gw = start(|c, _| {
+        c.server.max_header_bytes = 4096;
+        c.auth.max_token_bytes = 2048;
+    })
+    .await;
+    let big = format!("X-Fill: {}", "a".repeat(6000));
+    let res = gw.raw(&gw.upgrade_head("/ws", &[&big])).await;
+    assert_eq!(res.status, 431, "{res:?}");
+    assert!(res.closed);
+}
+
+#[tokio::test]
+async fn too_many_headers_are_431() {
+    let gw = start(|c, _| c.server.max_headers = 16).await;
+    let lines: Vec<String> = (0..20).map(|i| format!("X-H{i}: v")).collect();
+    let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+    let res = gw.raw(&gw.upgrade_head("/ws", &refs)).await;
+    assert_eq!(res.status, 431, "{res:?}");
+    assert!(res.closed);
+}
+
+#[tokio::test]
+async fn global_connection_cap_answers_503_with_retry_after() {
+    let gw = start(|c, _| {
+        c.server.max_connections = 1;
+        c.server.retry_after_s = 7;
+    })
+    .await;
+    let token = gw.token("alice", &[]);
+    let (held, _) = gw.connect(&token).await.expect("first connection");
+    let res = gw
+        .raw(&gw.upgrade_head("/ws", &[&format!("Authorization: Bearer {token}")]))
+        .await;
+    res.assert_refused(503);
+    assert_eq!(res.header("retry-after"), Some("7"));
+    // Releasing the held session frees the permit.
+    drop(held);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match gw.connect(&token).await {
+            Ok((_, r)) if r.status() == 101 => break,
+            _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
+            other => panic!("permit never came back: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn draining_answers_503_to_readyz_and_upgrades() {
+    let gw = start(|c, _| c.server.drain_grace_ms = 3_000).await;
+    let token = gw.token("alice", &[]);
+    let ready = gw.get("/readyz").await;
+    assert_eq!(ready.status, 200);
+    gw.begin_stop();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let ready = gw.get("/readyz").await;
+    assert_eq!(ready.status, 503);
+    let health = gw.get("/healthz").await;
+    assert_eq!(health.status, 200, "liveness stays up while draining");
+    let res = gw
+        .raw(&gw.upgrade_head("/ws", &[&format!("Authorization: Bearer {token}")]))
+        .await;
+    res.assert_refused(503);
+}

@@ -1,0 +1,8 @@
+//! Integration tests over real TLS sockets on 127.0.0.1, in one binary to
+//! keep link time down. `harness` starts the gateway in-process.
+
+mod certs_token;
+mod harness;
+mod limits;
+mod logs;
+mod upgrade;

@@ -1,0 +1,613 @@
+//! `protocol.md` §1: one test per refusal row and per carrier rule, each
+//! sending a WebSocket frame right behind the request to prove nothing is
+//! processed after a refusal; and the happy path through to `welcome`.
+
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+use crate::harness::{self, Gateway, WAIT, Ws, hs256_jwt, now, raw_jwt, start};
+
+async fn gateway() -> Gateway {
+    start(|_, _| {}).await
+}
+
+fn bearer(token: &str) -> String {
+    format!("Authorization: Bearer {token}")
+}
+
+async fn next_text(ws: &mut Ws) -> serde_json::Value {
+    loop {
+        let msg = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("frame timed out")
+            .expect("stream ended")
+            .expect("frame");
+        match msg {
+            Message::Text(t) => return serde_json::from_str(&t).expect("json"),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+// ---- not a valid upgrade (400 / 426) -------------------------------------
+
+#[tokio::test]
+async fn non_get_upgrade_is_400() {
+    let gw = gateway().await;
+    let token = gw.token("alice", &[]);
+    let head = gw
+        .upgrade_head("/ws", &[&bearer(&token)])
+        .replacen("GET", "POST", 1);
+    gw.raw(&head).await.assert_refused(400);
+}
+
+#[tokio::test]
+async fn http10_upgrade_is_400() {
+    let gw = gateway().await;
+    let token = gw.token("alice", &[]);
+    let head = gw
+        .upgrade_head("/ws", &[&bearer(&token)])
+        .replacen("HTTP/1.1", "HTTP/1.0", 1);
+    gw.raw(&head).await.assert_refused(400);
+}
+
+#[tokio::test]
+async fn missing_host_is_400() {
+    let gw = gateway().await;
+    let token = gw.token("alice", &[]);
+    let head = gw.upgrade_head("/ws", &[&bearer(&token)]);
+    let head: String = head
+        .lines()
+        .filter(|l| !l.starts_with("Host:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let res = gw.raw(&head).await;
+    assert_eq!(res.status, 400, "{res:?}");
+    assert!(res.closed);
+    assert!(res.trailing.is_empty());
+}
+
+#[tokio::test]
+async fn plain_get_is_426_with_upgrade_header() {
+    let gw = gateway().await;
+    let head = format!("GET /ws HTTP/1.1\nHost: localhost:{}\n", gw.addr.port());
+    let res = gw.raw(&head).await;
+    res.assert_refused(426);
+    assert_eq!(res.header("upgrade"), Some("websocket"));
+}
+
+#[tokio::test]
+async fn upgrade_to_other_protocol_is_400() {
+    let gw = gateway().await;
+    let token = gw.token("alice", &[]);
+    let head = gw
+        .upgrade_head("/ws", &[&bearer(&token)])
+        .replace("Upgrade: websocket", "Upgrade: h2c");
+    gw.raw(&head).await.assert_refused(400);
+}
+
+#[tokio::test]
+async fn connection_without_upgrade_token_is_400() {
+    let gw = gateway().await;
+    let token = gw.token("alice", &[]);
+    let head = gw
+        .upgrade_head("/ws", &[&bearer(&token)])
+        .replace("Connection: Upgrade", "Connection: keep-alive");
+    gw.raw(&head).await.assert_refused(400);
+}
+
+#[tokio::test]
+async fn connection_token_list_is_accepted() {
+    let gw = gateway().await;
+    let token = gw.token("alice", &[]);
+    let mut req = gw.ws_url().into_client_request().unwrap();
+    req.headers_mut().insert(
+        "connection",
+        HeaderValue::from_static("keep-alive, Upgrade"),
+    );
+    req.headers_mut().insert(
+        "authorization",
+        HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
+    );
+    let (mut ws, res) = gw.connect_with(req).await.expect("upgrade");
+    assert_eq!(res.status(), 101);
+    assert_eq!(next_text(&mut ws).await["op"], "welcome");
+}
+
+#[tokio::test]
+async fn bad_websocket_keys_are_400() {
+    let gw = gateway().await;
+    let token = gw.token("alice", &[]);
+    for key in [
+        "not base64!!",
+        "c2hvcnQ=",
+        "dGhpcyBpcyBtb3JlIHRoYW4gc2l4dGVlbiBieXRlcw==",
+    ] {
+        let head = gw
+            .upgrade_head("/ws", &[&bearer(&token)])
+            .replace("dGhlIHNhbXBsZSBub25jZQ==", key);
+        gw.raw(&head).await.assert_refused(400);
+    }
+    let missing: String = gw
+        .upgrade_head("/ws", &[&bearer(&token)])
+        .lines()
+        .filter(|l| !l.starts_with("Sec-WebSocket-Key"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    gw.raw(&missing).await.assert_refused(400);
+}
+
+#[tokio::test]
+async fn other_websocket_version_is_426_naming_13() {
+    let gw = gateway().await;
+    let token = gw.token("alice", &[]);
+    for version in ["8", "12", "14"] {
+        let head = gw.upgrade_head("/ws", &[&bearer(&token)]).replace(
+            "Sec-WebSocket-Version: 13",
+            &format!("Sec-WebSocket-Version: {version}"),
+        );
+        let res = gw.raw(&head).await;
+        res.assert_refused(426);
+        assert_eq!(res.header("sec-websocket-version"), Some("13"));
+    }
+}
+
+#[tokio::test]
+async fn unknown_path_is_404() {
+    let gw = gateway().await;
+    let token = gw.token("alice", &[]);
+    gw.raw(&gw.upgrade_head("/other", &[&bearer(&token)]))
+        .await
+        .assert_refused(404);
+    let res = gw.get("/nope").await;
+    assert_eq!(res.status, 404);
+}
+
+// ---- Origin (403) --------------------------------------------------------
+
+#[tokio::test]
+async fn origin_rules() {
+    let gw = start(|c, _| c.server.allowed_origins = vec!["https://app.example.com".into()]).await;
+    let token = gw.token("alice", &[]);
+    let port = gw.addr.port();
+    for bad in [
+        "Origin: https://evil.example.com".to_owned(),
+        "Origin: http://app.example.com".to_owned(),
+        "Origin: https://app.example.com:444".to_owned(),
+        "Origin: null".to_owned(),
+        format!("Origin: http://localhost:{port}"),
+    ] {
+        let res = gw
+            .raw(&gw.upgrade_head("/ws", &[&bearer(&token), &bad]))
+            .await;
+        res.assert_refused(403);
+    }
+    for good in [
+        "https://app.example.com",
+        "https://APP.example.com:443",
+        &format!("https://localhost:{port}"),
+    ] {
+        let mut req = gw.ws_url().into_client_request().unwrap();
+        req.headers_mut()
+            .insert("origin", HeaderValue::from_str(good).unwrap());
+        req.headers_mut().insert(
+            "authorization",
+            HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
+        );
+        let (_, res) = gw
+            .connect_with(req)
+            .await
+            .unwrap_or_else(|e| panic!("{good}: {e}"));
+        assert_eq!(res.status(), 101, "{good}");
+    }
+}
+
+#[tokio::test]
+async fn same_origin_can_be_switched_off() {
+    let gw = start(|c, _| c.server.allow_same_origin = false).await;
+    let token = gw.token("alice", &[]);
+    let origin = format!("Origin: https://localhost:{}", gw.addr.port());
+    gw.raw(&gw.upgrade_head("/ws", &[&bearer(&token), &origin]))
+        .await
+        .assert_refused(403);
+}
+
+// ---- tokens (401) --------------------------------------------------------
+
+#[tokio::test]
+async fn no_token_is_401_with_bearer_challenge() {
+    let gw = gateway().await;
+    let res = gw.raw(&gw.upgrade_head("/ws", &[])).await;
+    res.assert_refused(401);
+    assert_eq!(res.header("www-authenticate"), Some("Bearer"));
+    // Another scheme is not a bearer token.
+    let res = gw
+        .raw(&gw.upgrade_head("/ws", &["Authorization: Basic YWxpY2U6cHc="]))
+        .await;
+    res.assert_refused(401);
+    assert_eq!(res.header("www-authenticate"), Some("Bearer"));
+}
+
+async fn assert_invalid_token(gw: &Gateway, token: &str, why: &str) {
+    let res = gw.raw(&gw.upgrade_head("/ws", &[&bearer(token)])).await;
+    assert_eq!(res.status, 401, "{why}: {res:?}");
+    res.assert_refused(401);
+    assert_eq!(
+        res.header("www-authenticate"),
+        Some("Bearer error=\"invalid_token\""),
+        "{why}"
+    );
+}
+
+#[tokio::test]
+async fn invalid_tokens_are_401_invalid_token() {
+    let gw = gateway().await;
+    let key = gw.secret();
+    let hs = r#"{"alg":"HS256","typ":"JWT"}"#;
+    let exp = now() + 600;
+    let cases: Vec<(String, &str)> = vec![
+        ("not-a-jwt".into(), "malformed"),
+        ("a.b.c".into(), "bad base64 parts"),
+        (
+            hs256_jwt(
+                hs,
+                &format!(r#"{{"sub":"a","exp":{exp}}}"#),
+                b"another key entirely, 32+ bytes long",
+            ),
+            "signed with another key",
+        ),
+        (
+            raw_jwt(
+                r#"{"alg":"none","typ":"JWT"}"#,
+                &format!(r#"{{"sub":"a","exp":{exp}}}"#),
+                b"",
+            ),
+            "alg none",
+        ),
+        (
+            hs256_jwt(
+                r#"{"alg":"HS384","typ":"JWT"}"#,
+                &format!(r#"{{"sub":"a","exp":{exp}}}"#),
+                &key,
+            ),
+            "algorithm not pinned (HS384 header)",
+        ),
+        (
+            hs256_jwt(hs, &format!(r#"{{"sub":"a","exp":{}}}"#, now() - 120), &key),
+            "expired beyond leeway",
+        ),
+        (
+            hs256_jwt(
+                hs,
+                &format!(r#"{{"sub":"a","exp":{exp},"nbf":{}}}"#, now() + 300),
+                &key,
+            ),
+            "not yet valid",
+        ),
+        (hs256_jwt(hs, r#"{"sub":"a"}"#, &key), "missing exp"),
+        (
+            hs256_jwt(hs, &format!(r#"{{"exp":{exp}}}"#), &key),
+            "missing sub",
+        ),
+        (
+            hs256_jwt(hs, &format!(r#"{{"sub":"","exp":{exp}}}"#), &key),
+            "empty sub",
+        ),
+        (
+            hs256_jwt(
+                r#"{"alg":"HS256","typ":"JWT","crit":["exp"]}"#,
+                &format!(r#"{{"sub":"a","exp":{exp}}}"#),
+                &key,
+            ),
+            "crit header",
+        ),
+        (
+            hs256_jwt(
+                hs,
+                &format!(r#"{{"sub":"a","exp":{exp},"roles":"admin"}}"#),
+                &key,
+            ),
+            "roles not an array",
+        ),
+    ];
+    for (token, why) in &cases {
+        assert_invalid_token(&gw, token, why).await;
+    }
+    // Within leeway (default 30 s) an expired token still passes.
+    let recent = hs256_jwt(hs, &format!(r#"{{"sub":"a","exp":{}}}"#, now() - 5), &key);
+    let (_, res) = gw.connect(&recent).await.expect("within leeway");
+    assert_eq!(res.status(), 101);
+}
+
+#[tokio::test]
+async fn issuer_and_audience_when_configured() {
+    let gw = start(|c, _| {
+        c.auth.issuers = vec!["https://idp.example".into()];
+        c.auth.audiences = vec!["wsgate".into()];
+    })
+    .await;
+    let key = gw.secret();
+    let hs = r#"{"alg":"HS256","typ":"JWT"}"#;
+    let exp = now() + 600;
+    let good = format!(r#"{{"sub":"a","exp":{exp},"iss":"https://idp.example","aud":"wsgate"}}"#);
+    let (_, res) = gw
+        .connect(&hs256_jwt(hs, &good, &key))
+        .await
+        .expect("good token");
+    assert_eq!(res.status(), 101);
+    // The minted dev token fills iss and aud from the config.
+    let (_, res) = gw.connect(&gw.token("a", &[])).await.expect("minted");
+    assert_eq!(res.status(), 101);
+    for (claims, why) in [
+        (
+            format!(r#"{{"sub":"a","exp":{exp},"aud":"wsgate"}}"#),
+            "missing iss",
+        ),
+        (
+            format!(r#"{{"sub":"a","exp":{exp},"iss":"https://evil","aud":"wsgate"}}"#),
+            "wrong iss",
+        ),
+        (
+            format!(r#"{{"sub":"a","exp":{exp},"iss":"https://idp.example"}}"#),
+            "missing aud",
+        ),
+        (
+            format!(r#"{{"sub":"a","exp":{exp},"iss":"https://idp.example","aud":"other"}}"#),
+            "wrong aud",
+        ),
+    ] {
+        assert_invalid_token(&gw, &hs256_jwt(hs, &claims, &key), why).await;
+    }
+}
+
+// ---- carriers -------------------------------------------------------------
+
+#[tokio::test]
+async fn header_carrier_gets_welcome_and_pong() {
+    let gw = gateway().await;
+    let token = gw.token("alice", &["member"]);
+    let (mut ws, res) = gw.connect(&token).await.expect("upgrade");
+    assert_eq!(res.status(), 101);
+    assert!(res.headers().get("sec-websocket-protocol").is_none());
+    let welcome = next_text(&mut ws).await;
+    assert_eq!(welcome["op"], "welcome");
+    assert_eq!(welcome["user"], "alice");
+    assert_eq!(welcome["heartbeat_ms"], 25_000);
+    assert!(welcome["session"].as_str().is_some_and(|s| s.len() == 16));
+    assert!(welcome["expires_at"].as_u64().unwrap() > now());
+
+    ws.send(Message::text(r#"{"op":"ping","id":5}"#))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_text(&mut ws).await,
+        serde_json::json!({"op":"pong","id":5})
+    );
+    ws.send(Message::text(r#"{"op":"ping"}"#)).await.unwrap();
+    assert_eq!(next_text(&mut ws).await, serde_json::json!({"op":"pong"}));
+    ws.send(Message::text(r#"{"op":"fly","id":6}"#))
+        .await
+        .unwrap();
+    let err = next_text(&mut ws).await;
+    assert_eq!(err["op"], "error");
+    assert_eq!(err["id"], 6);
+    assert_eq!(err["code"], "bad_request");
+    ws.send(Message::text("not json")).await.unwrap();
+    let err = next_text(&mut ws).await;
+    assert_eq!(err["code"], "bad_request");
+    assert!(err.get("id").is_none());
+    // Still alive after errors.
+    ws.send(Message::text(r#"{"op":"ping","id":7}"#))
+        .await
+        .unwrap();
+    assert_eq!(next_text(&mut ws).await["id"], 7);
+    ws.close(None).await.unwrap();
+}
+
+#[tokio::test]
+async fn subprotocol_carrier_echoes_only_wsgate_v1() {
+    let gw = gateway().await;
+    let token = gw.token("bob", &[]);
+    let mut req = gw.ws_url().into_client_request().unwrap();
+    req.headers_mut().insert(
+        "sec-websocket-protocol",
+        HeaderValue::from_str(&format!("wsgate.v1, bearer.{token}")).unwrap(),
+    );
+    let (mut ws, res) = gw.connect_with(req).await.expect("upgrade");
+    assert_eq!(res.status(), 101);
+    assert_eq!(
+        res.headers().get("sec-websocket-protocol").unwrap(),
+        "wsgate.v1"
+    );
+    assert_eq!(next_text(&mut ws).await["user"], "bob");
+}
+
+#[tokio::test]
+async fn wsgate_v1_is_echoed_with_header_carrier() {
+    let gw = gateway().await;
+    let token = gw.token("carol", &[]);
+    let mut req = gw.ws_url().into_client_request().unwrap();
+    req.headers_mut().insert(
+        "sec-websocket-protocol",
+        HeaderValue::from_static("wsgate.v1"),
+    );
+    req.headers_mut().insert(
+        "authorization",
+        HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
+    );
+    let (_, res) = gw.connect_with(req).await.expect("upgrade");
+    assert_eq!(
+        res.headers().get("sec-websocket-protocol").unwrap(),
+        "wsgate.v1"
+    );
+}
+
+#[tokio::test]
+async fn bearer_subprotocol_without_wsgate_v1_is_400() {
+    let gw = gateway().await;
+    let token = gw.token("bob", &[]);
+    let line = format!("Sec-WebSocket-Protocol: chat, bearer.{token}");
+    gw.raw(&gw.upgrade_head("/ws", &[&line]))
+        .await
+        .assert_refused(400);
+}
+
+#[tokio::test]
+async fn two_bearer_subprotocols_are_400() {
+    let gw = gateway().await;
+    let token = gw.token("bob", &[]);
+    let line = format!("Sec-WebSocket-Protocol: wsgate.v1, bearer.{token}, bearer.{token}");
+    gw.raw(&gw.upgrade_head("/ws", &[&line]))
+        .await
+        .assert_refused(400);
+    // Split across two header lines counts the same.
+    let a = format!("Sec-WebSocket-Protocol: wsgate.v1, bearer.{token}");
+    let b = format!("Sec-WebSocket-Protocol: bearer.{token}");
+    gw.raw(&gw.upgrade_head("/ws", &[&a, &b]))
+        .await
+        .assert_refused(400);
+}
+
+#[tokio::test]
+async fn two_carriers_are_401() {
+    let gw = start(|c, _| c.auth.query_token = true).await;
+    let token = gw.token("bob", &[]);
+    let proto = format!("Sec-WebSocket-Protocol: wsgate.v1, bearer.{token}");
+    for (target, lines) in [
+        ("/ws".to_owned(), vec![bearer(&token), proto.clone()]),
+        (format!("/ws?access_token={token}"), vec![bearer(&token)]),
+        (format!("/ws?access_token={token}"), vec![proto.clone()]),
+        (
+            format!("/ws?access_token={token}&access_token={token}"),
+            vec![],
+        ),
+        ("/ws".to_owned(), vec![bearer(&token), bearer(&token)]),
+    ] {
+        let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+        let res = gw.raw(&gw.upgrade_head(&target, &lines)).await;
+        res.assert_refused(401);
+        assert_eq!(
+            res.header("www-authenticate"),
+            Some("Bearer error=\"invalid_request\"")
+        );
+    }
+}
+
+#[tokio::test]
+async fn query_token_is_refused_while_disabled() {
+    let gw = gateway().await;
+    let token = gw.token("bob", &[]);
+    let res = gw
+        .raw(&gw.upgrade_head(&format!("/ws?access_token={token}"), &[]))
+        .await;
+    res.assert_refused(401);
+}
+
+#[tokio::test]
+async fn query_token_works_when_enabled() {
+    let gw = start(|c, _| c.auth.query_token = true).await;
+    let token = gw.token("dave", &[]);
+    let url = format!("{}?x=1&access_token={token}", gw.ws_url());
+    let req = url.into_client_request().unwrap();
+    let (mut ws, res) = gw.connect_with(req).await.expect("upgrade");
+    assert_eq!(res.status(), 101);
+    assert_eq!(next_text(&mut ws).await["user"], "dave");
+}
+
+#[tokio::test]
+async fn oversized_token_is_401_before_parsing() {
+    let gw = start(|c, _| c.auth.max_token_bytes = 1024).await;
+    // A syntactically valid, correctly signed token that is merely too big.
+    let pad = "x".repeat(1200);
+    let token = hs256_jwt(
+        r#"{"alg":"HS256","typ":"JWT"}"#,
+        &format!(r#"{{"sub":"a","exp":{},"pad":"{pad}"}}"#, now() + 600),
+        &gw.secret(),
+    );
+    let res = gw.raw(&gw.upgrade_head("/ws", &[&bearer(&token)])).await;
+    res.assert_refused(401);
+    assert_eq!(
+        res.header("www-authenticate"),
+        Some("Bearer error=\"invalid_request\"")
+    );
+}
+
+// ---- after the upgrade ------------------------------------------------------
+
+#[tokio::test]
+async fn binary_frame_closes_1003() {
+    let gw = gateway().await;
+    let (mut ws, _) = gw.connect(&gw.token("eve", &[])).await.unwrap();
+    assert_eq!(next_text(&mut ws).await["op"], "welcome");
+    ws.send(Message::binary(vec![1u8, 2, 3])).await.unwrap();
+    let close = tokio::time::timeout(harness::WAIT, ws.next())
+        .await
+        .unwrap();
+    match close {
+        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(frame.code, CloseCode::Unsupported),
+        other => panic!("expected close 1003, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn oversized_message_closes_1009() {
+    let gw = start(|c, _| {
+        c.websocket.max_message_bytes = 1024;
+        c.websocket.max_frame_bytes = 1024;
+    })
+    .await;
+    let (mut ws, _) = gw.connect(&gw.token("eve", &[])).await.unwrap();
+    assert_eq!(next_text(&mut ws).await["op"], "welcome");
+    ws.send(Message::text(format!(
+        r#"{{"op":"ping","pad":"{}"}}"#,
+        "x".repeat(2000)
+    )))
+    .await
+    .unwrap();
+    match tokio::time::timeout(harness::WAIT, ws.next())
+        .await
+        .unwrap()
+    {
+        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(frame.code, CloseCode::Size),
+        other => panic!("expected close 1009, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn shutdown_closes_sessions_with_1001() {
+    let gw = gateway().await;
+    let (mut ws, _) = gw.connect(&gw.token("eve", &[])).await.unwrap();
+    assert_eq!(next_text(&mut ws).await["op"], "welcome");
+    gw.begin_stop();
+    match tokio::time::timeout(harness::WAIT, ws.next())
+        .await
+        .unwrap()
+    {
+        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(frame.code, CloseCode::Away),
+        other => panic!("expected close 1001, got {other:?}"),
+    }
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn token_expiry_closes_4001() {
+    let gw = start(|c, _| c.auth.leeway_s = 0).await;
+    let token = hs256_jwt(
+        r#"{"alg":"HS256","typ":"JWT"}"#,
+        &format!(r#"{{"sub":"a","exp":{}}}"#, now() + 2),
+        &gw.secret(),
+    );
+    let (mut ws, _) = gw.connect(&token).await.unwrap();
+    assert_eq!(next_text(&mut ws).await["op"], "welcome");
+    match tokio::time::timeout(harness::WAIT, ws.next())
+        .await
+        .unwrap()
+    {
+        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(u16::from(frame.code), 4001),
+        other => panic!("expected close 4001, got {other:?}"),
+    }
+}
