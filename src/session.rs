@@ -20,7 +20,7 @@ use crate::auth::mint::unix_now;
 use crate::config::WebSocketConfig;
 use crate::protocol::{self, ClientFrame, CloseCode, ErrorCode, ServerFrame};
 
-/// Consecutive undecodable frames tolerated before closing with 1008.
+/// Consecutive frames that are not JSON objects before closing with 1008.
 const MAX_BAD_FRAMES: u32 = 8;
 
 /// Why a session ended; exactly one per session.
@@ -216,7 +216,9 @@ where
                 ServerFrame::Pong { id }.encode()
             }
             Err(e) => {
-                if !e.is_object {
+                if e.is_object {
+                    bad_frames = 0;
+                } else {
                     bad_frames += 1;
                     if bad_frames >= MAX_BAD_FRAMES {
                         return CloseReason::BadFrames;
