@@ -49,6 +49,17 @@ impl CertPaths {
     }
 }
 
+/// Which existing files [`generate`] may replace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replace {
+    /// None: an existing server certificate or key is an error.
+    Nothing,
+    /// The server certificate and key; an existing CA is still reused.
+    Server,
+    /// Everything, including the CA (clients must trust the new one).
+    All,
+}
+
 /// What [`generate`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CaSource {
@@ -75,17 +86,18 @@ pub enum CertError {
 }
 
 /// Writes a server certificate for `localhost`, `127.0.0.1`, `::1` and
-/// `extra_hosts`, signed by the CA at `paths` (created when absent, or
-/// always with `force`).
+/// `extra_hosts`, signed by the CA at `paths`, which is created when absent
+/// (or replaced with [`Replace::All`]).
 ///
 /// # Errors
-/// A server file exists without `force`, or a file cannot be read or written.
+/// A server file exists under [`Replace::Nothing`], or a file cannot be
+/// read or written.
 pub fn generate(
     paths: &CertPaths,
     extra_hosts: &[String],
-    force: bool,
+    replace: Replace,
 ) -> Result<CaSource, CertError> {
-    if !force {
+    if replace == Replace::Nothing {
         for path in [&paths.server_cert, &paths.server_key] {
             if path.exists() {
                 return Err(CertError::Exists(path.clone()));
@@ -101,7 +113,7 @@ pub fn generate(
         }
     }
     let now = OffsetDateTime::now_utc();
-    let reuse = !force && paths.ca_cert.exists() && paths.ca_key.exists();
+    let reuse = replace != Replace::All && paths.ca_cert.exists() && paths.ca_key.exists();
     let (ca_key, source) = if reuse {
         let pem = std::fs::read_to_string(&paths.ca_key).map_err(|source| CertError::Read {
             path: paths.ca_key.clone(),

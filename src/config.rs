@@ -53,7 +53,7 @@ pub struct ServerConfig {
     /// Connections beyond `max_connections` that are still accepted, only to
     /// be answered `503` with `Retry-After` instead of waiting unanswered.
     pub overflow_connections: usize,
-    /// `Retry-After` sent with `503`/`429` refusals, in seconds.
+    /// `Retry-After` sent with `503` refusals (overload, draining), in seconds.
     pub retry_after_s: u64,
     /// After SIGTERM, how long `/readyz` and new upgrades answer 503 before
     /// the listener closes, in milliseconds.
@@ -107,8 +107,8 @@ impl Default for TlsConfig {
     }
 }
 
-/// How tokens are carried and verified.
-#[derive(Clone, PartialEq, Serialize, Deserialize)]
+/// How tokens are carried and verified. Holds paths only, never secrets.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// Accepted JWT algorithms, all of one family (HS*, RS*/PS*, ES*, EdDSA).
@@ -147,23 +147,6 @@ impl Default for AuthConfig {
             roles_claim: "roles".to_owned(),
             query_token: false,
         }
-    }
-}
-
-// Paths only, but keep Debug output boring and uniform with the rest.
-impl std::fmt::Debug for AuthConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AuthConfig")
-            .field("algorithms", &self.algorithms)
-            .field("hmac_secret_file", &self.hmac_secret_file)
-            .field("public_key_file", &self.public_key_file)
-            .field("issuers", &self.issuers)
-            .field("audiences", &self.audiences)
-            .field("leeway_s", &self.leeway_s)
-            .field("max_token_bytes", &self.max_token_bytes)
-            .field("roles_claim", &self.roles_claim)
-            .field("query_token", &self.query_token)
-            .finish_non_exhaustive()
     }
 }
 
@@ -245,16 +228,28 @@ pub enum ConfigError {
 }
 
 impl Config {
-    /// Loads the file (if any), overlays `env` (pairs of name and value,
-    /// normally `std::env::vars()`), and validates the result.
+    /// Loads the file (if any) and overlays `env` (pairs of name and value,
+    /// normally the process environment). It does not [`validate`](Self::validate).
     ///
     /// # Errors
-    /// An unreadable file, unknown keys, wrongly typed values, or a
-    /// configuration that [`Config::validate`] refuses.
+    /// An unreadable file, unknown keys, or wrongly typed values.
     pub fn load(
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
+        Self::load_reporting(file, env).map(|(config, _)| config)
+    }
+
+    /// As [`Config::load`], also returning the `WSGATE_*` variables that
+    /// were ignored because they name no section (such as the
+    /// `WSGATE_SERVICE_HOST` that Kubernetes injects for a Service).
+    ///
+    /// # Errors
+    /// As [`Config::load`].
+    pub fn load_reporting(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(Self, Vec<String>), ConfigError> {
         let mut table = match file {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -269,14 +264,14 @@ impl Config {
             }
             None => toml::Table::new(),
         };
-        apply_env(&mut table, env)?;
+        let ignored = apply_env(&mut table, env)?;
         let config: Config = table
             .try_into()
             .map_err(|e: toml::de::Error| ConfigError::Parse {
-                path: file.map_or_else(|| PathBuf::from("<environment>"), Path::to_owned),
+                path: file.map_or_else(|| PathBuf::from("<defaults>"), Path::to_owned),
                 message: e.message().to_owned(),
             })?;
-        Ok(config)
+        Ok((config, ignored))
     }
 
     /// Checks values that parse but cannot work together.
@@ -319,8 +314,13 @@ impl Config {
         if algs[0].family() != AlgorithmFamily::Hmac && a.public_key_file.is_none() {
             return bad("auth.public_key_file is required for asymmetric algorithms".into());
         }
-        if a.roles_claim.is_empty() {
-            return bad("auth.roles_claim must not be empty".into());
+        if a.roles_claim.is_empty()
+            || ["sub", "exp", "iat", "nbf", "iss", "aud", "jti"].contains(&a.roles_claim.as_str())
+        {
+            return bad(format!(
+                "auth.roles_claim {:?} must be a non-empty, non-registered claim name",
+                a.roles_claim
+            ));
         }
         let w = &self.websocket;
         if w.max_frame_bytes == 0 || w.max_message_bytes == 0 || w.read_buffer_bytes == 0 {
@@ -351,8 +351,14 @@ impl Config {
     pub fn algorithms(&self) -> Result<Vec<Algorithm>, ConfigError> {
         let mut out = Vec::with_capacity(self.auth.algorithms.len());
         for name in &self.auth.algorithms {
-            let alg: Algorithm = name.parse().map_err(|_| {
-                ConfigError::Invalid(format!("auth.algorithms: unknown algorithm {name:?}"))
+            // The contract's set; PS384/PS512 are left out on purpose.
+            let alg = match name.as_str() {
+                "HS256" | "HS384" | "HS512" | "RS256" | "RS384" | "RS512" | "PS256" | "ES256"
+                | "ES384" | "EdDSA" => name.parse::<Algorithm>().ok(),
+                _ => None,
+            }
+            .ok_or_else(|| {
+                ConfigError::Invalid(format!("auth.algorithms: unsupported algorithm {name:?}"))
             })?;
             out.push(alg);
         }
@@ -365,6 +371,12 @@ impl Config {
             // A verifier holds one key; mixing families is how HS/RS confusion starts.
             return Err(ConfigError::Invalid(
                 "auth.algorithms must all be of one family".into(),
+            ));
+        }
+        if first.family() == AlgorithmFamily::Ec && out.len() > 1 {
+            // One EC key has one curve: ES256 needs P-256, ES384 needs P-384.
+            return Err(ConfigError::Invalid(
+                "auth.algorithms: ES256 and ES384 need different keys; pick one".into(),
             ));
         }
         Ok(out)
@@ -387,13 +399,16 @@ impl Config {
 /// Writes `WSGATE_SECTION_KEY=value` pairs into `table` as
 /// `[section] key = value`. The value's type follows the key's default
 /// (integer, boolean, list); lists may be TOML (`["a","b"]`) or
-/// comma-separated. Variables that configure the CLI itself are skipped.
+/// comma-separated; an empty value unsets an optional key. Each variable
+/// is checked on its own, so an error names it. Returns the variables
+/// skipped because they name no section.
 fn apply_env(
     table: &mut toml::Table,
     env: impl IntoIterator<Item = (String, String)>,
-) -> Result<(), ConfigError> {
+) -> Result<Vec<String>, ConfigError> {
     let defaults = toml::Table::try_from(Config::default())
         .map_err(|e| ConfigError::Invalid(format!("defaults do not serialize: {e}")))?;
+    let mut ignored = Vec::new();
     for (name, raw) in env {
         let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
             continue;
@@ -401,27 +416,44 @@ fn apply_env(
         if rest == "CONFIG" {
             continue;
         }
+        let lower = rest.to_ascii_lowercase();
+        let section_defaults =
+            lower
+                .split_once('_')
+                .and_then(|(section, key)| match defaults.get(section) {
+                    Some(toml::Value::Table(t)) => Some((section, key, t)),
+                    _ => None,
+                });
+        let Some((section, key, section_defaults)) = section_defaults else {
+            ignored.push(name);
+            continue;
+        };
         let env_err = |message: String| ConfigError::Env {
             name: name.clone(),
             message,
         };
-        let lower = rest.to_ascii_lowercase();
-        let Some((section, key)) = lower.split_once('_') else {
-            return Err(env_err("expected WSGATE_<SECTION>_<KEY>".into()));
-        };
-        let Some(toml::Value::Table(section_defaults)) = defaults.get(section) else {
-            return Err(env_err(format!("unknown section {section:?}")));
-        };
-        let value = env_value(section_defaults.get(key), &raw).map_err(env_err)?;
+        let default = section_defaults.get(key);
         let entry = table
             .entry(section.to_owned())
             .or_insert_with(|| toml::Value::Table(toml::Table::new()));
         let toml::Value::Table(section_table) = entry else {
-            return Err(env_err(format!("{section} in the file is not a table")));
+            return Err(env_err(format!("[{section}] in the file is not a table")));
         };
+        if default.is_none() && raw.is_empty() {
+            section_table.remove(key);
+            continue;
+        }
+        let value = env_value(default, &raw).map_err(env_err)?;
+        // Deserialize this one key alone, so an unknown key or a bad value
+        // is reported against the variable rather than the file.
+        let mut probe = toml::Table::new();
+        let mut probe_section = toml::Table::new();
+        probe_section.insert(key.to_owned(), value.clone());
+        probe.insert(section.to_owned(), toml::Value::Table(probe_section));
+        Config::deserialize(probe).map_err(|e| env_err(e.message().to_owned()))?;
         section_table.insert(key.to_owned(), value);
     }
-    Ok(())
+    Ok(ignored)
 }
 
 fn env_value(default: Option<&toml::Value>, raw: &str) -> Result<toml::Value, String> {
@@ -504,14 +536,31 @@ mod tests {
         assert_eq!(c.auth.algorithms, ["HS384", "HS512"]);
         assert_eq!(c.auth.issuers, ["a", "b"]);
         assert_eq!(c.auth.public_key_file.as_deref(), Some(Path::new("k.pem")));
+        // An empty value unsets an optional key the file had set.
+        std::fs::write(&file, "[auth]\npublic_key_file = \"k.pem\"\n").unwrap();
+        let c = Config::load(Some(&file), env(&[("WSGATE_AUTH_PUBLIC_KEY_FILE", "")])).unwrap();
+        assert_eq!(c.auth.public_key_file, None);
     }
 
     #[test]
     fn unknown_keys_are_refused_everywhere() {
         let err = Config::load(None, env(&[("WSGATE_SERVER_LISTN", "x")])).unwrap_err();
         assert!(err.to_string().contains("listn"), "{err}");
-        let err = Config::load(None, env(&[("WSGATE_NOPE_X", "1")])).unwrap_err();
-        assert!(err.to_string().contains("WSGATE_NOPE_X"), "{err}");
+        assert!(err.to_string().contains("WSGATE_SERVER_LISTN"), "{err}");
+        let err = Config::load(None, env(&[("WSGATE_LOG_FORMAT", "xml")])).unwrap_err();
+        assert!(err.to_string().contains("WSGATE_LOG_FORMAT"), "{err}");
+        let err = Config::load(None, env(&[("WSGATE_SERVER_LISTEN", "nope")])).unwrap_err();
+        assert!(err.to_string().contains("WSGATE_SERVER_LISTEN"), "{err}");
+        // Variables naming no section (Kubernetes service links) are skipped.
+        let (_, ignored) = Config::load_reporting(
+            None,
+            env(&[
+                ("WSGATE_PORT", "tcp://10.0.0.1:8443"),
+                ("WSGATE_SERVICE_HOST", "10.0.0.1"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(ignored, ["WSGATE_PORT", "WSGATE_SERVICE_HOST"]);
         let err = Config::load(None, env(&[("WSGATE_SERVER_MAX_HEADERS", "many")])).unwrap_err();
         assert!(err.to_string().contains("integer"), "{err}");
     }
@@ -536,6 +585,15 @@ mod tests {
         assert!(c.validate().is_err());
         c = Config::default();
         c.server.allowed_origins = vec!["example.com".into()];
+        assert!(c.validate().is_err());
+        c = Config::default();
+        c.auth.algorithms = vec!["PS512".into()];
+        assert!(c.validate().is_err());
+        c.auth.public_key_file = Some("k.pem".into());
+        c.auth.algorithms = vec!["ES256".into(), "ES384".into()];
+        assert!(c.validate().is_err());
+        c = Config::default();
+        c.auth.roles_claim = "sub".into();
         assert!(c.validate().is_err());
     }
 }

@@ -2,7 +2,7 @@
 //! Errors are boxed here and only here; every leaf error is typed.
 
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use wsgate::auth::mint::{self, TokenRequest};
-use wsgate::certs::{self, CaSource, CertPaths};
+use wsgate::certs::{self, CaSource, CertPaths, Replace};
 use wsgate::config::{Config, LogFormat};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -73,9 +73,12 @@ struct CertsArgs {
     /// Extra DNS name or IP address for the server certificate (repeatable).
     #[arg(long = "host")]
     hosts: Vec<String>,
-    /// Replace existing files, including the CA.
+    /// Replace an existing server certificate and key (the CA is kept).
     #[arg(long)]
     force: bool,
+    /// Also replace the CA (clients must then trust the new one).
+    #[arg(long)]
+    new_ca: bool,
 }
 
 #[derive(Args)]
@@ -127,17 +130,26 @@ fn main() -> ExitCode {
     }
 }
 
-fn load_config(args: &ConfigArgs) -> Result<Config, BoxError> {
+/// Loads the config from the file and `WSGATE_*` variables; reports the
+/// variables that were skipped because they name no section.
+fn load_config(args: &ConfigArgs) -> Result<(Config, Vec<String>), BoxError> {
     let file = args
         .config
         .clone()
         .or_else(|| std::env::var_os("WSGATE_CONFIG").map(PathBuf::from));
-    Ok(Config::load(file.as_deref(), std::env::vars())?)
+    // `vars()` panics on a non-UTF-8 variable; such a variable is not ours.
+    let env = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
+    let (config, ignored) = Config::load_reporting(file.as_deref(), env)?;
+    config.validate()?;
+    Ok((config, ignored))
 }
 
 fn check_config(args: &ConfigArgs) -> Result<(), BoxError> {
-    let config = load_config(args)?;
-    config.validate()?;
+    let (config, ignored) = load_config(args)?;
+    for name in ignored {
+        println!("note: {name} names no configuration section; ignored");
+    }
     wsgate::auth::Verifier::from_config(&config)?;
     wsgate::server::tls::server_config(&config.tls)?;
     println!("configuration is valid");
@@ -146,7 +158,12 @@ fn check_config(args: &ConfigArgs) -> Result<(), BoxError> {
 
 fn run_certs(args: &CertsArgs) -> Result<(), BoxError> {
     let paths = CertPaths::in_dir(&args.out);
-    let ca = certs::generate(&paths, &args.hosts, args.force)?;
+    let replace = match (args.new_ca, args.force) {
+        (true, _) => Replace::All,
+        (false, true) => Replace::Server,
+        (false, false) => Replace::Nothing,
+    };
+    let ca = certs::generate(&paths, &args.hosts, replace)?;
     let verb = match ca {
         CaSource::Created => "created",
         CaSource::Reused => "reused",
@@ -160,7 +177,7 @@ fn run_certs(args: &CertsArgs) -> Result<(), BoxError> {
 }
 
 fn token(args: TokenArgs) -> Result<(), BoxError> {
-    let config = load_config(&args.config)?;
+    let (config, _) = load_config(&args.config)?;
     let request = TokenRequest {
         sub: args.sub,
         roles: args.roles,
@@ -172,7 +189,7 @@ fn token(args: TokenArgs) -> Result<(), BoxError> {
 }
 
 fn serve(args: ServeArgs) -> Result<(), BoxError> {
-    let mut config = load_config(&args.config)?;
+    let (mut config, ignored) = load_config(&args.config)?;
     if let Some(listen) = args.listen {
         config.server.listen = listen;
     }
@@ -188,6 +205,9 @@ fn serve(args: ServeArgs) -> Result<(), BoxError> {
     }
     config.validate()?;
     init_logging(&config)?;
+    for name in ignored {
+        info!(variable = %name, "environment variable names no configuration section; ignored");
+    }
     if args.dev {
         prepare_dev(&config)?;
     }
@@ -226,7 +246,8 @@ fn prepare_dev(config: &Config) -> Result<(), BoxError> {
     let tls = &config.tls;
     if !tls.cert_file.exists() || !tls.key_file.exists() {
         let paths = CertPaths::for_server(&tls.cert_file, &tls.key_file);
-        certs::generate(&paths, &[], true_if_partial(&tls.cert_file, &tls.key_file))?;
+        // A lone certificate or key is useless: replace it, keeping the CA.
+        certs::generate(&paths, &[], Replace::Server)?;
         info!(cert = %tls.cert_file.display(), ca = %paths.ca_cert.display(), "created development certificate");
     }
     if config.algorithms()?[0].family() == jsonwebtoken::AlgorithmFamily::Hmac
@@ -235,12 +256,6 @@ fn prepare_dev(config: &Config) -> Result<(), BoxError> {
         info!(file = %config.auth.hmac_secret_file.display(), "created development HMAC secret");
     }
     Ok(())
-}
-
-/// Only one half of the pair exists: replace it rather than refuse, since a
-/// lone certificate or key is useless.
-fn true_if_partial(cert: &Path, key: &Path) -> bool {
-    cert.exists() != key.exists()
 }
 
 fn print_dev_banner(config: &Config, addr: std::net::SocketAddr) -> Result<(), BoxError> {

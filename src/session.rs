@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, MissedTickBehavior, sleep_until, timeout};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -153,13 +153,23 @@ where
             .await
         }
     };
+    // Best effort: the peer may be gone; the deadline bounds a stalled one.
     if let Some(code) = reason.close_code() {
         let frame = CloseFrame {
             code: WsCloseCode::from(code.code()),
             reason: reason.text().into(),
         };
-        // Best effort: the peer may be gone; the deadline bounds a stalled one.
         let _ = timeout(write_timeout, ws.close(Some(frame))).await;
+    } else if reason == CloseReason::ClientClosed {
+        // Sends the reply tungstenite queued for the client's close frame,
+        // completing the close handshake instead of leaving the client 1006.
+        // (`Sink::close`, not the inherent `close`, which would send anew.)
+        let _ = timeout(write_timeout, SinkExt::close(&mut ws)).await;
+    }
+    if !matches!(reason, CloseReason::Io | CloseReason::WriteTimeout) {
+        // tungstenite reports the close as done before flushing the stream
+        // below it; shutting down sends what is buffered and TLS close_notify.
+        let _ = timeout(write_timeout, ws.get_mut().shutdown()).await;
     }
     match reason {
         CloseReason::ClientClosed | CloseReason::Shutdown => {
@@ -184,15 +194,24 @@ where
     let mut tick = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut last_seen = Instant::now();
+    // Re-armed lazily when it fires, so an inbound frame costs no timer work.
+    let silence = tokio::time::sleep(silence_limit);
+    let expired = sleep_until(expiry);
+    tokio::pin!(silence, expired);
     let mut bad_frames = 0u32;
     loop {
         let inbound = tokio::select! {
             () = shutdown.cancelled() => return CloseReason::Shutdown,
-            () = sleep_until(expiry) => return CloseReason::TokenExpired,
-            _ = tick.tick() => {
-                if last_seen.elapsed() >= silence_limit {
+            () = &mut expired => return CloseReason::TokenExpired,
+            () = &mut silence => {
+                let deadline = last_seen + silence_limit;
+                if Instant::now() >= deadline {
                     return CloseReason::HeartbeatTimeout;
                 }
+                silence.as_mut().reset(deadline);
+                continue;
+            }
+            _ = tick.tick() => {
                 if let Err(reason) = send_message(ws, Message::Ping(Default::default()), write_timeout).await {
                     return reason;
                 }

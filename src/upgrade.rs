@@ -106,10 +106,6 @@ impl UpgradePolicy {
             retry_after_s: config.server.retry_after_s,
         }
     }
-
-    pub fn retry_after_s(&self) -> u64 {
-        self.retry_after_s
-    }
 }
 
 /// Why an upgrade was refused. Each maps to one status of the contract.
@@ -223,7 +219,7 @@ impl Refusal {
                     HeaderValue::from_static("13"),
                 );
             }
-            Self::Overloaded => {
+            Self::Overloaded | Self::Draining => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from(policy.retry_after_s));
             }
             _ => {}

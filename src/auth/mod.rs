@@ -132,7 +132,7 @@ impl Verifier {
             required.push("iss");
         }
         if auth.audiences.is_empty() {
-            // Without a configured audience, any `aud` is tolerated; `doctor` warns.
+            // Without a configured audience, any `aud` is tolerated.
             validation.validate_aud = false;
         } else {
             validation.set_audience(&auth.audiences);
@@ -214,14 +214,18 @@ fn map_error(kind: &ErrorKind) -> AuthFailure {
     }
 }
 
-/// Reads an HMAC secret: the file's bytes less trailing line breaks.
+/// Reads an HMAC secret: the file's bytes less one trailing line break
+/// (`\n` or `\r\n`), as editors and `echo` add.
 ///
 /// # Errors
 /// An unreadable file or a secret shorter than 32 bytes.
 pub fn read_hmac_secret(path: &Path) -> Result<Vec<u8>, ConfigError> {
     let mut bytes = read_key_file(path)?;
-    while matches!(bytes.last(), Some(b'\n' | b'\r')) {
+    if bytes.last() == Some(&b'\n') {
         bytes.pop();
+        if bytes.last() == Some(&b'\r') {
+            bytes.pop();
+        }
     }
     if bytes.len() < MIN_HMAC_SECRET_BYTES {
         return Err(ConfigError::Invalid(format!(

@@ -28,22 +28,17 @@ pub(super) fn handle(
     permit: Arc<OwnedSemaphorePermit>,
     overloaded: bool,
 ) -> Response<Body> {
-    if overloaded {
-        return refuse(Refusal::Overloaded, shared);
-    }
+    let draining = shared.draining.load(Ordering::Relaxed);
     match req.uri().path() {
+        "/ws" if overloaded => return refuse(Refusal::Overloaded, shared),
         "/ws" => {}
+        // Liveness stays up under overload and while draining.
         "/healthz" => return text(StatusCode::OK, "ok\n"),
-        "/readyz" => {
-            return if shared.draining.load(Ordering::Relaxed) {
-                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
-            } else {
-                text(StatusCode::OK, "ready\n")
-            };
-        }
+        "/readyz" if draining => return text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
+        "/readyz" if overloaded => return text(StatusCode::SERVICE_UNAVAILABLE, "full\n"),
+        "/readyz" => return text(StatusCode::OK, "ready\n"),
         _ => return refuse(Refusal::NotFound, shared),
     }
-    let draining = shared.draining.load(Ordering::Relaxed);
     let accepted = match upgrade::authorize(&req, &shared.upgrade, &shared.verifier, draining) {
         Ok(accepted) => accepted,
         Err(refusal) => return refuse(refusal, shared),

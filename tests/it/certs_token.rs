@@ -67,9 +67,24 @@ fn certs_command_makes_a_chain_webpki_accepts() {
     assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
     assert_eq!(std::fs::read(&paths.server_cert).unwrap(), before);
 
+    let ca = std::fs::read(&paths.ca_cert).unwrap();
     let forced = wsgate(&["certs", "--out", "c", "--force"], dir.path());
     assert!(forced.status.success(), "{forced:?}");
     assert_ne!(std::fs::read(&paths.server_cert).unwrap(), before);
+    assert_eq!(
+        std::fs::read(&paths.ca_cert).unwrap(),
+        ca,
+        "--force keeps the CA"
+    );
+    verify_name(&paths, "localhost").unwrap();
+
+    let renewed = wsgate(&["certs", "--out", "c", "--new-ca"], dir.path());
+    assert!(renewed.status.success(), "{renewed:?}");
+    assert_ne!(
+        std::fs::read(&paths.ca_cert).unwrap(),
+        ca,
+        "--new-ca replaces the CA"
+    );
     verify_name(&paths, "localhost").unwrap();
 }
 
@@ -77,12 +92,12 @@ fn certs_command_makes_a_chain_webpki_accepts() {
 fn a_kept_ca_signs_the_new_server_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let paths = CertPaths::in_dir(dir.path());
-    certs::generate(&paths, &[], false).unwrap();
+    certs::generate(&paths, &[], certs::Replace::Nothing).unwrap();
     let ca = std::fs::read(&paths.ca_cert).unwrap();
     std::fs::remove_file(&paths.server_cert).unwrap();
     std::fs::remove_file(&paths.server_key).unwrap();
     assert_eq!(
-        certs::generate(&paths, &[], false).unwrap(),
+        certs::generate(&paths, &[], certs::Replace::Nothing).unwrap(),
         certs::CaSource::Reused
     );
     assert_eq!(std::fs::read(&paths.ca_cert).unwrap(), ca);
@@ -203,7 +218,7 @@ async fn rs256_gateway_refuses_algorithm_confusion() {
 fn check_config_reports_problems_without_binding() {
     let dir = tempfile::tempdir().unwrap();
     let paths = CertPaths::in_dir(&dir.path().join("certs"));
-    certs::generate(&paths, &[], false).unwrap();
+    certs::generate(&paths, &[], certs::Replace::Nothing).unwrap();
     wsgate::auth::mint::ensure_dev_secret(&dir.path().join("certs/dev-hmac.secret")).unwrap();
     // The defaults point at certs/ under the working directory.
     let ok = wsgate(&["check-config"], dir.path());

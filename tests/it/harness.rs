@@ -42,7 +42,7 @@ pub async fn start(tweak: impl FnOnce(&mut Config, &std::path::Path)) -> Gateway
     capture_logs();
     let dir = tempfile::tempdir().expect("tempdir");
     let paths = CertPaths::in_dir(dir.path());
-    certs::generate(&paths, &[], false).expect("generate certs");
+    certs::generate(&paths, &[], certs::Replace::Nothing).expect("generate certs");
     let secret = dir.path().join("hmac.secret");
     mint::ensure_dev_secret(&secret).expect("secret");
 

@@ -47,6 +47,37 @@ async fn partial_tls_handshake_is_dropped_at_handshake_timeout() {
 }
 
 #[tokio::test]
+async fn tls_client_that_sends_no_request_is_dropped_at_header_timeout() {
+    let gw = start(|c, _| c.server.header_read_timeout_ms = 400).await;
+    let mut tls = gw.tls().await;
+    let (bytes, took) = read_until_closed(&mut tls).await;
+    assert!(
+        took < Duration::from_secs(4),
+        "idle connection kept: {took:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(350),
+        "dropped too early: {took:?}"
+    );
+    assert!(!String::from_utf8_lossy(&bytes).contains(" 101 "));
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connection_is_dropped_at_header_timeout() {
+    let gw = start(|c, _| c.server.header_read_timeout_ms = 400).await;
+    let mut tls = gw.tls().await;
+    tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let (bytes, took) = read_until_closed(&mut tls).await;
+    assert!(String::from_utf8_lossy(&bytes).starts_with("HTTP/1.1 200"));
+    assert!(
+        took < Duration::from_secs(4),
+        "idle keep-alive kept: {took:?}"
+    );
+}
+
+#[tokio::test]
 async fn slow_header_sender_is_dropped_at_header_timeout() {
     let gw = start(|c, _| c.server.header_read_timeout_ms = 400).await;
     let mut tls = gw.tls().await;

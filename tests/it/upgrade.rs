@@ -539,6 +539,56 @@ async fn oversized_token_is_401_before_parsing() {
 // ---- after the upgrade ------------------------------------------------------
 
 #[tokio::test]
+async fn silent_client_is_dropped_after_heartbeat_and_grace() {
+    let gw = start(|c, _| {
+        c.websocket.heartbeat_ms = 200;
+        c.websocket.heartbeat_grace_ms = 200;
+    })
+    .await;
+    // A client that keeps reading answers the pings and stays.
+    let (mut live, _) = gw.connect(&gw.token("live", &[])).await.unwrap();
+    assert_eq!(next_text(&mut live).await["heartbeat_ms"], 200);
+    let keep_reading = async {
+        while let Some(Ok(msg)) = live.next().await {
+            assert!(matches!(msg, Message::Ping(_)), "unexpected {msg:?}");
+        }
+        panic!("a client answering pings was dropped");
+    };
+    // A client that reads nothing sends no pongs.
+    let (mut silent, _) = gw.connect(&gw.token("silent", &[])).await.unwrap();
+    assert_eq!(next_text(&mut silent).await["op"], "welcome");
+    let _ = tokio::time::timeout(std::time::Duration::from_millis(1200), keep_reading).await;
+    // Pings queued before the drop may come first; then the stream ends.
+    let end = async {
+        loop {
+            match silent.next().await {
+                Some(Ok(Message::Ping(_))) => continue,
+                other => return other,
+            }
+        }
+    };
+    match tokio::time::timeout(harness::WAIT, end).await.unwrap() {
+        None | Some(Err(_)) => {}
+        other => panic!("expected the silent client to be dropped, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn client_close_is_answered() {
+    let gw = gateway().await;
+    let (mut ws, _) = gw.connect(&gw.token("eve", &[])).await.unwrap();
+    assert_eq!(next_text(&mut ws).await["op"], "welcome");
+    ws.close(None).await.unwrap();
+    match tokio::time::timeout(harness::WAIT, ws.next())
+        .await
+        .unwrap()
+    {
+        Some(Ok(Message::Close(_))) => {}
+        other => panic!("expected the close reply, got {other:?}"),
+    }
+}
+
+#[tokio::test]
 async fn binary_frame_closes_1003() {
     let gw = gateway().await;
     let (mut ws, _) = gw.connect(&gw.token("eve", &[])).await.unwrap();
