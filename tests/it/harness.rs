@@ -207,6 +207,27 @@ impl Drop for Gateway {
     }
 }
 
+/// Waits for the server's close frame, skipping pings, and returns its code.
+pub async fn expect_close(ws: &mut Ws) -> u16 {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let close = async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                other => return other,
+            }
+        }
+    };
+    match tokio::time::timeout(WAIT, close)
+        .await
+        .expect("no close frame in time")
+    {
+        Some(Ok(Message::Close(Some(frame)))) => u16::from(frame.code),
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+}
+
 /// One HTTP response read off a raw socket.
 #[derive(Debug)]
 pub struct RawResponse {

@@ -19,16 +19,26 @@ async fn read_until_closed<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> (
     (out, started.elapsed())
 }
 
+/// The connection ended near `deadline`: not before it, and well before
+/// the harness gives up (the bound is loose: CI machines stall).
+fn assert_dropped_at(took: Duration, deadline: Duration) {
+    assert!(
+        took + Duration::from_millis(50) >= deadline,
+        "dropped too early: {took:?}"
+    );
+    assert!(
+        took < deadline + Duration::from_secs(3),
+        "kept past its deadline: {took:?}"
+    );
+}
+
 #[tokio::test]
 async fn silent_tcp_client_is_dropped_at_handshake_timeout() {
     let gw = start(|c, _| c.server.handshake_timeout_ms = 300).await;
     let mut tcp = TcpStream::connect(gw.addr).await.unwrap();
     let (bytes, took) = read_until_closed(&mut tcp).await;
     assert!(bytes.is_empty());
-    assert!(
-        took >= Duration::from_millis(250),
-        "closed too early: {took:?}"
-    );
+    assert_dropped_at(took, Duration::from_millis(300));
 }
 
 #[tokio::test]
@@ -40,10 +50,7 @@ async fn partial_tls_handshake_is_dropped_at_handshake_timeout() {
         .await
         .unwrap();
     let (_, took) = read_until_closed(&mut tcp).await;
-    assert!(
-        took >= Duration::from_millis(250),
-        "closed too early: {took:?}"
-    );
+    assert_dropped_at(took, Duration::from_millis(300));
 }
 
 #[tokio::test]
@@ -51,14 +58,7 @@ async fn tls_client_that_sends_no_request_is_dropped_at_header_timeout() {
     let gw = start(|c, _| c.server.header_read_timeout_ms = 400).await;
     let mut tls = gw.tls().await;
     let (bytes, took) = read_until_closed(&mut tls).await;
-    assert!(
-        took < Duration::from_secs(4),
-        "idle connection kept: {took:?}"
-    );
-    assert!(
-        took >= Duration::from_millis(350),
-        "dropped too early: {took:?}"
-    );
+    assert_dropped_at(took, Duration::from_millis(400));
     assert!(!String::from_utf8_lossy(&bytes).contains(" 101 "));
 }
 
@@ -71,10 +71,7 @@ async fn idle_keep_alive_connection_is_dropped_at_header_timeout() {
         .unwrap();
     let (bytes, took) = read_until_closed(&mut tls).await;
     assert!(String::from_utf8_lossy(&bytes).starts_with("HTTP/1.1 200"));
-    assert!(
-        took < Duration::from_secs(4),
-        "idle keep-alive kept: {took:?}"
-    );
+    assert_dropped_at(took, Duration::from_millis(400));
 }
 
 #[tokio::test]
@@ -97,14 +94,7 @@ async fn slow_header_sender_is_dropped_at_header_timeout() {
     let _ = tokio::time::timeout(WAIT, trickle).await;
     let (bytes, _) = read_until_closed(&mut tls).await;
     let took = started.elapsed();
-    assert!(
-        took < Duration::from_secs(4),
-        "not dropped at the header deadline: {took:?}"
-    );
-    assert!(
-        took >= Duration::from_millis(350),
-        "dropped too early: {took:?}"
-    );
+    assert_dropped_at(took, Duration::from_millis(400));
     // Either nothing or an error status, never an upgrade.
     assert!(!String::from_utf8_lossy(&bytes).contains(" 101 "));
 }
