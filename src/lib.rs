@@ -16,7 +16,9 @@
 
 pub mod auth;
 pub mod certs;
+pub mod channel;
 pub mod config;
+pub mod policy;
 pub mod protocol;
 pub mod server;
 pub mod session;
