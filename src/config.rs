@@ -31,6 +31,8 @@ pub struct Config {
     pub tls: TlsConfig,
     pub auth: AuthConfig,
     pub websocket: WebSocketConfig,
+    pub limits: LimitsConfig,
+    pub policy: PolicyConfig,
     pub log: LogConfig,
 }
 
@@ -180,6 +182,53 @@ impl Default for WebSocketConfig {
             heartbeat_grace_ms: 10_000,
             write_timeout_ms: 10_000,
             outbox_frames: 256,
+        }
+    }
+}
+
+/// Per-connection and per-user limits after the upgrade.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Channels one connection may subscribe to at once.
+    pub max_subscriptions: usize,
+    /// Sustained publications per second per connection (token bucket rate).
+    pub publish_rate_per_s: u32,
+    /// Publications a connection may send in a burst (token bucket size).
+    pub publish_burst: u32,
+    /// Rate-limited publications in a row before the connection closes with 4008.
+    pub rate_limit_strikes: u32,
+    /// Open connections per user (`sub`); past it the upgrade gets 429.
+    pub max_connections_per_user: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_subscriptions: 64,
+            publish_rate_per_s: 50,
+            publish_burst: 100,
+            rate_limit_strikes: 20,
+            max_connections_per_user: 32,
+        }
+    }
+}
+
+/// Where policies come from and how often to look for edits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// Directory whose `*.toml` files make up the policy set.
+    pub dir: PathBuf,
+    /// How often the directory is checked for changes, in milliseconds; 0: only on SIGHUP.
+    pub watch_interval_ms: u64,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("policies"),
+            watch_interval_ms: 2_000,
         }
     }
 }
@@ -335,6 +384,15 @@ impl Config {
         if w.outbox_frames == 0 {
             return bad("websocket.outbox_frames must be at least 1".into());
         }
+        let l = &self.limits;
+        if l.max_subscriptions == 0 || l.max_connections_per_user == 0 {
+            return bad(
+                "limits.max_subscriptions and max_connections_per_user must be at least 1".into(),
+            );
+        }
+        if l.publish_rate_per_s == 0 || l.publish_burst == 0 || l.rate_limit_strikes == 0 {
+            return bad("limits.publish_rate_per_s, publish_burst and rate_limit_strikes must be at least 1".into());
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return bad(format!(
                 "log.level {:?} is not a valid filter",
@@ -376,7 +434,8 @@ impl Config {
         if first.family() == AlgorithmFamily::Ec && out.len() > 1 {
             // One EC key has one curve: ES256 needs P-256, ES384 needs P-384.
             return Err(ConfigError::Invalid(
-                "auth.algorithms: ES256 and ES384 need different keys; pick one".into(),
+                "auth.algorithms: an EC key serves one algorithm; list exactly one of ES256, ES384"
+                    .into(),
             ));
         }
         Ok(out)
@@ -439,10 +498,6 @@ fn apply_env(
         let toml::Value::Table(section_table) = entry else {
             return Err(env_err(format!("[{section}] in the file is not a table")));
         };
-        if default.is_none() && raw.is_empty() {
-            section_table.remove(key);
-            continue;
-        }
         let value = env_value(default, &raw).map_err(env_err)?;
         // Deserialize this one key alone, so an unknown key or a bad value
         // is reported against the variable rather than the file.
@@ -451,7 +506,12 @@ fn apply_env(
         probe_section.insert(key.to_owned(), value.clone());
         probe.insert(section.to_owned(), toml::Value::Table(probe_section));
         Config::deserialize(probe).map_err(|e| env_err(e.message().to_owned()))?;
-        section_table.insert(key.to_owned(), value);
+        if default.is_none() && raw.is_empty() {
+            // An optional key (no default value): empty means unset.
+            section_table.remove(key);
+        } else {
+            section_table.insert(key.to_owned(), value);
+        }
     }
     Ok(ignored)
 }

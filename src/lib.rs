@@ -18,6 +18,7 @@ pub mod auth;
 pub mod certs;
 pub mod channel;
 pub mod config;
+pub mod hub;
 pub mod policy;
 pub mod protocol;
 pub mod server;

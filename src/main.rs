@@ -130,8 +130,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// Loads the config from the file and `WSGATE_*` variables; reports the
-/// variables that were skipped because they name no section.
+/// Loads the config from the file and `WSGATE_*` variables (not yet
+/// validated: flags may still apply); reports the variables that were
+/// skipped because they name no section.
 fn load_config(args: &ConfigArgs) -> Result<(Config, Vec<String>), BoxError> {
     let file = args
         .config
@@ -140,19 +141,23 @@ fn load_config(args: &ConfigArgs) -> Result<(Config, Vec<String>), BoxError> {
     // `vars()` panics on a non-UTF-8 variable; such a variable is not ours.
     let env = std::env::vars_os()
         .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
-    let (config, ignored) = Config::load_reporting(file.as_deref(), env)?;
-    config.validate()?;
-    Ok((config, ignored))
+    Ok(Config::load_reporting(file.as_deref(), env)?)
 }
 
 fn check_config(args: &ConfigArgs) -> Result<(), BoxError> {
     let (config, ignored) = load_config(args)?;
+    config.validate()?;
     for name in ignored {
         println!("note: {name} names no configuration section; ignored");
     }
     wsgate::auth::Verifier::from_config(&config)?;
     wsgate::server::tls::server_config(&config.tls)?;
-    println!("configuration is valid");
+    let policies = wsgate::policy::PolicySet::load_dir(&config.policy.dir)?;
+    println!(
+        "configuration is valid ({} policy rules from {})",
+        policies.rules.len(),
+        config.policy.dir.display()
+    );
     Ok(())
 }
 
@@ -178,6 +183,7 @@ fn run_certs(args: &CertsArgs) -> Result<(), BoxError> {
 
 fn token(args: TokenArgs) -> Result<(), BoxError> {
     let (config, _) = load_config(&args.config)?;
+    config.validate()?;
     let request = TokenRequest {
         sub: args.sub,
         roles: args.roles,
@@ -223,6 +229,7 @@ fn serve(args: ServeArgs) -> Result<(), BoxError> {
         }
         let stop = CancellationToken::new();
         tokio::spawn(stop_on_signal(stop.clone()));
+        tokio::spawn(reload_on_sighup(server.handle()));
         server.run(stop).await;
         Ok::<(), BoxError>(())
     })
@@ -241,7 +248,7 @@ fn init_logging(config: &Config) -> Result<(), BoxError> {
 }
 
 /// Creates what `serve --dev` needs and is missing: the dev certificate
-/// (signed by the dev CA beside it) and the HMAC secret.
+/// (signed by the dev CA beside it), the HMAC secret, the default policy.
 fn prepare_dev(config: &Config) -> Result<(), BoxError> {
     let tls = &config.tls;
     if !tls.cert_file.exists() || !tls.key_file.exists() {
@@ -249,6 +256,15 @@ fn prepare_dev(config: &Config) -> Result<(), BoxError> {
         // A lone certificate or key is useless: replace it, keeping the CA.
         certs::generate(&paths, &[], Replace::Server)?;
         info!(cert = %tls.cert_file.display(), ca = %paths.ca_cert.display(), "created development certificate");
+    }
+    let policy_dir = &config.policy.dir;
+    if !policy_dir.exists() {
+        std::fs::create_dir_all(policy_dir)?;
+        std::fs::write(
+            policy_dir.join("default.toml"),
+            wsgate::policy::DEFAULT_POLICY,
+        )?;
+        info!(dir = %policy_dir.display(), "created the default policy");
     }
     if config.algorithms()?[0].family() == jsonwebtoken::AlgorithmFamily::Hmac
         && mint::ensure_dev_secret(&config.auth.hmac_secret_file)?
@@ -288,6 +304,23 @@ fn print_dev_banner(config: &Config, addr: std::net::SocketAddr) -> Result<(), B
         warn!(ca = %ca.display(), "the dev CA is not where the certificate was expected");
     }
     Ok(())
+}
+
+/// SIGHUP re-reads the policies (errors are logged; the old set stays).
+async fn reload_on_sighup(handle: wsgate::server::ServerHandle) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            warn!("cannot listen for SIGHUP; policies reload on file changes only");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            let _ = handle.reload_policies();
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = handle;
 }
 
 async fn stop_on_signal(stop: CancellationToken) {

@@ -1,19 +1,74 @@
 //! Typed frames of the wire contract (`protocol.md` §2, §4): what clients
 //! send, what the gateway answers, error codes and close codes. No I/O.
+//!
+//! Decoding borrows from the frame's text: `data` stays raw JSON, so a
+//! publication is never parsed into a tree nor re-serialized.
 
-use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
+
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::value::RawValue;
+
+use crate::channel::ChannelName;
 
 /// A request from a client, decoded from one text frame.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(tag = "op", rename_all = "lowercase")]
-pub enum ClientFrame {
+#[derive(Debug, Clone)]
+pub enum ClientFrame<'a> {
+    Subscribe {
+        id: Option<u64>,
+        channel: ChannelName,
+    },
+    Unsubscribe {
+        id: Option<u64>,
+        channel: ChannelName,
+    },
+    Publish {
+        id: Option<u64>,
+        channel: ChannelName,
+        data: &'a RawValue,
+    },
+    Refresh {
+        id: Option<u64>,
+        token: Cow<'a, str>,
+    },
     Ping {
-        #[serde(default)]
         id: Option<u64>,
     },
 }
 
-/// A frame the gateway sends.
+impl ClientFrame<'_> {
+    pub fn id(&self) -> Option<u64> {
+        match self {
+            Self::Subscribe { id, .. }
+            | Self::Unsubscribe { id, .. }
+            | Self::Publish { id, .. }
+            | Self::Refresh { id, .. }
+            | Self::Ping { id } => *id,
+        }
+    }
+}
+
+/// The flat shape every request shares; unknown fields are ignored.
+#[derive(Deserialize)]
+struct Wire<'a> {
+    #[serde(borrow, default)]
+    op: Option<Cow<'a, str>>,
+    #[serde(default)]
+    id: Option<u64>,
+    #[serde(borrow, default)]
+    channel: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    data: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    token: Option<Cow<'a, str>>,
+}
+
+/// `data: null` is a value to publish, not an absent field.
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
+}
+
+/// A frame the gateway sends (all but `message`, see [`MessageTemplate`]).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
 pub enum ServerFrame<'a> {
@@ -31,6 +86,8 @@ pub enum ServerFrame<'a> {
         id: Option<u64>,
         code: ErrorCode,
         message: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        channel: Option<&'a str>,
     },
     Pong {
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -45,6 +102,40 @@ impl ServerFrame<'_> {
         serde_json::to_string(self).unwrap_or_else(|_| {
             r#"{"op":"error","code":"internal","message":"encoding failed"}"#.to_owned()
         })
+    }
+}
+
+/// A `message` frame encoded once per publication, up to its `seq`, which
+/// the hub fills in under the channel's lock.
+#[derive(Debug, Clone)]
+pub struct MessageTemplate {
+    head: String,
+    tail: String,
+}
+
+impl MessageTemplate {
+    /// Encodes everything but `seq`: `channel`, `from` and the raw `data`.
+    pub fn new(channel: &ChannelName, from: &str, data: &RawValue) -> Self {
+        let quote = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_owned());
+        let head = format!(
+            r#"{{"op":"message","channel":{},"from":{},"seq":"#,
+            quote(channel.as_str()),
+            quote(from)
+        );
+        let mut tail = String::with_capacity(data.get().len() + 10);
+        tail.push_str(r#","data":"#);
+        tail.push_str(data.get());
+        tail.push('}');
+        Self { head, tail }
+    }
+
+    /// The complete frame for `seq`.
+    pub fn with_seq(&self, seq: u64) -> String {
+        let mut out = String::with_capacity(self.head.len() + 20 + self.tail.len());
+        out.push_str(&self.head);
+        out.push_str(itoa::Buffer::new().format(seq));
+        out.push_str(&self.tail);
+        out
     }
 }
 
@@ -69,46 +160,85 @@ pub struct DecodeError {
     pub id: Option<u64>,
     /// Whether the frame was a JSON object at all (repeated non-objects close 1008).
     pub is_object: bool,
-    pub message: String,
+    pub message: Cow<'static, str>,
 }
 
-/// Decodes one text frame. Unknown fields are ignored; an unknown `op` is
-/// a [`DecodeError`] carrying the request's `id`.
+/// Decodes one text frame. Unknown fields are ignored.
 ///
 /// # Errors
-/// Malformed JSON, a non-object, a missing or unknown `op`, bad field types.
-pub fn decode(text: &str) -> Result<ClientFrame, DecodeError> {
-    serde_json::from_str(text).map_err(|e| {
-        // Second, lenient pass only on the error path, to recover `id`.
-        #[derive(Deserialize)]
-        struct Envelope {
-            id: Option<u64>,
-        }
-        let value: Option<serde_json::Value> = serde_json::from_str(text).ok();
-        let is_object = value.as_ref().is_some_and(serde_json::Value::is_object);
-        let id = value
-            .and_then(|v| serde_json::from_value::<Envelope>(v).ok())
-            .and_then(|e| e.id);
-        let message = if is_object {
-            match e.classify() {
-                serde_json::error::Category::Data => describe(&e),
-                _ => "malformed JSON".to_owned(),
-            }
-        } else if value_is_json(text) {
-            "a frame must be a JSON object".to_owned()
-        } else {
-            "malformed JSON".to_owned()
-        };
-        DecodeError {
+/// Malformed JSON, a non-object, a missing or unknown `op`, a missing
+/// field, a bad channel name, or a field of the wrong type.
+pub fn decode(text: &str) -> Result<ClientFrame<'_>, DecodeError> {
+    let wire: Wire<'_> = serde_json::from_str(text).map_err(|e| shape_error(text, &e))?;
+    let id = wire.id;
+    let bad = |message: Cow<'static, str>| DecodeError {
+        id,
+        is_object: true,
+        message,
+    };
+    let channel = || -> Result<ChannelName, DecodeError> {
+        let raw = wire
+            .channel
+            .as_deref()
+            .ok_or_else(|| bad("missing field `channel`".into()))?;
+        ChannelName::parse(raw).map_err(|e| bad(e.to_string().into()))
+    };
+    let op = wire
+        .op
+        .as_deref()
+        .ok_or_else(|| bad("missing field `op`".into()))?;
+    Ok(match op {
+        "subscribe" => ClientFrame::Subscribe {
             id,
-            is_object,
-            message,
-        }
+            channel: channel()?,
+        },
+        "unsubscribe" => ClientFrame::Unsubscribe {
+            id,
+            channel: channel()?,
+        },
+        "publish" => ClientFrame::Publish {
+            id,
+            channel: channel()?,
+            data: wire
+                .data
+                .ok_or_else(|| bad("missing field `data`".into()))?,
+        },
+        "refresh" => ClientFrame::Refresh {
+            id,
+            token: wire
+                .token
+                .clone()
+                .ok_or_else(|| bad("missing field `token`".into()))?,
+        },
+        "ping" => ClientFrame::Ping { id },
+        _ => return Err(bad("unknown op".into())),
     })
 }
 
-fn value_is_json(text: &str) -> bool {
-    serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok()
+/// Classifies a frame that did not fit [`Wire`], recovering `id` where it can.
+fn shape_error(text: &str, e: &serde_json::Error) -> DecodeError {
+    #[derive(Deserialize)]
+    struct IdOnly {
+        id: Option<u64>,
+    }
+    let value: Option<serde_json::Value> = serde_json::from_str(text).ok();
+    let is_object = value.as_ref().is_some_and(serde_json::Value::is_object);
+    let id = value
+        .and_then(|v| serde_json::from_value::<IdOnly>(v).ok())
+        .and_then(|e| e.id);
+    let message: Cow<'static, str> = if is_object {
+        // A field of the wrong type; serde names it without echoing values.
+        describe(e).into()
+    } else if serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok() {
+        "a frame must be a JSON object".into()
+    } else {
+        "malformed JSON".into()
+    };
+    DecodeError {
+        id,
+        is_object,
+        message,
+    }
 }
 
 /// serde's message without its line/column suffix, which means nothing to
@@ -146,24 +276,68 @@ impl CloseCode {
 mod tests {
     use super::*;
 
+    fn ch(s: &str) -> ChannelName {
+        ChannelName::parse(s).unwrap()
+    }
+
     #[test]
-    fn ping_with_and_without_id() {
+    fn every_op_decodes() {
+        let ok = |text: &str| {
+            decode(text)
+                .map_err(|e| e.message.to_string())
+                .map(|f| format!("{f:?}"))
+        };
         assert_eq!(
-            decode(r#"{"op":"ping","id":7,"extra":true}"#),
-            Ok(ClientFrame::Ping { id: Some(7) })
+            ok(r#"{"op":"ping","id":7,"extra":true}"#).unwrap(),
+            "Ping { id: Some(7) }"
         );
-        assert_eq!(
-            decode(r#"{"op":"ping"}"#),
-            Ok(ClientFrame::Ping { id: None })
-        );
+        assert_eq!(ok(r#"{"op":"ping"}"#).unwrap(), "Ping { id: None }");
+        assert!(matches!(
+            decode(r#"{"op":"subscribe","id":1,"channel":"chat:lobby"}"#),
+            Ok(ClientFrame::Subscribe { id: Some(1), channel }) if channel == ch("chat:lobby")
+        ));
+        assert!(matches!(
+            decode(r#"{"op":"unsubscribe","channel":"a"}"#),
+            Ok(ClientFrame::Unsubscribe { id: None, channel }) if channel == ch("a")
+        ));
+        let text = r#"{"op":"publish","id":2,"channel":"a","data":{"x":[1,2]},"from":"forged"}"#;
+        match decode(text).unwrap() {
+            ClientFrame::Publish { id, channel, data } => {
+                assert_eq!(id, Some(2));
+                assert_eq!(channel, ch("a"));
+                assert_eq!(data.get(), r#"{"x":[1,2]}"#);
+            }
+            other => panic!("{other:?}"),
+        }
+        match decode(r#"{"op":"publish","channel":"a","data":null}"#).unwrap() {
+            ClientFrame::Publish { data, .. } => assert_eq!(data.get(), "null"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            decode(r#"{"op":"refresh","id":3,"token":"t.t.t"}"#),
+            Ok(ClientFrame::Refresh { id: Some(3), token }) if token == "t.t.t"
+        ));
     }
 
     #[test]
     fn errors_keep_the_id_and_know_objects() {
         let e = decode(r#"{"op":"dance","id":3}"#).unwrap_err();
-        assert_eq!(e.id, Some(3));
+        assert_eq!(
+            (e.id, e.is_object, &*e.message),
+            (Some(3), true, "unknown op")
+        );
+        let e = decode(r#"{"op":"publish","id":4,"channel":"a"}"#).unwrap_err();
+        assert_eq!((e.id, &*e.message), (Some(4), "missing field `data`"));
+        let e = decode(r#"{"op":"subscribe","id":5,"channel":"a b"}"#).unwrap_err();
+        assert_eq!(e.id, Some(5));
+        assert!(e.message.contains("A-Z"), "{}", e.message);
+        let e = decode(r#"{"op":"subscribe","id":6}"#).unwrap_err();
+        assert_eq!(&*e.message, "missing field `channel`");
+        let e = decode(r#"{"id":8}"#).unwrap_err();
+        assert_eq!((e.id, &*e.message), (Some(8), "missing field `op`"));
+        let e = decode(r#"{"op":"subscribe","id":9,"channel":5}"#).unwrap_err();
+        assert_eq!(e.id, Some(9));
         assert!(e.is_object);
-        assert!(e.message.contains("dance"), "{}", e.message);
         let e = decode("[1,2]").unwrap_err();
         assert!(!e.is_object);
         assert_eq!(e.message, "a frame must be a JSON object");
@@ -187,16 +361,29 @@ mod tests {
         );
         let e = ServerFrame::Error {
             id: None,
-            code: ErrorCode::BadRequest,
+            code: ErrorCode::TooManySubscriptions,
             message: "x",
+            channel: Some("c"),
         };
         assert_eq!(
             e.encode(),
-            r#"{"op":"error","code":"bad_request","message":"x"}"#
+            r#"{"op":"error","code":"too_many_subscriptions","message":"x","channel":"c"}"#
         );
         assert_eq!(
             ServerFrame::Pong { id: Some(1) }.encode(),
             r#"{"op":"pong","id":1}"#
+        );
+        assert_eq!(ServerFrame::Ok { id: 2 }.encode(), r#"{"op":"ok","id":2}"#);
+    }
+
+    #[test]
+    fn message_template_is_valid_json_with_escaped_sender() {
+        let data = RawValue::from_string(r#"{"text":"hi"}"#.into()).unwrap();
+        let t = MessageTemplate::new(&ch("chat:x"), "a\"b", &data);
+        let v: serde_json::Value = serde_json::from_str(&t.with_seq(42)).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"op":"message","channel":"chat:x","from":"a\"b","seq":42,"data":{"text":"hi"}})
         );
     }
 }

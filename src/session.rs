@@ -1,27 +1,36 @@
 //! One task per upgraded connection: a single `select!` loop over inbound
-//! frames, the heartbeat tick, the token's expiry and shutdown. The session
-//! is the only writer to its socket, and every session ends with exactly
-//! one [`CloseReason`], which decides the close code and the log line.
+//! frames, the outbox, the heartbeat, the token's expiry, policy changes,
+//! being cut off as a slow reader, and shutdown. The session is the only
+//! writer to its socket, and every session ends with exactly one
+//! [`CloseReason`], which decides the close code and the log line.
 
+use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior, sleep_until, timeout};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message, error::CapacityError};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use crate::auth::Identity;
 use crate::auth::mint::unix_now;
-use crate::config::WebSocketConfig;
-use crate::protocol::{self, ClientFrame, CloseCode, ErrorCode, ServerFrame};
+use crate::auth::{Identity, Verifier};
+use crate::channel::ChannelName;
+use crate::config::Config;
+use crate::hub::{Hub, Subscriber};
+use crate::policy::{Action, PolicySet, PolicyStore};
+use crate::protocol::{self, ClientFrame, CloseCode, ErrorCode, MessageTemplate, ServerFrame};
 
 /// Consecutive frames that are not JSON objects before closing with 1008.
 const MAX_BAD_FRAMES: u32 = 8;
+/// Queued frames written per socket flush.
+const WRITE_BATCH: usize = 64;
 
 /// Why a session ended; exactly one per session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +45,10 @@ pub enum CloseReason {
     HeartbeatTimeout,
     /// A write did not finish in time.
     WriteTimeout,
+    /// The outbox filled: the client reads too slowly.
+    SlowReader,
+    /// Too many rate-limited publications in a row.
+    RateLimited,
     /// The peer broke RFC 6455.
     ProtocolError,
     /// A binary frame (not in protocol v1).
@@ -58,6 +71,7 @@ impl CloseReason {
             Self::ClientClosed | Self::Io | Self::WriteTimeout | Self::HeartbeatTimeout => None,
             Self::Shutdown => Some(CloseCode::GoingAway),
             Self::TokenExpired => Some(CloseCode::TokenExpired),
+            Self::SlowReader | Self::RateLimited => Some(CloseCode::TooSlow),
             Self::ProtocolError => Some(CloseCode::ProtocolError),
             Self::Binary => Some(CloseCode::Unsupported),
             Self::InvalidUtf8 => Some(CloseCode::InvalidPayload),
@@ -73,6 +87,8 @@ impl CloseReason {
             Self::TokenExpired => "token_expired",
             Self::HeartbeatTimeout => "heartbeat_timeout",
             Self::WriteTimeout => "write_timeout",
+            Self::SlowReader => "slow_reader",
+            Self::RateLimited => "rate_limited",
             Self::ProtocolError => "protocol_error",
             Self::Binary => "binary",
             Self::InvalidUtf8 => "invalid_utf8",
@@ -86,6 +102,8 @@ impl CloseReason {
         match self {
             Self::Shutdown => "server shutting down",
             Self::TokenExpired => "token expired",
+            Self::SlowReader => "too slow reading messages",
+            Self::RateLimited => "publish rate limit exceeded repeatedly",
             Self::ProtocolError => "protocol error",
             Self::Binary => "binary frames are not accepted",
             Self::InvalidUtf8 => "invalid UTF-8",
@@ -96,22 +114,31 @@ impl CloseReason {
     }
 }
 
-/// What a session needs to know besides its socket.
-#[derive(Debug, Clone)]
+/// What sessions share: the hub, the policies, the verifier, the config.
+#[derive(Debug)]
+pub struct Services {
+    pub config: Config,
+    pub verifier: Verifier,
+    pub policies: PolicyStore,
+    pub hub: Hub,
+}
+
+/// One session's identity and wiring.
+#[derive(Debug)]
 pub struct SessionContext {
+    /// Process-unique number (the hub's key).
+    pub number: u64,
+    /// Random id shown to the client and in logs.
     pub id: String,
     pub identity: Identity,
-    pub leeway: Duration,
-    pub ws: WebSocketConfig,
 }
 
 /// The tungstenite limits for one connection, from `[websocket]`.
-pub fn ws_limits(
-    cfg: &WebSocketConfig,
-) -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+pub fn ws_limits(config: &Config) -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    let cfg = &config.websocket;
     tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
         .read_buffer_size(cfg.read_buffer_bytes)
-        // Write eagerly; we flush per batch ourselves, so no extra buffering.
+        // Write eagerly; frames are batched per flush by the session.
         .write_buffer_size(0)
         .max_write_buffer_size(cfg.max_message_bytes.saturating_mul(4))
         .max_message_size(Some(cfg.max_message_bytes))
@@ -119,58 +146,99 @@ pub fn ws_limits(
         .accept_unmasked_frames(false)
 }
 
+/// A token bucket: `rate` tokens per second up to `burst`.
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    rate: f64,
+    burst: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn new(rate: u32, burst: u32) -> Self {
+        Self {
+            tokens: f64::from(burst),
+            rate: f64::from(rate),
+            burst: f64::from(burst),
+            last: Instant::now(),
+        }
+    }
+
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// The mutable state of one session.
+struct Session<'a> {
+    services: &'a Services,
+    ctx: SessionContext,
+    policy: Arc<PolicySet>,
+    subscriptions: HashSet<ChannelName>,
+    subscriber: Subscriber,
+    bucket: Bucket,
+    strikes: u32,
+    bad_frames: u32,
+    /// Replies waiting to be written, in order.
+    replies: Vec<String>,
+    /// Set by a successful `refresh`: the expiry timer must move.
+    new_expiry: Option<Instant>,
+}
+
 /// Runs the session to its end and returns why it ended.
 pub async fn run<S>(
     mut ws: WebSocketStream<S>,
+    services: &Services,
     ctx: SessionContext,
     shutdown: CancellationToken,
 ) -> CloseReason
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let write_timeout = Duration::from_millis(ctx.ws.write_timeout_ms);
-    let heartbeat = Duration::from_millis(ctx.ws.heartbeat_ms);
-    let silence_limit = heartbeat + Duration::from_millis(ctx.ws.heartbeat_grace_ms);
-    let expiry = expiry_instant(ctx.identity.expires_at, ctx.leeway);
-
+    let cfg = &services.config;
+    let write_timeout = Duration::from_millis(cfg.websocket.write_timeout_ms);
+    let (outbox_tx, mut outbox) = mpsc::channel(cfg.websocket.outbox_frames);
+    let mut session = Session {
+        services,
+        policy: services.policies.current(),
+        subscriptions: HashSet::new(),
+        subscriber: Subscriber {
+            session: ctx.number,
+            outbox: outbox_tx,
+            slow: CancellationToken::new(),
+        },
+        bucket: Bucket::new(cfg.limits.publish_rate_per_s, cfg.limits.publish_burst),
+        strikes: 0,
+        bad_frames: 0,
+        replies: Vec::new(),
+        new_expiry: None,
+        ctx,
+    };
     let welcome = ServerFrame::Welcome {
-        session: &ctx.id,
-        user: &ctx.identity.user,
-        expires_at: ctx.identity.expires_at,
-        heartbeat_ms: ctx.ws.heartbeat_ms,
-    };
-    let reason = match send(&mut ws, welcome.encode(), write_timeout).await {
+        session: &session.ctx.id,
+        user: &session.ctx.identity.user,
+        expires_at: session.ctx.identity.expires_at,
+        heartbeat_ms: cfg.websocket.heartbeat_ms,
+    }
+    .encode();
+    let first = std::iter::once(Message::text(welcome));
+    let slow = session.subscriber.slow.clone();
+    let reason = match send_all(&mut ws, first, write_timeout, &slow).await {
         Err(reason) => reason,
-        Ok(()) => {
-            event_loop(
-                &mut ws,
-                &shutdown,
-                expiry,
-                heartbeat,
-                silence_limit,
-                write_timeout,
-            )
-            .await
-        }
+        Ok(()) => session.event_loop(&mut ws, &mut outbox, &shutdown).await,
     };
-    // Best effort: the peer may be gone; the deadline bounds a stalled one.
-    if let Some(code) = reason.close_code() {
-        let frame = CloseFrame {
-            code: WsCloseCode::from(code.code()),
-            reason: reason.text().into(),
-        };
-        let _ = timeout(write_timeout, ws.close(Some(frame))).await;
-    } else if reason == CloseReason::ClientClosed {
-        // Sends the reply tungstenite queued for the client's close frame,
-        // completing the close handshake instead of leaving the client 1006.
-        // (`Sink::close`, not the inherent `close`, which would send anew.)
-        let _ = timeout(write_timeout, SinkExt::close(&mut ws)).await;
-    }
-    if !matches!(reason, CloseReason::Io | CloseReason::WriteTimeout) {
-        // tungstenite reports the close as done before flushing the stream
-        // below it; shutting down sends what is buffered and TLS close_notify.
-        let _ = timeout(write_timeout, ws.get_mut().shutdown()).await;
-    }
+    session.leave_all();
+    close(&mut ws, reason, write_timeout).await;
     match reason {
         CloseReason::ClientClosed | CloseReason::Shutdown => {
             debug!(reason = reason.label(), "session ended");
@@ -180,79 +248,295 @@ where
     reason
 }
 
-async fn event_loop<S>(
-    ws: &mut WebSocketStream<S>,
-    shutdown: &CancellationToken,
-    expiry: Instant,
-    heartbeat: Duration,
-    silence_limit: Duration,
-    write_timeout: Duration,
-) -> CloseReason
+/// Sends the close frame for `reason` (or completes the client's close
+/// handshake), then shuts the stream down, all under the write deadline.
+async fn close<S>(ws: &mut WebSocketStream<S>, reason: CloseReason, limit: Duration)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut tick = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
-    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut last_seen = Instant::now();
-    // Re-armed lazily when it fires, so an inbound frame costs no timer work.
-    let silence = tokio::time::sleep(silence_limit);
-    let expired = sleep_until(expiry);
-    tokio::pin!(silence, expired);
-    let mut bad_frames = 0u32;
-    loop {
-        let inbound = tokio::select! {
-            () = shutdown.cancelled() => return CloseReason::Shutdown,
-            () = &mut expired => return CloseReason::TokenExpired,
-            () = &mut silence => {
-                let deadline = last_seen + silence_limit;
-                if Instant::now() >= deadline {
-                    return CloseReason::HeartbeatTimeout;
-                }
-                silence.as_mut().reset(deadline);
-                continue;
-            }
-            _ = tick.tick() => {
-                if let Err(reason) = send_message(ws, Message::Ping(Default::default()), write_timeout).await {
-                    return reason;
-                }
-                continue;
-            }
-            inbound = ws.next() => inbound,
+    if let Some(code) = reason.close_code() {
+        let frame = CloseFrame {
+            code: WsCloseCode::from(code.code()),
+            reason: reason.text().into(),
         };
-        last_seen = Instant::now();
-        let text = match inbound {
-            None => return CloseReason::ClientClosed,
-            Some(Err(e)) => return read_error(&e),
-            Some(Ok(Message::Text(text))) => text,
-            Some(Ok(Message::Binary(_))) => return CloseReason::Binary,
-            Some(Ok(Message::Close(_))) => return CloseReason::ClientClosed,
-            // Pings are answered by tungstenite; both count as liveness.
-            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
-        };
-        let reply = match protocol::decode(&text) {
-            Ok(ClientFrame::Ping { id }) => {
-                bad_frames = 0;
-                ServerFrame::Pong { id }.encode()
-            }
-            Err(e) => {
-                if e.is_object {
-                    bad_frames = 0;
-                } else {
-                    bad_frames += 1;
-                    if bad_frames >= MAX_BAD_FRAMES {
-                        return CloseReason::BadFrames;
+        let _ = timeout(limit, ws.close(Some(frame))).await;
+    } else if reason == CloseReason::ClientClosed {
+        // Sends the reply tungstenite queued for the client's close frame.
+        // (`Sink::close`, not the inherent `close`, which would send anew.)
+        let _ = timeout(limit, SinkExt::close(ws)).await;
+    }
+    if !matches!(reason, CloseReason::Io | CloseReason::WriteTimeout) {
+        // tungstenite reports the close as done before flushing the stream
+        // below it; shutting down sends what is buffered and TLS close_notify.
+        let _ = timeout(limit, ws.get_mut().shutdown()).await;
+    }
+}
+
+impl Session<'_> {
+    async fn event_loop<S>(
+        &mut self,
+        ws: &mut WebSocketStream<S>,
+        outbox: &mut mpsc::Receiver<Utf8Bytes>,
+        shutdown: &CancellationToken,
+    ) -> CloseReason
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let cfg = &self.services.config;
+        let write_timeout = Duration::from_millis(cfg.websocket.write_timeout_ms);
+        let heartbeat = Duration::from_millis(cfg.websocket.heartbeat_ms);
+        let silence_limit = heartbeat + Duration::from_millis(cfg.websocket.heartbeat_grace_ms);
+        let leeway = Duration::from_secs(cfg.auth.leeway_s);
+        let mut tick = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut policy_changes = self.services.policies.changes();
+        let slow = self.subscriber.slow.clone();
+        let mut last_seen = Instant::now();
+        // Re-armed lazily when it fires, so an inbound frame costs no timer work.
+        let silence = tokio::time::sleep(silence_limit);
+        let expired = sleep_until(expiry_instant(self.ctx.identity.expires_at, leeway));
+        tokio::pin!(silence, expired);
+        let mut batch = Vec::with_capacity(WRITE_BATCH);
+
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return CloseReason::Shutdown,
+                () = slow.cancelled() => return CloseReason::SlowReader,
+                () = &mut expired => return CloseReason::TokenExpired,
+                () = &mut silence => {
+                    let deadline = last_seen + silence_limit;
+                    if Instant::now() >= deadline {
+                        return CloseReason::HeartbeatTimeout;
+                    }
+                    silence.as_mut().reset(deadline);
+                }
+                _ = tick.tick() => {
+                    let ping = std::iter::once(Message::Ping(Default::default()));
+                    if let Err(reason) = send_all(ws, ping, write_timeout, &slow).await {
+                        return reason;
                     }
                 }
-                ServerFrame::Error {
-                    id: e.id,
-                    code: ErrorCode::BadRequest,
-                    message: &e.message,
+                changed = policy_changes.changed() => {
+                    if changed.is_ok() {
+                        self.policy = self.services.policies.current();
+                        self.recheck_subscriptions("the policy no longer allows this subscription");
+                    }
                 }
-                .encode()
+                n = outbox.recv_many(&mut batch, WRITE_BATCH) => {
+                    // The sender lives in `self`, so the outbox never closes here.
+                    if n > 0 {
+                        let frames = batch.drain(..).map(Message::Text);
+                        if let Err(reason) = send_all(ws, frames, write_timeout, &slow).await {
+                            return reason;
+                        }
+                    }
+                }
+                inbound = ws.next() => {
+                    last_seen = Instant::now();
+                    let text = match inbound {
+                        None => return CloseReason::ClientClosed,
+                        Some(Err(e)) => return read_error(&e),
+                        Some(Ok(Message::Text(text))) => text,
+                        Some(Ok(Message::Binary(_))) => return CloseReason::Binary,
+                        Some(Ok(Message::Close(_))) => return CloseReason::ClientClosed,
+                        // Pings are answered by tungstenite; all count as liveness.
+                        Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+                    };
+                    if let Some(reason) = self.handle(&text) {
+                        return reason;
+                    }
+                    if let Some(at) = self.new_expiry.take() {
+                        expired.as_mut().reset(at);
+                    }
+                    if !self.replies.is_empty() {
+                        let frames = self.replies.drain(..).map(Message::text);
+                        if let Err(reason) = send_all(ws, frames, write_timeout, &slow).await {
+                            return reason;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn reply(&mut self, frame: &ServerFrame<'_>) {
+        self.replies.push(frame.encode());
+    }
+
+    fn ok(&mut self, id: Option<u64>) {
+        if let Some(id) = id {
+            self.reply(&ServerFrame::Ok { id });
+        }
+    }
+
+    fn error(
+        &mut self,
+        id: Option<u64>,
+        code: ErrorCode,
+        message: &str,
+        channel: Option<&ChannelName>,
+    ) {
+        self.reply(&ServerFrame::Error {
+            id,
+            code,
+            message,
+            channel: channel.map(ChannelName::as_str),
+        });
+    }
+
+    /// Handles one text frame, queueing its replies; returns a reason to
+    /// close when the frame ends the session.
+    fn handle(&mut self, text: &str) -> Option<CloseReason> {
+        let frame = match protocol::decode(text) {
+            Ok(frame) => frame,
+            Err(e) => {
+                if e.is_object {
+                    self.bad_frames = 0;
+                } else {
+                    self.bad_frames += 1;
+                    if self.bad_frames >= MAX_BAD_FRAMES {
+                        return Some(CloseReason::BadFrames);
+                    }
+                }
+                self.error(e.id, ErrorCode::BadRequest, &e.message, None);
+                return None;
             }
         };
-        if let Err(reason) = send(ws, reply, write_timeout).await {
-            return reason;
+        self.bad_frames = 0;
+        match frame {
+            ClientFrame::Ping { id } => self.reply(&ServerFrame::Pong { id }),
+            ClientFrame::Subscribe { id, channel } => self.subscribe(id, channel),
+            ClientFrame::Unsubscribe { id, channel } => {
+                if self.subscriptions.remove(&channel) {
+                    self.services.hub.unsubscribe(&channel, self.ctx.number);
+                    self.ok(id);
+                } else {
+                    self.error(
+                        id,
+                        ErrorCode::NotSubscribed,
+                        "not subscribed",
+                        Some(&channel),
+                    );
+                }
+            }
+            ClientFrame::Publish { id, channel, data } => return self.publish(id, &channel, data),
+            ClientFrame::Refresh { id, token } => self.refresh(id, &token),
+        }
+        None
+    }
+
+    fn subscribe(&mut self, id: Option<u64>, channel: ChannelName) {
+        if self.subscriptions.contains(&channel) {
+            return self.ok(id);
+        }
+        if !self
+            .policy
+            .allows(&self.ctx.identity, Action::Subscribe, &channel)
+        {
+            return self.error(
+                id,
+                ErrorCode::Forbidden,
+                "not allowed to subscribe",
+                Some(&channel),
+            );
+        }
+        if self.subscriptions.len() >= self.services.config.limits.max_subscriptions {
+            return self.error(
+                id,
+                ErrorCode::TooManySubscriptions,
+                "subscription limit reached",
+                Some(&channel),
+            );
+        }
+        self.services
+            .hub
+            .subscribe(&channel, self.subscriber.clone());
+        self.subscriptions.insert(channel);
+        self.ok(id);
+    }
+
+    fn publish(
+        &mut self,
+        id: Option<u64>,
+        channel: &ChannelName,
+        data: &serde_json::value::RawValue,
+    ) -> Option<CloseReason> {
+        if !self.bucket.take() {
+            self.strikes += 1;
+            if self.strikes >= self.services.config.limits.rate_limit_strikes {
+                return Some(CloseReason::RateLimited);
+            }
+            self.error(
+                id,
+                ErrorCode::RateLimited,
+                "publish rate exceeded",
+                Some(channel),
+            );
+            return None;
+        }
+        self.strikes = 0;
+        if !self
+            .policy
+            .allows(&self.ctx.identity, Action::Publish, channel)
+        {
+            self.error(
+                id,
+                ErrorCode::Forbidden,
+                "not allowed to publish",
+                Some(channel),
+            );
+            return None;
+        }
+        let message = MessageTemplate::new(channel, &self.ctx.identity.user, data);
+        self.services.hub.publish(channel, &message);
+        self.ok(id);
+        None
+    }
+
+    fn refresh(&mut self, id: Option<u64>, token: &str) {
+        if token.len() > self.services.config.auth.max_token_bytes {
+            return self.error(id, ErrorCode::InvalidToken, "token too large", None);
+        }
+        let identity = match self.services.verifier.verify(token) {
+            Ok(identity) => identity,
+            Err(failure) => {
+                return self.error(id, ErrorCode::InvalidToken, &failure.to_string(), None);
+            }
+        };
+        if identity.user != self.ctx.identity.user {
+            return self.error(
+                id,
+                ErrorCode::TokenMismatch,
+                "the new token names another user",
+                None,
+            );
+        }
+        let leeway = Duration::from_secs(self.services.config.auth.leeway_s);
+        self.new_expiry = Some(expiry_instant(identity.expires_at, leeway));
+        self.ctx.identity = identity;
+        self.recheck_subscriptions("the refreshed token does not allow this subscription");
+        self.ok(id);
+    }
+
+    /// Ends every subscription the current policy and identity no longer
+    /// allow, telling the client which.
+    fn recheck_subscriptions(&mut self, message: &str) {
+        let lost: Vec<ChannelName> = self
+            .subscriptions
+            .iter()
+            .filter(|c| !self.policy.allows(&self.ctx.identity, Action::Subscribe, c))
+            .cloned()
+            .collect();
+        for channel in lost {
+            self.subscriptions.remove(&channel);
+            self.services.hub.unsubscribe(&channel, self.ctx.number);
+            self.error(None, ErrorCode::Forbidden, message, Some(&channel));
+        }
+    }
+
+    fn leave_all(&mut self) {
+        for channel in self.subscriptions.drain() {
+            self.services.hub.unsubscribe(&channel, self.ctx.number);
         }
     }
 }
@@ -261,7 +545,6 @@ fn read_error(e: &WsError) -> CloseReason {
     // Never log the error's text: tungstenite may quote frame bytes in it.
     match e {
         WsError::ConnectionClosed | WsError::AlreadyClosed => CloseReason::ClientClosed,
-        WsError::Capacity(CapacityError::MessageTooLong { .. }) => CloseReason::TooBig,
         WsError::Capacity(_) => CloseReason::TooBig,
         WsError::Utf8(_) => CloseReason::InvalidUtf8,
         WsError::Protocol(_) => CloseReason::ProtocolError,
@@ -269,32 +552,34 @@ fn read_error(e: &WsError) -> CloseReason {
     }
 }
 
-async fn send<S>(
+/// Feeds every frame, then flushes once: one TLS write for the batch. A
+/// write blocked by a client that does not read ends early when the hub
+/// cuts that client off (`slow`), or at the write deadline.
+async fn send_all<S>(
     ws: &mut WebSocketStream<S>,
-    text: String,
+    frames: impl Iterator<Item = Message>,
     limit: Duration,
+    slow: &CancellationToken,
 ) -> Result<(), CloseReason>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    send_message(ws, Message::text(text), limit).await
-}
-
-async fn send_message<S>(
-    ws: &mut WebSocketStream<S>,
-    message: Message,
-    limit: Duration,
-) -> Result<(), CloseReason>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    match timeout(limit, ws.send(message)).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(match read_error(&e) {
-            CloseReason::ClientClosed => CloseReason::ClientClosed,
-            _ => CloseReason::Io,
-        }),
-        Err(_) => Err(CloseReason::WriteTimeout),
+    let write = async {
+        for frame in frames {
+            ws.feed(frame).await?;
+        }
+        ws.flush().await
+    };
+    tokio::select! {
+        written = timeout(limit, write) => match written {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(match read_error(&e) {
+                CloseReason::ClientClosed => CloseReason::ClientClosed,
+                _ => CloseReason::Io,
+            }),
+            Err(_) => Err(CloseReason::WriteTimeout),
+        },
+        () = slow.cancelled() => Err(CloseReason::SlowReader),
     }
 }
 
@@ -313,4 +598,22 @@ pub fn new_session_id() -> String {
         raw = (unix_now() ^ u64::from(std::process::id())).to_be_bytes();
     }
     raw.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn bucket_allows_a_burst_then_the_rate() {
+        let mut b = Bucket::new(10, 3);
+        assert!(b.take() && b.take() && b.take());
+        assert!(!b.take());
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert!(b.take());
+        assert!(!b.take());
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert!(b.take() && b.take() && b.take());
+        assert!(!b.take(), "never more than the burst");
+    }
 }

@@ -123,6 +123,8 @@ pub enum Refusal {
     Draining,
     /// Too many connections: `503` with `Retry-After`.
     Overloaded,
+    /// Too many connections for this user: `429` with `Retry-After`.
+    UserLimit,
     /// No token in any carrier: `401`.
     NoToken,
     /// `bearer.` offered without `wsgate.v1`, or twice: `400`.
@@ -142,6 +144,7 @@ impl Refusal {
             Self::PlainGet | Self::Version => StatusCode::UPGRADE_REQUIRED,
             Self::Origin => StatusCode::FORBIDDEN,
             Self::Draining | Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            Self::UserLimit => StatusCode::TOO_MANY_REQUESTS,
             Self::NoToken | Self::Carrier(_) | Self::InvalidToken(_) => StatusCode::UNAUTHORIZED,
             Self::NotFound => StatusCode::NOT_FOUND,
         }
@@ -156,6 +159,7 @@ impl Refusal {
             Self::Origin => "origin",
             Self::Draining => "draining",
             Self::Overloaded => "overloaded",
+            Self::UserLimit => "user_limit",
             Self::NoToken => "no_token",
             Self::SubprotocolCarrier(_) | Self::Carrier(_) => "carrier",
             Self::InvalidToken(f) => f.label(),
@@ -172,6 +176,7 @@ impl Refusal {
             Self::Origin => "origin not allowed".into(),
             Self::Draining => "server is shutting down".into(),
             Self::Overloaded => "too many connections".into(),
+            Self::UserLimit => "too many connections for this user".into(),
             Self::NoToken => "a bearer token is required".into(),
             Self::InvalidToken(f) => f.to_string().into(),
             Self::NotFound => "not found".into(),
@@ -219,7 +224,7 @@ impl Refusal {
                     HeaderValue::from_static("13"),
                 );
             }
-            Self::Overloaded | Self::Draining => {
+            Self::Overloaded | Self::Draining | Self::UserLimit => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from(policy.retry_after_s));
             }
             _ => {}

@@ -22,6 +22,10 @@ use crate::auth::Identity;
 use crate::channel::ChannelName;
 pub use pattern::Pattern;
 
+/// The shipped `policies/default.toml`, written by `serve --dev` when the
+/// policy directory is missing.
+pub const DEFAULT_POLICY: &str = include_str!("../../policies/default.toml");
+
 /// What a client asks to do with a channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -418,7 +422,7 @@ mod tests {
         ChannelName::parse(name).unwrap()
     }
 
-    const DEFAULT: &str = include_str!("../../policies/default.toml");
+    const DEFAULT: &str = DEFAULT_POLICY;
 
     fn default_set() -> PolicySet {
         PolicySet {

@@ -8,9 +8,11 @@
 mod routes;
 pub mod tls;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use hyper::server::conn::http1;
@@ -25,6 +27,9 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::auth::Verifier;
 use crate::config::{Config, ConfigError};
+use crate::hub::Hub;
+use crate::policy::{self, PolicyError, PolicyStore};
+use crate::session::Services;
 use crate::upgrade::UpgradePolicy;
 
 /// Why the server could not start.
@@ -34,6 +39,8 @@ pub enum StartError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    #[error("policies: {0}")]
+    Policy(#[from] PolicyError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -44,9 +51,13 @@ pub enum StartError {
 /// Everything a connection task shares with the others.
 #[derive(Debug)]
 pub(crate) struct Shared {
-    pub config: Config,
-    pub verifier: Verifier,
+    /// What sessions use: config, verifier, policies, hub.
+    pub services: Arc<Services>,
     pub upgrade: UpgradePolicy,
+    /// Open sessions per user, for `limits.max_connections_per_user`.
+    pub users: Mutex<HashMap<String, usize>>,
+    /// Source of process-unique session numbers.
+    pub next_session: AtomicU64,
     /// Set when shutdown begins: `/readyz` and new upgrades answer 503.
     pub draining: AtomicBool,
     /// Cancelled when sessions must close (1001).
@@ -72,14 +83,21 @@ impl Server {
         config.validate()?;
         let verifier = Verifier::from_config(&config)?;
         let acceptor = TlsAcceptor::from(tls::server_config(&config.tls)?);
+        let policies = PolicyStore::load(&config.policy.dir)?;
         let addr = config.server.listen;
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| StartError::Bind { addr, source })?;
         let shared = Arc::new(Shared {
             upgrade: UpgradePolicy::from_config(&config),
-            verifier,
-            config,
+            services: Arc::new(Services {
+                verifier,
+                policies,
+                hub: Hub::default(),
+                config,
+            }),
+            users: Mutex::default(),
+            next_session: AtomicU64::new(1),
             draining: AtomicBool::new(false),
             shutdown: CancellationToken::new(),
             sessions: TaskTracker::new(),
@@ -89,6 +107,13 @@ impl Server {
             acceptor,
             shared,
         })
+    }
+
+    /// A handle for reloading policies while the server runs.
+    pub fn handle(&self) -> ServerHandle {
+        ServerHandle {
+            shared: Arc::clone(&self.shared),
+        }
     }
 
     /// The address actually bound.
@@ -110,8 +135,13 @@ impl Server {
             shared,
         } = self;
         let connections = TaskTracker::new();
-        let permits = Arc::new(Semaphore::new(shared.config.server.max_connections));
-        let overflow = Arc::new(Semaphore::new(shared.config.server.overflow_connections));
+        tokio::spawn(watch_policies(Arc::clone(&shared), shared.shutdown.clone()));
+        let permits = Arc::new(Semaphore::new(
+            shared.services.config.server.max_connections,
+        ));
+        let overflow = Arc::new(Semaphore::new(
+            shared.services.config.server.overflow_connections,
+        ));
         let mut backoff = Backoff::default();
         // Stop accepting only after the drain grace, so a load balancer sees
         // `/readyz` fail and new upgrades get 503 before the port closes.
@@ -121,9 +151,14 @@ impl Server {
             async move {
                 stop.cancelled().await;
                 shared.draining.store(true, Ordering::SeqCst);
-                info!(grace_ms = shared.config.server.drain_grace_ms, "draining");
-                tokio::time::sleep(Duration::from_millis(shared.config.server.drain_grace_ms))
-                    .await;
+                info!(
+                    grace_ms = shared.services.config.server.drain_grace_ms,
+                    "draining"
+                );
+                tokio::time::sleep(Duration::from_millis(
+                    shared.services.config.server.drain_grace_ms,
+                ))
+                .await;
                 closing.cancel();
             }
         });
@@ -182,7 +217,7 @@ impl Server {
         shared.shutdown.cancel();
         connections.close();
         shared.sessions.close();
-        let deadline = Duration::from_millis(shared.config.server.shutdown_timeout_ms);
+        let deadline = Duration::from_millis(shared.services.config.server.shutdown_timeout_ms);
         let wait = async {
             connections.wait().await;
             shared.sessions.wait().await;
@@ -198,6 +233,59 @@ impl Server {
     }
 }
 
+/// Controls a running server from outside (signals, tests).
+#[derive(Debug, Clone)]
+pub struct ServerHandle {
+    shared: Arc<Shared>,
+}
+
+impl ServerHandle {
+    /// Re-reads the policy directory; on success live subscriptions are
+    /// re-checked. On error the old policies stay in force.
+    ///
+    /// # Errors
+    /// The file, line and reason of the first problem.
+    pub fn reload_policies(&self) -> Result<usize, PolicyError> {
+        reload_policies(&self.shared.services.policies, "signal")
+    }
+}
+
+fn reload_policies(store: &PolicyStore, trigger: &'static str) -> Result<usize, PolicyError> {
+    match store.reload() {
+        Ok(rules) => {
+            info!(trigger, rules, "policies reloaded");
+            Ok(rules)
+        }
+        Err(e) => {
+            warn!(trigger, error = %e, "policy reload refused; keeping the previous policies");
+            Err(e)
+        }
+    }
+}
+
+/// Polls the policy directory and reloads when a file changes.
+async fn watch_policies(shared: Arc<Shared>, stop: CancellationToken) {
+    let interval_ms = shared.services.config.policy.watch_interval_ms;
+    if interval_ms == 0 {
+        return;
+    }
+    let store = &shared.services.policies;
+    let mut seen = policy::fingerprint(store.dir());
+    let mut tick = tokio::time::interval(Duration::from_millis(interval_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = policy::fingerprint(store.dir());
+        if now != seen {
+            seen = now;
+            let _ = reload_policies(store, "file change");
+        }
+    }
+}
+
 /// TLS handshake, then HTTP/1.1 until the connection ends or upgrades.
 async fn serve_connection(
     tcp: TcpStream,
@@ -209,7 +297,10 @@ async fn serve_connection(
     if let Err(e) = tcp.set_nodelay(true) {
         debug!(error = %e, "set_nodelay failed");
     }
-    let handshake = tokio::time::timeout(shared.config.handshake_timeout(), acceptor.accept(tcp));
+    let handshake = tokio::time::timeout(
+        shared.services.config.handshake_timeout(),
+        acceptor.accept(tcp),
+    );
     let stream = match handshake.await {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
@@ -221,7 +312,7 @@ async fn serve_connection(
             return;
         }
     };
-    let cfg = &shared.config;
+    let cfg = &shared.services.config;
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())

@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
@@ -23,41 +22,60 @@ use crate::upgrade::{self, Refusal};
 type Body = Full<Bytes>;
 
 pub(super) fn handle(
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
     shared: &Arc<Shared>,
     permit: Arc<OwnedSemaphorePermit>,
     overloaded: bool,
 ) -> Response<Body> {
     let draining = shared.draining.load(Ordering::Relaxed);
-    match req.uri().path() {
-        "/ws" if overloaded => return refuse(Refusal::Overloaded, shared),
-        "/ws" => {}
+    let mut res = match req.uri().path() {
+        "/ws" if overloaded => refuse(Refusal::Overloaded, shared),
+        "/ws" => return upgrade_ws(req, shared, permit, draining),
         // Liveness stays up under overload and while draining.
-        "/healthz" => return text(StatusCode::OK, "ok\n"),
-        "/readyz" if draining => return text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
-        "/readyz" if overloaded => return text(StatusCode::SERVICE_UNAVAILABLE, "full\n"),
-        "/readyz" => return text(StatusCode::OK, "ready\n"),
-        _ => return refuse(Refusal::NotFound, shared),
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" if draining => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
+        "/readyz" if overloaded => text(StatusCode::SERVICE_UNAVAILABLE, "full\n"),
+        "/readyz" => text(StatusCode::OK, "ready\n"),
+        _ => refuse(Refusal::NotFound, shared),
+    };
+    if overloaded {
+        // An overflow slot serves one answer, not a keep-alive session.
+        res.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
-    let accepted = match upgrade::authorize(&req, &shared.upgrade, &shared.verifier, draining) {
+    res
+}
+
+fn upgrade_ws(
+    mut req: Request<Incoming>,
+    shared: &Arc<Shared>,
+    permit: Arc<OwnedSemaphorePermit>,
+    draining: bool,
+) -> Response<Body> {
+    let services = &shared.services;
+    let accepted = match upgrade::authorize(&req, &shared.upgrade, &services.verifier, draining) {
         Ok(accepted) => accepted,
         Err(refusal) => return refuse(refusal, shared),
     };
+    let Some(slot) = UserSlot::take(shared, &accepted.identity.user) else {
+        return refuse(Refusal::UserLimit, shared);
+    };
     let response = accepted.response();
     let ctx = SessionContext {
+        number: shared.next_session.fetch_add(1, Ordering::Relaxed),
         id: session::new_session_id(),
         identity: accepted.identity,
-        leeway: Duration::from_secs(shared.config.auth.leeway_s),
-        ws: shared.config.websocket.clone(),
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
     let span = info_span!("session", session = %ctx.id, user = %ctx.identity.user);
-    let limits = session::ws_limits(&shared.config.websocket);
+    let limits = session::ws_limits(&services.config);
     let stop = shared.shutdown.child_token();
+    let services = Arc::clone(services);
     shared.sessions.spawn(
         async move {
-            // The permit lives as long as the session: the cap counts sessions too.
+            // Both live as long as the session: the caps count sessions too.
             let _permit = permit;
+            let _slot = slot;
             let upgraded = match on_upgrade.await {
                 Ok(upgraded) => upgraded,
                 Err(e) => {
@@ -66,17 +84,54 @@ pub(super) fn handle(
                 }
             };
             debug!("session open");
-            let ws = WebSocketStream::from_raw_socket(
-                TokioIo::new(upgraded),
-                Role::Server,
-                Some(limits),
-            )
-            .await;
-            session::run(ws, ctx, stop).await;
+            let io = TokioIo::new(upgraded);
+            let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(limits)).await;
+            session::run(ws, &services, ctx, stop).await;
         }
         .instrument(span),
     );
     response
+}
+
+/// One of a user's connection slots, released on drop.
+struct UserSlot {
+    shared: Arc<Shared>,
+    user: String,
+}
+
+impl UserSlot {
+    fn take(shared: &Arc<Shared>, user: &str) -> Option<Self> {
+        let max = shared.services.config.limits.max_connections_per_user;
+        let mut users = shared
+            .users
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let count = users.entry(user.to_owned()).or_insert(0);
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(Self {
+            shared: Arc::clone(shared),
+            user: user.to_owned(),
+        })
+    }
+}
+
+impl Drop for UserSlot {
+    fn drop(&mut self) {
+        let mut users = self
+            .shared
+            .users
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(count) = users.get_mut(&self.user) {
+            *count -= 1;
+            if *count == 0 {
+                users.remove(&self.user);
+            }
+        }
+    }
 }
 
 fn refuse(refusal: Refusal, shared: &Shared) -> Response<Body> {

@@ -220,6 +220,12 @@ fn check_config_reports_problems_without_binding() {
     let paths = CertPaths::in_dir(&dir.path().join("certs"));
     certs::generate(&paths, &[], certs::Replace::Nothing).unwrap();
     wsgate::auth::mint::ensure_dev_secret(&dir.path().join("certs/dev-hmac.secret")).unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    std::fs::write(
+        dir.path().join("policies/default.toml"),
+        wsgate::policy::DEFAULT_POLICY,
+    )
+    .unwrap();
     // The defaults point at certs/ under the working directory.
     let ok = wsgate(&["check-config"], dir.path());
     assert!(ok.status.success(), "{ok:?}");

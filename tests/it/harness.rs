@@ -51,6 +51,14 @@ pub async fn start(tweak: impl FnOnce(&mut Config, &std::path::Path)) -> Gateway
     config.tls.cert_file = paths.server_cert.clone();
     config.tls.key_file = paths.server_key.clone();
     config.auth.hmac_secret_file = secret;
+    let policies = dir.path().join("policies");
+    std::fs::create_dir_all(&policies).expect("policy dir");
+    std::fs::write(
+        policies.join("default.toml"),
+        wsgate::policy::DEFAULT_POLICY,
+    )
+    .expect("policy");
+    config.policy.dir = policies;
     tweak(&mut config, dir.path());
 
     let server = Server::bind(config.clone()).await.expect("bind");
