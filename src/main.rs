@@ -11,9 +11,12 @@ use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use wsgate::auth::Identity;
 use wsgate::auth::mint::{self, TokenRequest};
 use wsgate::certs::{self, CaSource, CertPaths, Replace};
+use wsgate::channel::ChannelName;
 use wsgate::config::{Config, LogFormat};
+use wsgate::policy::{Action, PolicySet};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -38,6 +41,50 @@ enum Command {
     Token(TokenArgs),
     /// Validate the configuration (and its key and certificate files) without binding.
     CheckConfig(ConfigArgs),
+    /// Check policy files, or explain a decision.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Validate the policy files; print each file's rule count or the first error.
+    Check(PolicyDirArgs),
+    /// Explain whether a user may subscribe or publish to a channel, and why.
+    Explain(ExplainArgs),
+}
+
+#[derive(Args)]
+struct PolicyDirArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Policy directory (overrides policy.dir).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ExplainArgs {
+    #[command(flatten)]
+    policy: PolicyDirArgs,
+    /// A JWT to take the user from (verified with the configured key); `-` reads stdin.
+    #[arg(long, conflicts_with_all = ["sub", "roles", "claims"])]
+    token: Option<String>,
+    /// The user id, instead of a token.
+    #[arg(long, required_unless_present = "token")]
+    sub: Option<String>,
+    /// A role (repeatable).
+    #[arg(long = "role")]
+    roles: Vec<String>,
+    /// A claim NAME=VALUE (repeatable).
+    #[arg(long = "claim", value_parser = parse_claim)]
+    claims: Vec<(String, Value)>,
+    /// subscribe or publish.
+    #[arg(long, value_parser = ["subscribe", "publish"])]
+    action: String,
+    /// The channel.
+    #[arg(long)]
+    channel: String,
 }
 
 #[derive(Args)]
@@ -120,6 +167,17 @@ fn main() -> ExitCode {
         Command::Certs(args) => run_certs(&args),
         Command::Token(args) => token(args),
         Command::CheckConfig(args) => check_config(&args),
+        Command::Policy(PolicyCommand::Check(args)) => policy_check(&args),
+        Command::Policy(PolicyCommand::Explain(args)) => {
+            return match policy_explain(args) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::from(2),
+                Err(e) => {
+                    eprintln!("wsgate: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -159,6 +217,100 @@ fn check_config(args: &ConfigArgs) -> Result<(), BoxError> {
         config.policy.dir.display()
     );
     Ok(())
+}
+
+fn policy_dir(args: &PolicyDirArgs) -> Result<(Config, PathBuf), BoxError> {
+    let (config, _) = load_config(&args.config)?;
+    let dir = args
+        .dir
+        .clone()
+        .unwrap_or_else(|| config.policy.dir.clone());
+    Ok((config, dir))
+}
+
+fn policy_check(args: &PolicyDirArgs) -> Result<(), BoxError> {
+    let (_, dir) = policy_dir(args)?;
+    let set = PolicySet::load_dir(&dir)?;
+    for file in &set.files {
+        let prefix = format!("{}:", file.display());
+        let rules = set
+            .rules
+            .iter()
+            .filter(|r| r.origin.starts_with(&prefix))
+            .count();
+        println!("{}: {rules} rules", file.display());
+    }
+    println!("ok: {} rules in {} files", set.rules.len(), set.files.len());
+    Ok(())
+}
+
+/// Prints the decision and every rule's part in it; `Ok(true)` when allowed.
+fn policy_explain(args: ExplainArgs) -> Result<bool, BoxError> {
+    let (config, dir) = policy_dir(&args.policy)?;
+    let set = PolicySet::load_dir(&dir)?;
+    let channel = ChannelName::parse(&args.channel)?;
+    let action = if args.action == "publish" {
+        Action::Publish
+    } else {
+        Action::Subscribe
+    };
+    let who = match args.token {
+        Some(token) => {
+            let token = if token == "-" {
+                let mut line = String::new();
+                std::io::stdin().read_line(&mut line)?;
+                line.trim().to_owned()
+            } else {
+                token
+            };
+            config.validate()?;
+            wsgate::auth::Verifier::from_config(&config)?
+                .verify(&token)
+                .map_err(|e| format!("token refused: {e}"))?
+        }
+        None => Identity {
+            user: args.sub.unwrap_or_default(),
+            roles: args.roles,
+            expires_at: 0,
+            claims: args.claims.into_iter().collect(),
+        },
+    };
+    let decision = set.decide(&who, action, &channel);
+    println!("user:    {}", who.user);
+    println!(
+        "roles:   {}",
+        if who.roles.is_empty() {
+            "(none)".to_owned()
+        } else {
+            who.roles.join(", ")
+        }
+    );
+    println!("request: {} {channel}", action.as_str());
+    println!("result:  {decision}");
+    println!("\nrules, in order:");
+    for t in set.trace(&who, action, &channel) {
+        let what = if !t.applies {
+            let rule = t.rule;
+            if !rule.roles.is_empty() && !rule.roles.iter().any(|r| who.roles.contains(r)) {
+                format!("does not apply: needs a role of {}", rule.roles.join(", "))
+            } else {
+                let claims: Vec<String> = rule
+                    .claims
+                    .iter()
+                    .map(|(k, v)| format!("{k} in [{}]", v.join(", ")))
+                    .collect();
+                format!("does not apply: needs claims {}", claims.join(" and "))
+            }
+        } else if let Some(p) = t.deny.first() {
+            format!("applies; deny.{} {p} matches", action.as_str())
+        } else if let Some(p) = t.allow.first() {
+            format!("applies; allow.{} {p} matches", action.as_str())
+        } else {
+            format!("applies; no {} pattern matches", action.as_str())
+        };
+        println!("  {} {:?}: {what}", t.rule.origin, t.rule.name);
+    }
+    Ok(decision.allowed)
 }
 
 fn run_certs(args: &CertsArgs) -> Result<(), BoxError> {

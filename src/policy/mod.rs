@@ -123,6 +123,29 @@ impl fmt::Display for Decision<'_> {
     }
 }
 
+fn matching<'a>(
+    list: &'a Patterns,
+    action: Action,
+    channel: &ChannelName,
+    who: &Identity,
+) -> Vec<&'a Pattern> {
+    list.get(action)
+        .iter()
+        .filter(|p| p.matches(channel, who))
+        .collect()
+}
+
+/// How one rule relates to one request (see [`PolicySet::trace`]).
+#[derive(Debug, Clone)]
+pub struct RuleTrace<'a> {
+    pub rule: &'a Rule,
+    pub applies: bool,
+    /// Its allow patterns for the action that match the channel.
+    pub allow: Vec<&'a Pattern>,
+    /// Its deny patterns for the action that match the channel.
+    pub deny: Vec<&'a Pattern>,
+}
+
 /// A compiled set of rules from one directory.
 #[derive(Debug, Clone, Default)]
 pub struct PolicySet {
@@ -160,6 +183,25 @@ impl PolicySet {
             allowed: allowed_by.is_some(),
             by: allowed_by,
         }
+    }
+
+    /// Every rule with whether it applies to `who` and which of its
+    /// patterns for `action` match `channel`: what `policy explain` prints.
+    pub fn trace(
+        &self,
+        who: &Identity,
+        action: Action,
+        channel: &ChannelName,
+    ) -> Vec<RuleTrace<'_>> {
+        self.rules
+            .iter()
+            .map(|rule| RuleTrace {
+                rule,
+                applies: rule.applies_to(who),
+                allow: matching(&rule.allow, action, channel, who),
+                deny: matching(&rule.deny, action, channel, who),
+            })
+            .collect()
     }
 
     pub fn allows(&self, who: &Identity, action: Action, channel: &ChannelName) -> bool {

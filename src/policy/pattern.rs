@@ -207,4 +207,47 @@ mod tests {
             assert!(Pattern::parse(bad).is_err(), "{bad}");
         }
     }
+
+    /// The obvious recursive matcher over token lists, to hold the
+    /// compiled one to.
+    fn reference(pattern: &[&str], channel: &[&str], sub: &str) -> bool {
+        match (pattern.first(), channel.first()) {
+            (Some(&">"), _) => pattern.len() == 1 && !channel.is_empty(),
+            (None, None) => true,
+            (Some(p), Some(c)) => {
+                let token_ok = match *p {
+                    "*" => true,
+                    "{sub}" => is_token(sub) && sub == *c,
+                    literal => literal == *c,
+                };
+                token_ok && reference(&pattern[1..], &channel[1..], sub)
+            }
+            _ => false,
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn compiled_matcher_agrees_with_reference(
+            pattern in proptest::collection::vec(
+                proptest::sample::select(vec!["a", "b", "ab", "*", ">", "{sub}"]), 1..5),
+            channel in proptest::collection::vec(
+                proptest::sample::select(vec!["a", "b", "ab", "x"]), 1..5),
+            sub in proptest::sample::select(vec!["a", "b", "ab", "a:b", "*", ">", "a b", ""]),
+        ) {
+            let source = pattern.join(":");
+            let valid = !pattern[..pattern.len() - 1].contains(&">");
+            let compiled = Pattern::parse(&source);
+            proptest::prop_assert_eq!(compiled.is_ok(), valid, "{}", source);
+            if let Ok(compiled) = compiled {
+                let name = ChannelName::parse(&channel.join(":")).unwrap();
+                let who = id(sub, serde_json::json!({}));
+                proptest::prop_assert_eq!(
+                    compiled.matches(&name, &who),
+                    reference(&pattern, &channel, sub),
+                    "{} vs {} as {:?}", source, name, sub
+                );
+            }
+        }
+    }
 }

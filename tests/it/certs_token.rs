@@ -304,3 +304,126 @@ async fn serve_dev_needs_no_prior_step() {
     assert_eq!(res.status(), 101);
     child.start_kill().unwrap();
 }
+
+#[test]
+fn policy_check_reports_counts_and_file_line_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("p");
+    std::fs::create_dir(&policies).unwrap();
+    std::fs::write(
+        policies.join("default.toml"),
+        wsgate::policy::DEFAULT_POLICY,
+    )
+    .unwrap();
+    let ok = wsgate(&["policy", "check", "--dir", "p"], dir.path());
+    assert!(ok.status.success(), "{ok:?}");
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("ok: 4 rules in 1 files"));
+
+    std::fs::write(
+        policies.join("zz-bad.toml"),
+        "[[rule]]\nname = \"broken\"\nallow.subscribe = [\"chat:>:x\"]\n",
+    )
+    .unwrap();
+    let bad = wsgate(&["policy", "check", "--dir", "p"], dir.path());
+    assert_eq!(bad.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("zz-bad.toml:3:"), "{err}");
+    assert!(err.contains("`>` may only be the last token"), "{err}");
+}
+
+#[tokio::test]
+async fn policy_explain_names_the_deciding_rule() {
+    let gw = start(|_, _| {}).await;
+    let dir = gw.config.policy.dir.to_str().unwrap().to_owned();
+    let run = |args: &[&str]| {
+        let mut all = vec!["policy", "explain", "--dir", &dir];
+        all.extend_from_slice(args);
+        wsgate(&all, gw.dir.path())
+    };
+    let allowed = run(&[
+        "--sub",
+        "alice",
+        "--role",
+        "member",
+        "--action",
+        "publish",
+        "--channel",
+        "chat:lobby",
+    ]);
+    assert_eq!(allowed.status.code(), Some(0), "{allowed:?}");
+    let out = String::from_utf8_lossy(&allowed.stdout);
+    assert!(
+        out.contains("result:  allowed by rule \"members chat\""),
+        "{out}"
+    );
+    assert!(out.contains("default.toml:"), "{out}");
+
+    let denied = run(&[
+        "--sub",
+        "alice",
+        "--role",
+        "member",
+        "--action",
+        "publish",
+        "--channel",
+        "announce:x",
+    ]);
+    assert_eq!(denied.status.code(), Some(2));
+    let out = String::from_utf8_lossy(&denied.stdout);
+    assert!(out.contains("default deny"), "{out}");
+    assert!(
+        out.contains("does not apply: needs a role of admin"),
+        "{out}"
+    );
+
+    // A crafted sub gains nothing through {sub}.
+    let sneaky = run(&[
+        "--sub",
+        "*",
+        "--action",
+        "subscribe",
+        "--channel",
+        "user:bob",
+    ]);
+    assert_eq!(sneaky.status.code(), Some(2));
+
+    // From a verified token, with the gateway's own config.
+    let config_file = gw.path("explain.toml");
+    std::fs::write(
+        &config_file,
+        format!(
+            "[auth]\nhmac_secret_file = {:?}\n",
+            gw.config.auth.hmac_secret_file.display().to_string()
+        ),
+    )
+    .unwrap();
+    let token = gw.token("root", &["admin"]);
+    let admin = run(&[
+        "--config",
+        config_file.to_str().unwrap(),
+        "--token",
+        &token,
+        "--action",
+        "publish",
+        "--channel",
+        "announce:all",
+    ]);
+    assert_eq!(admin.status.code(), Some(0), "{admin:?}");
+    assert!(String::from_utf8_lossy(&admin.stdout).contains("\"admins announce\""));
+    let forged = run(&[
+        "--config",
+        config_file.to_str().unwrap(),
+        "--token",
+        &hs256_jwt(
+            r#"{"alg":"HS256"}"#,
+            r#"{"sub":"x","exp":9999999999}"#,
+            b"not the key, not the key, not it!",
+        ),
+        "--action",
+        "publish",
+        "--channel",
+        "announce:all",
+    ]);
+    assert_eq!(forged.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&forged.stderr).contains("token refused"));
+}
