@@ -40,6 +40,14 @@ fn verify_name(paths: &CertPaths, name: &str) -> Result<(), rustls::Error> {
         .map(|_| ())
 }
 
+/// A config file that points the CLI at the gateway's HMAC secret.
+fn secret_config(gw: &harness::Gateway) -> std::path::PathBuf {
+    let file = gw.path("cli.toml");
+    let secret = gw.config.auth.hmac_secret_file.display().to_string();
+    std::fs::write(&file, format!("[auth]\nhmac_secret_file = {secret:?}\n")).unwrap();
+    file
+}
+
 fn mode(path: &std::path::Path) -> u32 {
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777
 }
@@ -107,15 +115,7 @@ fn a_kept_ca_signs_the_new_server_certificate() {
 #[tokio::test]
 async fn token_command_output_verifies_and_connects() {
     let gw = start(|_, _| {}).await;
-    let config_file = gw.path("wsgate.toml");
-    std::fs::write(
-        &config_file,
-        format!(
-            "[auth]\nhmac_secret_file = {:?}\n",
-            gw.config.auth.hmac_secret_file.display().to_string()
-        ),
-    )
-    .unwrap();
+    let config_file = secret_config(&gw);
     let out = wsgate(
         &[
             "token",
@@ -388,15 +388,7 @@ async fn policy_explain_names_the_deciding_rule() {
     assert_eq!(sneaky.status.code(), Some(2));
 
     // From a verified token, with the gateway's own config.
-    let config_file = gw.path("explain.toml");
-    std::fs::write(
-        &config_file,
-        format!(
-            "[auth]\nhmac_secret_file = {:?}\n",
-            gw.config.auth.hmac_secret_file.display().to_string()
-        ),
-    )
-    .unwrap();
+    let config_file = secret_config(&gw);
     let token = gw.token("root", &["admin"]);
     let admin = run(&[
         "--config",
