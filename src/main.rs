@@ -240,7 +240,11 @@ fn policy_check(args: &PolicyDirArgs) -> Result<(), BoxError> {
             .count();
         println!("{}: {rules} rules", file.display());
     }
-    println!("ok: {} rules in {} files", set.rules.len(), set.files.len());
+    println!(
+        "ok: {} rules in {} file(s)",
+        set.rules.len(),
+        set.files.len()
+    );
     Ok(())
 }
 

@@ -223,7 +223,9 @@ fn shape_error(text: &str, e: &serde_json::Error) -> DecodeError {
     }
     let value: Option<serde_json::Value> = serde_json::from_str(text).ok();
     let is_object = value.as_ref().is_some_and(serde_json::Value::is_object);
+    // Only an object has an `id` (serde would read `[1]` as a struct too).
     let id = value
+        .filter(serde_json::Value::is_object)
         .and_then(|v| serde_json::from_value::<IdOnly>(v).ok())
         .and_then(|e| e.id);
     let message: Cow<'static, str> = if is_object {
@@ -340,6 +342,7 @@ mod tests {
         assert!(e.is_object);
         let e = decode("[1,2]").unwrap_err();
         assert!(!e.is_object);
+        assert_eq!(e.id, None, "an array is not a request with an id");
         assert_eq!(e.message, "a frame must be a JSON object");
         let e = decode("{nope").unwrap_err();
         assert_eq!(e.message, "malformed JSON");

@@ -189,8 +189,6 @@ struct Session<'a> {
     bucket: Bucket,
     strikes: u32,
     bad_frames: u32,
-    /// Replies waiting to be written, in order.
-    replies: Vec<String>,
     /// Set by a successful `refresh`: the expiry timer must move.
     new_expiry: Option<Instant>,
 }
@@ -220,7 +218,6 @@ where
         bucket: Bucket::new(cfg.limits.publish_rate_per_s, cfg.limits.publish_burst),
         strikes: 0,
         bad_frames: 0,
-        replies: Vec::new(),
         new_expiry: None,
         ctx,
     };
@@ -348,19 +345,20 @@ impl Session<'_> {
                     if let Some(at) = self.new_expiry.take() {
                         expired.as_mut().reset(at);
                     }
-                    if !self.replies.is_empty() {
-                        let frames = self.replies.drain(..).map(Message::text);
-                        if let Err(reason) = send_all(ws, frames, write_timeout, &slow).await {
-                            return reason;
-                        }
-                    }
                 }
             }
         }
     }
 
+    /// Queues a reply behind the messages already in the outbox, so a
+    /// client sees them in the order things happened (nothing from a
+    /// channel after its `unsubscribe` ok). A full outbox means the client
+    /// is not reading: it is cut off like any slow reader.
     fn reply(&mut self, frame: &ServerFrame<'_>) {
-        self.replies.push(frame.encode());
+        let text = Utf8Bytes::from(frame.encode());
+        if self.subscriber.outbox.try_send(text).is_err() {
+            self.subscriber.slow.cancel();
+        }
     }
 
     fn ok(&mut self, id: Option<u64>) {
@@ -384,7 +382,7 @@ impl Session<'_> {
         });
     }
 
-    /// Handles one text frame, queueing its replies; returns a reason to
+    /// Handles one text frame, queueing its replies in the outbox; returns a reason to
     /// close when the frame ends the session.
     fn handle(&mut self, text: &str) -> Option<CloseReason> {
         let frame = match protocol::decode(text) {
@@ -448,11 +446,12 @@ impl Session<'_> {
                 Some(&channel),
             );
         }
+        // The ok goes into the outbox first, so no message can overtake it.
+        self.ok(id);
         self.services
             .hub
             .subscribe(&channel, self.subscriber.clone());
         self.subscriptions.insert(channel);
-        self.ok(id);
     }
 
     fn publish(
@@ -583,9 +582,13 @@ where
     }
 }
 
-/// The instant the session must end: `exp` + leeway, measured from now.
+/// The instant the session must end: `exp` + leeway, measured from now
+/// to the sub-second (whole seconds would end sessions up to 1 s late).
 fn expiry_instant(expires_at: u64, leeway: Duration) -> Instant {
-    let remaining = Duration::from_secs(expires_at.saturating_sub(unix_now())) + leeway;
+    let end = std::time::UNIX_EPOCH + Duration::from_secs(expires_at) + leeway;
+    let remaining = end
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or(Duration::ZERO);
     // Cap far-future tokens so the Instant arithmetic cannot overflow.
     Instant::now() + remaining.min(Duration::from_secs(100 * 365 * 86_400))
 }

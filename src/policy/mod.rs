@@ -82,14 +82,23 @@ impl Rule {
         let role_ok = self.roles.is_empty() || self.roles.iter().any(|r| who.roles.contains(r));
         role_ok
             && self.claims.iter().all(|(name, values)| {
-                let actual = match who.claims.get(name) {
-                    Some(serde_json::Value::String(s)) => s.clone(),
-                    Some(serde_json::Value::Number(n)) => n.to_string(),
-                    Some(serde_json::Value::Bool(b)) => b.to_string(),
-                    _ => return false,
-                };
-                values.contains(&actual)
+                who.claims
+                    .get(name)
+                    .and_then(claim_text)
+                    .is_some_and(|actual| values.iter().any(|v| *v == *actual))
             })
+    }
+}
+
+/// A claim as text for comparisons: strings as they are, integers and
+/// booleans in their JSON spelling; anything else has no text.
+pub fn claim_text(value: &serde_json::Value) -> Option<std::borrow::Cow<'_, str>> {
+    use serde_json::Value;
+    match value {
+        Value::String(s) => Some(s.as_str().into()),
+        Value::Number(n) if n.is_i64() || n.is_u64() => Some(n.to_string().into()),
+        Value::Bool(b) => Some(b.to_string().into()),
+        _ => None,
     }
 }
 
@@ -285,8 +294,27 @@ struct RuleDoc {
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum OneOrMany {
-    One(String),
-    Many(Vec<String>),
+    One(Scalar),
+    Many(Vec<Scalar>),
+}
+
+/// A claim value in a policy file: a string, integer or boolean.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Scalar {
+    Text(String),
+    Integer(i64),
+    Bool(bool),
+}
+
+impl Scalar {
+    fn into_text(self) -> String {
+        match self {
+            Self::Text(s) => s,
+            Self::Integer(n) => n.to_string(),
+            Self::Bool(b) => b.to_string(),
+        }
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -352,8 +380,8 @@ pub fn compile_file(path: &Path, text: &str) -> Result<Vec<Rule>, PolicyError> {
                 .claims
                 .into_iter()
                 .map(|(k, v)| match v {
-                    OneOrMany::One(s) => (k, vec![s]),
-                    OneOrMany::Many(list) => (k, list),
+                    OneOrMany::One(s) => (k, vec![s.into_text()]),
+                    OneOrMany::Many(list) => (k, list.into_iter().map(Scalar::into_text).collect()),
                 })
                 .collect(),
             allow,
@@ -497,7 +525,7 @@ mod tests {
         let text = r#"
 [[rule]]
 name = "acme reads"
-claims = { tenant = "acme", plan = ["pro", "team"] }
+claims = { tenant = "acme", plan = ["pro", "team"], verified = true, level = 3 }
 allow.subscribe = ["t:{claim.tenant}:>"]
 
 [[rule]]
@@ -509,21 +537,16 @@ deny.subscribe = ["t:*:private"]
             rules: compile_file(Path::new("p.toml"), text).unwrap(),
             files: vec![],
         };
-        let pro = who(
-            "a",
+        let claims = |plan: &str| serde_json::json!({"tenant": "acme", "plan": plan, "verified": true, "level": 3});
+        let pro = who("a", &[], claims("pro"));
+        let free = who("b", &[], claims("free"));
+        let muted = who("c", &["muted"], claims("team"));
+        let unverified = who(
+            "d",
             &[],
-            serde_json::json!({"tenant": "acme", "plan": "pro"}),
+            serde_json::json!({"tenant": "acme", "plan": "pro", "level": 3}),
         );
-        let free = who(
-            "b",
-            &[],
-            serde_json::json!({"tenant": "acme", "plan": "free"}),
-        );
-        let muted = who(
-            "c",
-            &["muted"],
-            serde_json::json!({"tenant": "acme", "plan": "team"}),
-        );
+        assert!(!set.allows(&unverified, Action::Subscribe, &ch("t:acme:news")));
         assert!(set.allows(&pro, Action::Subscribe, &ch("t:acme:news")));
         assert!(!set.allows(&pro, Action::Subscribe, &ch("t:other:news")));
         assert!(!set.allows(&free, Action::Subscribe, &ch("t:acme:news")));

@@ -5,8 +5,6 @@
 
 use std::fmt;
 
-use serde_json::Value;
-
 use crate::auth::Identity;
 use crate::channel::{ChannelName, MAX_LEN, is_token};
 
@@ -105,13 +103,11 @@ impl Pattern {
                 Segment::Literal(l) => **l == *token,
                 Segment::One => true,
                 Segment::Sub => template_matches(&identity.user, token),
-                Segment::Claim(name) => match identity.claims.get(&**name) {
-                    Some(Value::String(v)) => template_matches(v, token),
-                    Some(Value::Number(n)) if n.is_u64() || n.is_i64() => {
-                        template_matches(&n.to_string(), token)
-                    }
-                    _ => false,
-                },
+                Segment::Claim(name) => identity
+                    .claims
+                    .get(&**name)
+                    .and_then(super::claim_text)
+                    .is_some_and(|v| template_matches(&v, token)),
             };
             if !ok {
                 return false;

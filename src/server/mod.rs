@@ -270,7 +270,11 @@ async fn watch_policies(shared: Arc<Shared>, stop: CancellationToken) {
         return;
     }
     let store = &shared.services.policies;
-    let mut seen = policy::fingerprint(store.dir());
+    let mut loaded = policy::fingerprint(store.dir());
+    // A change is acted on once two polls in a row see the same new state,
+    // so a file caught half-written is not loaded (and cannot drop
+    // subscriptions that the finished file allows).
+    let mut settling = None;
     let mut tick = tokio::time::interval(Duration::from_millis(interval_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -279,9 +283,14 @@ async fn watch_policies(shared: Arc<Shared>, stop: CancellationToken) {
             _ = tick.tick() => {}
         }
         let now = policy::fingerprint(store.dir());
-        if now != seen {
-            seen = now;
+        if now == loaded {
+            settling = None;
+        } else if settling.as_ref() == Some(&now) {
+            loaded = now;
+            settling = None;
             let _ = reload_policies(store, "file change");
+        } else {
+            settling = Some(now);
         }
     }
 }
