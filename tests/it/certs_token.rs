@@ -317,7 +317,7 @@ fn policy_check_reports_counts_and_file_line_errors() {
     .unwrap();
     let ok = wsgate(&["policy", "check", "--dir", "p"], dir.path());
     assert!(ok.status.success(), "{ok:?}");
-    assert!(String::from_utf8_lossy(&ok.stdout).contains("ok: 4 rules in 1 files"));
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("ok: 4 rules in 1 file(s)"));
 
     std::fs::write(
         policies.join("zz-bad.toml"),
