@@ -181,7 +181,7 @@ impl Default for WebSocketConfig {
             heartbeat_ms: 25_000,
             heartbeat_grace_ms: 10_000,
             write_timeout_ms: 10_000,
-            outbox_frames: 256,
+            outbox_frames: 1024,
         }
     }
 }

@@ -377,7 +377,13 @@ fn serve(args: ServeArgs) -> Result<(), BoxError> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let server = wsgate::Server::bind(config.clone()).await?;
+        let mut server = wsgate::Server::bind(config.clone()).await?;
+        if args.dev {
+            server = server.with_dev_endpoints();
+            if !config.server.listen.ip().is_loopback() {
+                warn!(addr = %config.server.listen, "--dev serves /dev/token, which mints tokens for anyone: keep it on loopback");
+            }
+        }
         let addr = server.local_addr()?;
         info!(%addr, "listening");
         if args.dev {
@@ -447,6 +453,7 @@ fn print_dev_banner(config: &Config, addr: std::net::SocketAddr) -> Result<(), B
     let ca = CertPaths::for_server(&config.tls.cert_file, &config.tls.key_file).ca_cert;
     println!(
         "\nwsgate is running (development mode)\n\
+         \x20 demo chat: https://{host}:{port}/\n\
          \x20 WebSocket: wss://{host}:{port}/ws\n\
          \x20 health:    https://{host}:{port}/healthz\n\
          \x20 dev CA:    {ca}\n\n\

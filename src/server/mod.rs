@@ -7,6 +7,7 @@
 
 mod routes;
 pub mod tls;
+mod web;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -58,6 +59,8 @@ pub(crate) struct Shared {
     pub users: Mutex<HashMap<String, usize>>,
     /// Source of process-unique session numbers.
     pub next_session: AtomicU64,
+    /// `/dev/token` is routed (only under `serve --dev`).
+    pub dev_endpoints: bool,
     /// Set when shutdown begins: `/readyz` and new upgrades answer 503.
     pub draining: AtomicBool,
     /// Cancelled when sessions must close (1001).
@@ -98,6 +101,7 @@ impl Server {
             }),
             users: Mutex::default(),
             next_session: AtomicU64::new(1),
+            dev_endpoints: false,
             draining: AtomicBool::new(false),
             shutdown: CancellationToken::new(),
             sessions: TaskTracker::new(),
@@ -107,6 +111,16 @@ impl Server {
             acceptor,
             shared,
         })
+    }
+
+    /// Routes `GET /dev/token`, which mints tokens for anyone who asks:
+    /// for `serve --dev` only, never in production.
+    #[must_use]
+    pub fn with_dev_endpoints(mut self) -> Self {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.dev_endpoints = true;
+        }
+        self
     }
 
     /// A handle for reloading policies while the server runs.

@@ -1,4 +1,5 @@
-//! HTTP routes: `/ws` (the upgrade), `/healthz`, `/readyz`, and 404 for
+//! HTTP routes: `/ws` (the upgrade), `/healthz`, `/readyz`, the demo page
+//! and its assets, `/dev/token` under `serve --dev` only, and 404 for
 //! everything else. An upgraded request hands its stream to a session task.
 
 use std::sync::Arc;
@@ -15,7 +16,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tracing::{Instrument, debug, info_span};
 
-use super::Shared;
+use super::{Shared, web};
 use crate::session::{self, SessionContext};
 use crate::upgrade::{self, Refusal};
 
@@ -36,7 +37,10 @@ pub(super) fn handle(
         "/readyz" if draining => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
         "/readyz" if overloaded => text(StatusCode::SERVICE_UNAVAILABLE, "full\n"),
         "/readyz" => text(StatusCode::OK, "ready\n"),
-        _ => refuse(Refusal::NotFound, shared),
+        "/dev/token" if shared.dev_endpoints => {
+            web::dev_token(&shared.services.config, req.uri().query())
+        }
+        path => web::asset(path).unwrap_or_else(|| refuse(Refusal::NotFound, shared)),
     };
     if overloaded {
         // An overflow slot serves one answer, not a keep-alive session.

@@ -184,6 +184,38 @@ impl Gateway {
             .expect("upgrade timed out")
     }
 
+    /// Upgrades `/ws` by hand with `extra` header lines and returns the TLS
+    /// stream right after the `101` response head (read byte by byte, so
+    /// no WebSocket frame is consumed). Panics on any other answer.
+    pub async fn upgrade_by_hand(&self, extra: &[&str]) -> TlsStream<TcpStream> {
+        let mut tls = self.tls().await;
+        let head = format!("{}\n", self.upgrade_head("/ws", extra)).replace('\n', "\r\n");
+        tls.write_all(head.as_bytes()).await.expect("write");
+        let mut response = Vec::new();
+        let read_head = async {
+            let mut byte = [0u8; 1];
+            while !response.ends_with(b"\r\n\r\n") {
+                let n = tls.read(&mut byte).await.expect("read upgrade response");
+                assert_eq!(
+                    n,
+                    1,
+                    "closed during the upgrade: {:?}",
+                    String::from_utf8_lossy(&response)
+                );
+                response.push(byte[0]);
+            }
+        };
+        tokio::time::timeout(WAIT, read_head)
+            .await
+            .expect("no upgrade response in time");
+        assert!(
+            response.starts_with(b"HTTP/1.1 101 "),
+            "upgrade refused: {:?}",
+            String::from_utf8_lossy(&response)
+        );
+        tls
+    }
+
     pub fn ws_url(&self) -> String {
         format!("wss://localhost:{}/ws", self.addr.port())
     }
@@ -309,6 +341,27 @@ pub fn masked_text_frame(text: &str) -> Vec<u8> {
     assert!(payload.len() < 126);
     let mask = [0x12u8, 0x34, 0x56, 0x78];
     let mut frame = vec![0x81, 0x80 | payload.len() as u8];
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
+
+/// A masked client-to-server frame with `opcode` (FIN set) around any
+/// payload, valid UTF-8 or not, of any length.
+pub fn masked_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [0x5au8, 0xa5, 0x3c, 0xc3];
+    let mut frame = vec![0x80 | (opcode & 0x0f)];
+    match payload.len() {
+        n if n < 126 => frame.push(0x80 | n as u8),
+        n if n <= usize::from(u16::MAX) => {
+            frame.push(0x80 | 126);
+            frame.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            frame.push(0x80 | 127);
+            frame.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
     frame.extend_from_slice(&mask);
     frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
     frame

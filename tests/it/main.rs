@@ -2,6 +2,7 @@
 //! keep link time down. `harness` starts the gateway in-process.
 
 mod certs_token;
+mod channels;
 mod harness;
 mod limits;
 mod logs;
