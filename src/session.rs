@@ -487,8 +487,10 @@ impl Session<'_> {
             return None;
         }
         let message = MessageTemplate::new(channel, &self.ctx.identity.user, data);
-        self.services.hub.publish(channel, &message);
+        // The local hub cannot fail, so the ok may go first: the publisher
+        // then sees its ok before the echo of its own message.
         self.ok(id);
+        self.services.hub.publish(channel, &message);
         None
     }
 

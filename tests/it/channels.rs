@@ -449,6 +449,28 @@ async fn subscribe_and_unsubscribe_oks_are_ordered_with_messages() {
 // ---- 2. `from` is stamped by the gateway ----------------------------------------
 
 #[tokio::test]
+async fn publish_ok_comes_before_the_publishers_own_echo() {
+    let gw = start(|_, _| {}).await;
+    let mut alice = Client::join(&gw, "alice", &["member"]).await;
+    alice.subscribe("chat:echo").await;
+    for n in 0..5 {
+        let id = alice.id();
+        alice
+            .send(&json!({"op": "publish", "id": id, "channel": "chat:echo", "data": n}))
+            .await;
+        // Read raw frames: the first must be the ok, the second the echo.
+        assert_eq!(
+            read_json(&mut alice.ws).await,
+            json!({"op": "ok", "id": id})
+        );
+        assert_eq!(
+            read_json(&mut alice.ws).await,
+            message("chat:echo", "alice", json!(n), n + 1)
+        );
+    }
+}
+
+#[tokio::test]
 async fn from_and_seq_are_stamped_by_the_gateway() {
     let gw = start(|_, _| {}).await;
     let mut alice = Client::join(&gw, "alice", &["member"]).await;
