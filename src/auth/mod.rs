@@ -9,6 +9,7 @@ pub mod mint;
 
 use std::fmt;
 use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, Validation, errors::ErrorKind};
 use serde_json::{Map, Value};
@@ -76,6 +77,7 @@ pub struct Identity {
 pub struct Verifier {
     key: DecodingKey,
     validation: Validation,
+    leeway: Duration,
     roles_claim: String,
 }
 
@@ -142,6 +144,7 @@ impl Verifier {
         Ok(Self {
             key,
             validation,
+            leeway: Duration::from_secs(auth.leeway_s),
             roles_claim: auth.roles_claim.clone(),
         })
     }
@@ -161,7 +164,15 @@ impl Verifier {
         }
         let data = jsonwebtoken::decode::<Map<String, Value>>(token, &self.key, &self.validation)
             .map_err(|e| map_error(e.kind()))?;
-        identity_from_claims(data.claims, &self.roles_claim)
+        let identity = identity_from_claims(data.claims, &self.roles_claim)?;
+        // jsonwebtoken compares whole seconds, while a session ends at the
+        // exact instant `exp` + leeway: refuse from that instant too, or a
+        // client could reconnect with the token its session just expired on.
+        let end = UNIX_EPOCH + Duration::from_secs(identity.expires_at) + self.leeway;
+        if SystemTime::now() >= end {
+            return Err(AuthFailure::Expired);
+        }
+        Ok(identity)
     }
 
     /// The algorithms this verifier accepts.

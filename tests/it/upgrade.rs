@@ -634,4 +634,15 @@ async fn token_expiry_closes_4001() {
     let (mut ws, _) = gw.connect(&token).await.unwrap();
     assert_eq!(next_text(&mut ws).await["op"], "welcome");
     assert_eq!(expect_close(&mut ws).await, 4001);
+    // The token that just expired cannot open a new session, even within
+    // the same wall-clock second (no welcome/4001 loop for reconnecting
+    // clients).
+    let res = gw
+        .raw(&gw.upgrade_head("/ws", &[&format!("Authorization: Bearer {token}")]))
+        .await;
+    res.assert_refused(401);
+    assert_eq!(
+        res.header("www-authenticate"),
+        Some("Bearer error=\"invalid_token\"")
+    );
 }
