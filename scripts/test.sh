@@ -12,4 +12,4 @@ echo "== cargo test"
 cargo test --locked
 
 echo "== node --test (web/test)"
-(cd web && WSGATE_BIN="$PWD/../target/debug/wsgate" node --test --test-concurrency=1 test/)
+(cd web && WSGATE_BIN="$PWD/../target/debug/wsgate" node --test --test-concurrency=1 test/*.test.mjs)

@@ -147,9 +147,16 @@ fn refuse(refusal: Refusal, shared: &Shared) -> Response<Body> {
     refusal.response(&shared.upgrade)
 }
 
+/// A health answer. Any origin may read it: it says nothing private, and
+/// browser clients on other origins probe `/readyz` to tell a refused
+/// upgrade from a gateway that is down.
 fn text(status: StatusCode, body: &'static str) -> Response<Body> {
     let mut res = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *res.status_mut() = status;
+    res.headers_mut().insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
     res.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),

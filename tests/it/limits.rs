@@ -154,6 +154,7 @@ async fn draining_answers_503_to_readyz_and_upgrades() {
     let token = gw.token("alice", &[]);
     let ready = gw.get("/readyz").await;
     assert_eq!(ready.status, 200);
+    assert_eq!(ready.header("access-control-allow-origin"), Some("*"));
     gw.begin_stop();
     tokio::time::sleep(Duration::from_millis(100)).await;
     let ready = gw.get("/readyz").await;
