@@ -15,6 +15,7 @@
 //! certificates; [`auth::mint`] makes development tokens.
 
 pub mod auth;
+pub mod bench;
 pub mod certs;
 pub mod channel;
 pub mod config;

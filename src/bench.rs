@@ -1,0 +1,680 @@
+//! `wsgate bench`: a load generator for wsgate and for plain broadcast
+//! servers (peers measured with the same tool). Three modes:
+//!
+//! - `idle`: open N authenticated connections, hold them (answering
+//!   pings), and report the server's RSS growth per connection;
+//! - `fanout`: one publisher, N subscribers on one channel, a window of
+//!   messages in flight or a fixed rate; deliveries/s and publish-to-receipt
+//!   latency from an HDR histogram;
+//! - `connect`: authenticated connections per second, TLS and JWT included.
+//!
+//! Client sockets are spread over source addresses 127.0.0.1..N when one
+//! address's port range is not enough. Progress goes to stderr; the result
+//! is one JSON line.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use rustls::ClientConfig;
+use rustls_pki_types::ServerName;
+use serde::Serialize;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::{Notify, Semaphore};
+use tokio::task::JoinSet;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{Message, http};
+use tokio_util::sync::CancellationToken;
+
+/// A connected benchmark client.
+pub type Ws = WebSocketStream<TlsStream<TcpStream>>;
+
+/// Why a benchmark could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("{0}")]
+    Setup(String),
+    #[error("connect: {0}")]
+    Connect(String),
+}
+
+/// How clients authenticate.
+#[derive(Clone)]
+pub enum Auth {
+    /// One token for every client.
+    Token(String),
+    /// Mint an HS256 token per client (`sub` = `bench-<i>`) with this secret.
+    Secret(Vec<u8>),
+}
+
+/// Where and how to connect.
+#[derive(Clone)]
+pub struct Target {
+    addr: SocketAddr,
+    host: String,
+    url: String,
+    tls: Arc<ClientConfig>,
+    auth: Auth,
+    header_carrier: bool,
+    /// A plain broadcast server: no `welcome`, no channels.
+    pub plain: bool,
+    sources: Vec<IpAddr>,
+}
+
+impl Target {
+    /// Resolves `url` (`wss://host:port/path`), trusting the CA file `ca`.
+    ///
+    /// # Errors
+    /// A URL that is not `wss://`, an unresolvable host, or an unusable CA.
+    pub async fn new(
+        url: &str,
+        ca: &std::path::Path,
+        auth: Auth,
+        header_carrier: bool,
+        plain: bool,
+        sources: usize,
+    ) -> Result<Self, BenchError> {
+        let rest = url
+            .strip_prefix("wss://")
+            .ok_or_else(|| BenchError::Setup(format!("{url}: only wss:// URLs")))?;
+        let authority = rest.split('/').next().unwrap_or(rest);
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) => (
+                h.trim_matches(['[', ']']).to_owned(),
+                p.parse::<u16>()
+                    .map_err(|_| BenchError::Setup(format!("bad port in {url}")))?,
+            ),
+            None => (authority.to_owned(), 443),
+        };
+        let addr = tokio::net::lookup_host((host.as_str(), port))
+            .await
+            .map_err(|e| BenchError::Setup(format!("resolve {host}: {e}")))?
+            .find(SocketAddr::is_ipv4)
+            .ok_or_else(|| BenchError::Setup(format!("{host} has no IPv4 address")))?;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in
+            crate::server::tls::load_certs(ca).map_err(|e| BenchError::Setup(e.to_string()))?
+        {
+            roots
+                .add(cert)
+                .map_err(|e| BenchError::Setup(format!("CA: {e}")))?;
+        }
+        let tls = ClientConfig::builder_with_provider(crate::server::tls::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| BenchError::Setup(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        // Spread over 127.0.0.1..N only for loopback targets.
+        let sources = if addr.ip().is_loopback() {
+            (1..=sources.clamp(1, 250))
+                .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, i as u8)))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Ok(Self {
+            addr,
+            host,
+            url: url.to_owned(),
+            tls: Arc::new(tls),
+            auth,
+            header_carrier,
+            plain,
+            sources,
+        })
+    }
+
+    fn token(&self, i: usize) -> Result<String, BenchError> {
+        match &self.auth {
+            Auth::Token(t) => Ok(t.clone()),
+            Auth::Secret(secret) => {
+                let now = crate::auth::mint::unix_now();
+                let claims = serde_json::json!({
+                    "sub": format!("bench-{i}"),
+                    "roles": ["member"],
+                    "iat": now,
+                    "exp": now + 7200,
+                });
+                jsonwebtoken::encode(
+                    &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+                    &claims,
+                    &jsonwebtoken::EncodingKey::from_secret(secret),
+                )
+                .map_err(|e| BenchError::Setup(format!("sign: {e}")))
+            }
+        }
+    }
+
+    /// Opens client `i`: TCP from its source address, TLS, the upgrade with
+    /// a token, and (for wsgate) the `welcome` frame.
+    ///
+    /// # Errors
+    /// Any step failing.
+    pub async fn connect(&self, i: usize) -> Result<Ws, BenchError> {
+        let err = |e: &dyn std::fmt::Display| BenchError::Connect(e.to_string());
+        let socket = TcpSocket::new_v4().map_err(|e| err(&e))?;
+        if let Some(src) = self.sources.get(i % self.sources.len().max(1)) {
+            socket.bind(SocketAddr::new(*src, 0)).map_err(|e| err(&e))?;
+        }
+        let tcp = socket.connect(self.addr).await.map_err(|e| err(&e))?;
+        tcp.set_nodelay(true).map_err(|e| err(&e))?;
+        let name = ServerName::try_from(self.host.clone()).map_err(|e| err(&e))?;
+        let tls = TlsConnector::from(Arc::clone(&self.tls))
+            .connect(name, tcp)
+            .await
+            .map_err(|e| err(&e))?;
+        let mut req = self
+            .url
+            .as_str()
+            .into_client_request()
+            .map_err(|e| err(&e))?;
+        let token = self.token(i)?;
+        let (name, value) = if self.header_carrier {
+            (http::header::AUTHORIZATION, format!("Bearer {token}"))
+        } else {
+            (
+                http::header::SEC_WEBSOCKET_PROTOCOL,
+                format!("wsgate.v1, bearer.{token}"),
+            )
+        };
+        req.headers_mut()
+            .insert(name, value.parse().map_err(|e| err(&e))?);
+        let (mut ws, _) = tokio_tungstenite::client_async(req, tls)
+            .await
+            .map_err(|e| err(&e))?;
+        if !self.plain {
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) if t.starts_with(r#"{"op":"welcome""#) => {}
+                other => return Err(BenchError::Connect(format!("no welcome: {other:?}"))),
+            }
+        }
+        Ok(ws)
+    }
+}
+
+/// Latency percentiles.
+#[derive(Debug, Clone, Copy, Serialize, Default)]
+pub struct Percentiles {
+    pub p50: u64,
+    pub p90: u64,
+    pub p99: u64,
+    pub max: u64,
+}
+
+impl Percentiles {
+    fn of(h: &Histogram<u64>) -> Self {
+        Self {
+            p50: h.value_at_quantile(0.50),
+            p90: h.value_at_quantile(0.90),
+            p99: h.value_at_quantile(0.99),
+            max: h.max(),
+        }
+    }
+}
+
+fn histogram() -> Histogram<u64> {
+    // 1 µs to 10 min at 3 significant digits.
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("constant bounds are valid")
+}
+
+fn micros_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// Reads `"name":<digits>` out of a frame without parsing the JSON.
+fn field_u64(text: &str, name: &str) -> Option<u64> {
+    let at = text.find(name)? + name.len();
+    let digits = text[at..].trim_start();
+    let end = digits
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(digits.len());
+    digits[..end].parse().ok()
+}
+
+/// Opens `n` connections `concurrency` at a time, reporting progress.
+async fn open_many(
+    target: &Target,
+    n: usize,
+    concurrency: usize,
+    what: &str,
+) -> (Vec<(usize, Ws)>, usize) {
+    let permits = Arc::new(Semaphore::new(concurrency.max(1)));
+    let mut set = JoinSet::new();
+    for i in 0..n {
+        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
+            break;
+        };
+        let target = target.clone();
+        set.spawn(async move {
+            let _permit = permit;
+            (i, target.connect(i).await)
+        });
+    }
+    let mut open = Vec::with_capacity(n);
+    let mut failed = 0;
+    let mut last = Instant::now();
+    let mut first_error = None;
+    while let Some(joined) = set.join_next().await {
+        match joined {
+            Ok((i, Ok(ws))) => open.push((i, ws)),
+            Ok((_, Err(e))) => {
+                failed += 1;
+                first_error.get_or_insert(e.to_string());
+            }
+            Err(_) => failed += 1,
+        }
+        if last.elapsed() >= Duration::from_secs(1) {
+            eprintln!("{what}: {} open, {failed} failed", open.len());
+            last = Instant::now();
+        }
+    }
+    if let Some(e) = first_error {
+        eprintln!("{what}: first failure: {e}");
+    }
+    (open, failed)
+}
+
+/// The result of `bench idle`.
+#[derive(Debug, Serialize)]
+pub struct IdleReport {
+    pub mode: &'static str,
+    pub connections: usize,
+    pub opened: usize,
+    pub failed: usize,
+    pub rss_before_kib: Option<u64>,
+    pub rss_after_kib: Option<u64>,
+    pub rss_per_conn_kib: Option<f64>,
+    /// RSS every 10 s while holding (heartbeat growth check).
+    pub rss_samples_kib: Vec<u64>,
+    pub elapsed_s: f64,
+}
+
+/// The resident set of process `pid`, in KiB.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Opens and holds idle connections.
+pub async fn idle(
+    target: &Target,
+    connections: usize,
+    concurrency: usize,
+    hold: Duration,
+    server_pid: Option<u32>,
+) -> IdleReport {
+    let started = Instant::now();
+    let before = server_pid.and_then(rss_kib);
+    let (open, failed) = open_many(target, connections, concurrency, "idle").await;
+    let opened = open.len();
+    // Each connection reads (answering the server's pings) until told to stop.
+    let stop = Arc::new(Notify::new());
+    let mut readers = JoinSet::new();
+    for (_, mut ws) in open {
+        let stop = Arc::clone(&stop);
+        readers.spawn(async move {
+            tokio::select! {
+                () = stop.notified() => {}
+                () = async { while let Some(Ok(_)) = ws.next().await {} } => {}
+            }
+            let _ = ws.close(None).await;
+        });
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = server_pid.and_then(rss_kib);
+    let mut samples = Vec::new();
+    let hold_until = Instant::now() + hold;
+    while Instant::now() < hold_until {
+        let step = hold_until
+            .saturating_duration_since(Instant::now())
+            .min(Duration::from_secs(10));
+        tokio::time::sleep(step).await;
+        if let Some(rss) = server_pid.and_then(rss_kib) {
+            eprintln!("idle: holding {opened}, server RSS {rss} KiB");
+            samples.push(rss);
+        }
+    }
+    stop.notify_waiters();
+    readers.shutdown().await;
+    let per_conn = match (before, after) {
+        (Some(b), Some(a)) if opened > 0 => Some((a.saturating_sub(b)) as f64 / opened as f64),
+        _ => None,
+    };
+    IdleReport {
+        mode: "idle",
+        connections,
+        opened,
+        failed,
+        rss_before_kib: before,
+        rss_after_kib: after,
+        rss_per_conn_kib: per_conn,
+        rss_samples_kib: samples,
+        elapsed_s: started.elapsed().as_secs_f64(),
+    }
+}
+
+/// How the publisher paces itself.
+#[derive(Debug, Clone, Copy)]
+pub enum Pace {
+    /// At most this many messages not yet received by every subscriber.
+    Window(u32),
+    /// This many messages per second.
+    Rate(u32),
+}
+
+/// The result of `bench fanout`.
+#[derive(Debug, Serialize)]
+pub struct FanoutReport {
+    pub mode: &'static str,
+    pub subscribers: usize,
+    pub size: usize,
+    pub window: Option<u32>,
+    pub rate: Option<u32>,
+    pub published: u64,
+    pub delivered: u64,
+    pub duration_s: f64,
+    pub deliveries_per_s: f64,
+    pub latency_us: Percentiles,
+    pub errors: u64,
+}
+
+/// Counts receipts per message so the publisher knows what is complete.
+struct Acks {
+    slots: Vec<AtomicU32>,
+    subscribers: u32,
+    done: Notify,
+}
+
+impl Acks {
+    fn slot(&self, k: u64) -> &AtomicU32 {
+        &self.slots[(k % self.slots.len() as u64) as usize]
+    }
+}
+
+/// One publisher, `subscribers` receivers on `channel`.
+///
+/// # Errors
+/// The publisher could not connect, or no subscriber did.
+pub async fn fanout(
+    target: &Target,
+    subscribers: usize,
+    size: usize,
+    pace: Pace,
+    duration: Duration,
+    warmup: Duration,
+    channel: &str,
+) -> Result<FanoutReport, BenchError> {
+    let (open, failed) = open_many(target, subscribers, 200, "fanout subscribers").await;
+    if open.is_empty() {
+        return Err(BenchError::Connect("no subscriber connected".into()));
+    }
+    let receivers = open.len() as u32;
+    let window = match pace {
+        Pace::Window(w) => w.max(1),
+        Pace::Rate(_) => 1,
+    };
+    let acks = Arc::new(Acks {
+        slots: (0..(u64::from(window) * 4).max(64))
+            .map(|_| AtomicU32::new(0))
+            .collect(),
+        subscribers: receivers,
+        done: Notify::new(),
+    });
+    let measuring = Arc::new(AtomicBool::new(false));
+    let delivered = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(failed as u64));
+    let mut tasks = JoinSet::new();
+    let stop = CancellationToken::new();
+    let subscribe = format!(
+        r#"{{"op":"subscribe","id":1,"channel":{}}}"#,
+        serde_json::to_string(channel).unwrap_or_default()
+    );
+    for (_, mut ws) in open {
+        if !target.plain {
+            if ws.send(Message::text(subscribe.clone())).await.is_err() {
+                errors.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) if t.starts_with(r#"{"op":"ok""#) => {}
+                _ => {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+            }
+        }
+        let (acks, measuring, delivered) = (
+            Arc::clone(&acks),
+            Arc::clone(&measuring),
+            Arc::clone(&delivered),
+        );
+        let plain = target.plain;
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            let mut hist = histogram();
+            loop {
+                let msg = tokio::select! {
+                    () = stop.cancelled() => break,
+                    msg = ws.next() => msg,
+                };
+                let Some(Ok(Message::Text(text))) = msg else {
+                    if msg.is_none() || matches!(msg, Some(Err(_))) {
+                        break;
+                    }
+                    continue;
+                };
+                if !plain && !text.starts_with(r#"{"op":"message""#) {
+                    continue;
+                }
+                let (Some(t), Some(k)) = (field_u64(&text, r#""t":"#), field_u64(&text, r#""k":"#))
+                else {
+                    continue;
+                };
+                if acks.slot(k).fetch_add(1, Ordering::AcqRel) + 1 == acks.subscribers {
+                    acks.done.notify_one();
+                }
+                if measuring.load(Ordering::Relaxed) {
+                    delivered.fetch_add(1, Ordering::Relaxed);
+                    let _ = hist.record(micros_now().saturating_sub(t).max(1));
+                }
+            }
+            hist
+        });
+    }
+    eprintln!("fanout: {receivers} subscribers ready");
+
+    let publisher = target.connect(usize::MAX / 2).await?;
+    let (mut sink, mut stream) = publisher.split();
+    // Drain whatever comes back to the publisher (echoes from plain peers).
+    let drain = tokio::spawn(async move { while let Some(Ok(_)) = stream.next().await {} });
+    let pad = "x".repeat(size.saturating_sub(40));
+    let channel_json = serde_json::to_string(channel).unwrap_or_default();
+    let frame = |k: u64| -> Message {
+        let data = format!(r#"{{"t":{},"k":{k},"p":"{pad}"}}"#, micros_now());
+        if target.plain {
+            Message::text(data)
+        } else {
+            Message::text(format!(
+                r#"{{"op":"publish","channel":{channel_json},"data":{data}}}"#
+            ))
+        }
+    };
+    let started = Instant::now();
+    let measure_from = started + warmup;
+    let end = measure_from + duration;
+    let mut published: u64 = 0;
+    let mut completed: u64 = 0;
+    let mut measured_published: u64 = 0;
+    let mut last_progress = Instant::now();
+    let mut rate_tick = match pace {
+        Pace::Rate(r) => Some(tokio::time::interval(Duration::from_secs_f64(
+            1.0 / f64::from(r.max(1)),
+        ))),
+        Pace::Window(_) => None,
+    };
+    while Instant::now() < end {
+        if !measuring.load(Ordering::Relaxed) && Instant::now() >= measure_from {
+            measuring.store(true, Ordering::Relaxed);
+            measured_published = published;
+        }
+        match &mut rate_tick {
+            Some(tick) => {
+                tick.tick().await;
+                if sink.send(frame(published)).await.is_err() {
+                    break;
+                }
+                published += 1;
+            }
+            None => {
+                let mut fed = false;
+                while published - completed < u64::from(window) {
+                    if sink.feed(frame(published)).await.is_err() {
+                        break;
+                    }
+                    published += 1;
+                    fed = true;
+                }
+                if fed && sink.flush().await.is_err() {
+                    break;
+                }
+                let _ =
+                    tokio::time::timeout(Duration::from_millis(200), acks.done.notified()).await;
+            }
+        }
+        while completed < published && acks.slot(completed).load(Ordering::Acquire) >= receivers {
+            acks.slot(completed).store(0, Ordering::Release);
+            completed += 1;
+        }
+        if last_progress.elapsed() >= Duration::from_secs(1) {
+            eprintln!(
+                "fanout: published {published}, delivered {}",
+                delivered.load(Ordering::Relaxed)
+            );
+            last_progress = Instant::now();
+        }
+    }
+    let measured_for = end.saturating_duration_since(measure_from);
+    measuring.store(false, Ordering::Relaxed);
+    // Let in-flight messages land before reading the histograms.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = sink.close().await;
+    drain.abort();
+    stop.cancel();
+    let mut total = histogram();
+    while let Some(joined) = tasks.join_next().await {
+        if let Ok(h) = joined {
+            let _ = total.add(&h);
+        }
+    }
+    let delivered = delivered.load(Ordering::Relaxed);
+    Ok(FanoutReport {
+        mode: "fanout",
+        subscribers: receivers as usize,
+        size,
+        window: matches!(pace, Pace::Window(_)).then_some(window),
+        rate: match pace {
+            Pace::Rate(r) => Some(r),
+            Pace::Window(_) => None,
+        },
+        published: published - measured_published,
+        delivered,
+        duration_s: measured_for.as_secs_f64(),
+        deliveries_per_s: delivered as f64 / measured_for.as_secs_f64().max(1e-9),
+        latency_us: Percentiles::of(&total),
+        errors: errors.load(Ordering::Relaxed),
+    })
+}
+
+/// The result of `bench connect`.
+#[derive(Debug, Serialize)]
+pub struct ConnectReport {
+    pub mode: &'static str,
+    pub connections: usize,
+    pub ok: usize,
+    pub failed: usize,
+    pub elapsed_s: f64,
+    pub connects_per_s: f64,
+    pub latency_ms: Percentiles,
+}
+
+/// Opens and closes `connections` authenticated connections.
+pub async fn connect(target: &Target, connections: usize, concurrency: usize) -> ConnectReport {
+    let started = Instant::now();
+    let permits = Arc::new(Semaphore::new(concurrency.max(1)));
+    let mut set = JoinSet::new();
+    for i in 0..connections {
+        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
+            break;
+        };
+        let target = target.clone();
+        set.spawn(async move {
+            let _permit = permit;
+            let t0 = Instant::now();
+            let ws = target.connect(i).await;
+            let took = t0.elapsed();
+            if let Ok(mut ws) = ws {
+                let _ = ws.close(None).await;
+                Ok(took)
+            } else {
+                Err(())
+            }
+        });
+    }
+    let mut hist = histogram();
+    let (mut ok, mut failed) = (0, 0);
+    while let Some(joined) = set.join_next().await {
+        match joined {
+            Ok(Ok(took)) => {
+                ok += 1;
+                let _ = hist.record((took.as_micros() as u64).max(1));
+            }
+            _ => failed += 1,
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let us = Percentiles::of(&hist);
+    ConnectReport {
+        mode: "connect",
+        connections,
+        ok,
+        failed,
+        elapsed_s: elapsed,
+        connects_per_s: ok as f64 / elapsed.max(1e-9),
+        latency_ms: Percentiles {
+            p50: us.p50 / 1000,
+            p90: us.p90 / 1000,
+            p99: us.p99 / 1000,
+            max: us.max / 1000,
+        },
+    }
+}
+
+/// Reads an HMAC secret file for `--secret`.
+///
+/// # Errors
+/// The file cannot be read or is too short.
+pub fn secret_from_file(path: &std::path::Path) -> Result<Vec<u8>, BenchError> {
+    crate::auth::read_hmac_secret(path).map_err(|e| BenchError::Setup(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fields_are_read_without_parsing() {
+        let text = r#"{"op":"message","seq":9,"data":{"t":1700000000123456,"k":42,"p":"xx"}}"#;
+        assert_eq!(field_u64(text, r#""t":"#), Some(1_700_000_000_123_456));
+        assert_eq!(field_u64(text, r#""k":"#), Some(42));
+        assert_eq!(field_u64(text, r#""z":"#), None);
+    }
+}

@@ -1,0 +1,64 @@
+//! A quick smoke of `wsgate bench` against a test gateway: each mode runs
+//! briefly and reports what it measured (figures are not asserted: timing
+//! belongs to `bench/run.sh`, not to tests).
+
+use std::time::Duration;
+
+use wsgate::bench::{self, Auth, Pace, Target};
+
+use crate::harness::start;
+
+#[tokio::test]
+async fn every_bench_mode_runs_against_a_gateway() {
+    let gw = start(|c, _| {
+        c.limits.publish_rate_per_s = 1_000_000;
+        c.limits.publish_burst = 1_000_000;
+    })
+    .await;
+    let ca = gw.path("ca.pem");
+    let secret = bench::secret_from_file(&gw.config.auth.hmac_secret_file).unwrap();
+    let target = Target::new(&gw.ws_url(), &ca, Auth::Secret(secret), true, false, 2)
+        .await
+        .unwrap();
+
+    let idle = bench::idle(&target, 20, 5, Duration::ZERO, Some(std::process::id())).await;
+    assert_eq!((idle.opened, idle.failed), (20, 0), "{idle:?}");
+    assert!(idle.rss_after_kib.is_some());
+
+    let fan = bench::fanout(
+        &target,
+        5,
+        100,
+        Pace::Window(4),
+        Duration::from_millis(800),
+        Duration::from_millis(200),
+        "chat:bench",
+    )
+    .await
+    .unwrap();
+    assert_eq!((fan.subscribers, fan.errors), (5, 0), "{fan:?}");
+    assert!(fan.delivered > 0 && fan.published > 0, "{fan:?}");
+    assert!(fan.delivered <= fan.published * 5, "{fan:?}");
+    assert!(
+        fan.latency_us.p50 > 0 && fan.latency_us.max >= fan.latency_us.p99,
+        "{fan:?}"
+    );
+
+    let conn = bench::connect(&target, 20, 4).await;
+    assert_eq!((conn.ok, conn.failed), (20, 0), "{conn:?}");
+    assert!(conn.connects_per_s > 0.0);
+
+    // A bad token: every connection fails, and the report says so.
+    let bad = Target::new(
+        &gw.ws_url(),
+        &ca,
+        Auth::Token("x.y.z".into()),
+        true,
+        false,
+        1,
+    )
+    .await
+    .unwrap();
+    let refused = bench::connect(&bad, 3, 3).await;
+    assert_eq!((refused.ok, refused.failed), (0, 3));
+}
