@@ -31,6 +31,8 @@ use crate::protocol::{self, ClientFrame, CloseCode, ErrorCode, MessageTemplate, 
 const MAX_BAD_FRAMES: u32 = 8;
 /// Queued frames written per socket flush.
 const WRITE_BATCH: usize = 64;
+/// Bytes of frames gathered before tungstenite writes to TLS mid-batch.
+const WRITE_BUFFER: usize = 16 * 1024;
 
 /// Why a session ended; exactly one per session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,9 +140,10 @@ pub fn ws_limits(config: &Config) -> tokio_tungstenite::tungstenite::protocol::W
     let cfg = &config.websocket;
     tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
         .read_buffer_size(cfg.read_buffer_bytes)
-        // Write eagerly; frames are batched per flush by the session.
-        .write_buffer_size(0)
-        .max_write_buffer_size(cfg.max_message_bytes.saturating_mul(4))
+        // Frames queue in tungstenite's buffer until the session flushes a
+        // batch, so a batch is one TLS write and one syscall, not one per frame.
+        .write_buffer_size(WRITE_BUFFER)
+        .max_write_buffer_size(WRITE_BUFFER + cfg.max_message_bytes.saturating_mul(4))
         .max_message_size(Some(cfg.max_message_bytes))
         .max_frame_size(Some(cfg.max_frame_bytes))
         .accept_unmasked_frames(false)
