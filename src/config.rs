@@ -177,7 +177,7 @@ impl Default for WebSocketConfig {
         Self {
             max_message_bytes: 64 * 1024,
             max_frame_bytes: 64 * 1024,
-            read_buffer_bytes: 4 * 1024,
+            read_buffer_bytes: 1024,
             heartbeat_ms: 25_000,
             heartbeat_grace_ms: 10_000,
             write_timeout_ms: 10_000,

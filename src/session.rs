@@ -296,7 +296,8 @@ impl Session<'_> {
         let silence = tokio::time::sleep(silence_limit);
         let expired = sleep_until(expiry_instant(self.ctx.identity.expires_at, leeway));
         tokio::pin!(silence, expired);
-        let mut batch = Vec::with_capacity(WRITE_BATCH);
+        // Grows on first use: an idle connection should not carry it.
+        let mut batch = Vec::new();
 
         loop {
             tokio::select! {

@@ -68,7 +68,8 @@ pub struct Identity {
     pub roles: Vec<String>,
     /// The token's `exp`, unix seconds.
     pub expires_at: u64,
-    /// All claims, for policy templates such as `{claim.tenant}`.
+    /// The claims for policy templates such as `{claim.tenant}`: all but
+    /// `exp`, `iat`, `nbf`, `jti` and the roles claim.
     pub claims: Map<String, Value>,
 }
 
@@ -182,7 +183,7 @@ impl Verifier {
 }
 
 fn identity_from_claims(
-    claims: Map<String, Value>,
+    mut claims: Map<String, Value>,
     roles_claim: &str,
 ) -> Result<Identity, AuthFailure> {
     let user = match claims.get("sub") {
@@ -202,6 +203,11 @@ fn identity_from_claims(
             .collect::<Result<_, _>>()?,
         Some(_) => return Err(AuthFailure::BadClaim),
     };
+    // A session keeps its claims for policy templates; the time claims and
+    // the roles are held above or no longer needed, so they are dropped.
+    for spent in ["exp", "iat", "nbf", "jti", roles_claim] {
+        claims.remove(spent);
+    }
     Ok(Identity {
         user,
         roles,
