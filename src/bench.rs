@@ -105,11 +105,13 @@ impl Target {
                 .add(cert)
                 .map_err(|e| BenchError::Setup(format!("CA: {e}")))?;
         }
-        let tls = ClientConfig::builder_with_provider(crate::server::tls::provider())
+        let mut tls = ClientConfig::builder_with_provider(crate::server::tls::provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| BenchError::Setup(e.to_string()))?
             .with_root_certificates(roots)
             .with_no_client_auth();
+        // Every connection pays a full handshake, as new clients do.
+        tls.resumption = rustls::client::Resumption::disabled();
         // Spread over 127.0.0.1..N only for loopback targets.
         let sources = if addr.ip().is_loopback() {
             (1..=sources.clamp(1, 250))
@@ -248,31 +250,44 @@ async fn open_many(
 ) -> (Vec<(usize, Ws)>, usize) {
     let permits = Arc::new(Semaphore::new(concurrency.max(1)));
     let mut set = JoinSet::new();
-    for i in 0..n {
-        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
-            break;
-        };
-        let target = target.clone();
-        set.spawn(async move {
-            let _permit = permit;
-            (i, target.connect(i).await)
-        });
-    }
     let mut open = Vec::with_capacity(n);
     let mut failed = 0;
     let mut last = Instant::now();
     let mut first_error = None;
-    while let Some(joined) = set.join_next().await {
-        match joined {
+    let mut take =
+        |joined: Result<(usize, Result<Ws, BenchError>), _>, open: &mut Vec<_>| match joined {
             Ok((i, Ok(ws))) => open.push((i, ws)),
             Ok((_, Err(e))) => {
                 failed += 1;
-                first_error.get_or_insert(e.to_string());
+                first_error.get_or_insert_with(|| e.to_string());
             }
             Err(_) => failed += 1,
+        };
+    let mut spawned = 0;
+    while spawned < n || !set.is_empty() {
+        if spawned < n {
+            let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
+                break;
+            };
+            let target = target.clone();
+            let i = spawned;
+            set.spawn(async move {
+                let _permit = permit;
+                (i, target.connect(i).await)
+            });
+            spawned += 1;
+            while let Some(joined) = set.try_join_next() {
+                take(joined, &mut open);
+            }
+        } else if let Some(joined) = set.join_next().await {
+            take(joined, &mut open);
         }
         if last.elapsed() >= Duration::from_secs(1) {
-            eprintln!("{what}: {} open, {failed} failed", open.len());
+            eprintln!(
+                "{what}: {} open of {n}, {} failed",
+                open.len(),
+                spawned - open.len() - set.len()
+            );
             last = Instant::now();
         }
     }
@@ -621,24 +636,33 @@ pub async fn connect(target: &Target, connections: usize, concurrency: usize) ->
             let t0 = Instant::now();
             let ws = target.connect(i).await;
             let took = t0.elapsed();
-            if let Ok(mut ws) = ws {
-                let _ = ws.close(None).await;
-                Ok(took)
-            } else {
-                Err(())
+            match ws {
+                Ok(mut ws) => {
+                    let _ = ws.close(None).await;
+                    Ok(took)
+                }
+                Err(e) => Err(e.to_string()),
             }
         });
     }
     let mut hist = histogram();
     let (mut ok, mut failed) = (0, 0);
+    let mut first_error = None;
     while let Some(joined) = set.join_next().await {
         match joined {
             Ok(Ok(took)) => {
                 ok += 1;
                 let _ = hist.record((took.as_micros() as u64).max(1));
             }
-            _ => failed += 1,
+            Ok(Err(e)) => {
+                failed += 1;
+                first_error.get_or_insert(e);
+            }
+            Err(_) => failed += 1,
         }
+    }
+    if let Some(e) = first_error {
+        eprintln!("connect: first failure: {e}");
     }
     let elapsed = started.elapsed().as_secs_f64();
     let us = Percentiles::of(&hist);

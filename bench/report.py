@@ -1,0 +1,773 @@
+#!/usr/bin/env python3
+"""The benchmark report: docs/benchmarks.md and docs/benchmarks.svg.
+
+Plain Python 3, no packages. Three subcommands, used by bench/run.sh:
+
+  report.py machine
+      prints this machine (CPUs, CPU model, memory, kernel, OS, rustc,
+      node, the git commit, the date) as one JSON object
+  report.py record --scenario S --server wsgate|node --cert ecdsa|rsa
+                   --exit RC --server-command C --bench-command C
+                   --stdout FILE [--samples FILE] [--work DIR] [--root DIR]
+      prints one results line: the run's metadata and the last JSON line
+      of `wsgate bench` (its stdout), with the server's and the load
+      generator's RSS and CPU sampled once a second (--samples lines:
+      `epoch server_rss_kib server_cpu_ticks client_cpu_ticks`)
+  report.py render --results results.jsonl --machine machine.json
+                   --md docs/benchmarks.md --svg docs/benchmarks.svg [--quick 0|1]
+                   [--notes bench/notes.md]
+      writes the report: the machine, the commands, both servers' figures,
+      the ratios wsgate/peer against the targets of the performance issue,
+      and a bar chart of the ratios; the notes file, when it exists, is
+      included verbatim (what does not hold, by how much, what the profile
+      shows, what was tried).
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+
+SERVERS = ("wsgate", "node")
+PEER = "node"
+CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+# Soak: growth of the RSS while idle connections are held counts as noise
+# up to this share of the RSS (or this many KiB, whichever is larger).
+NOISE_SHARE = 0.01
+NOISE_KIB = 1024
+SOAK_TARGET_S = 600
+# "Several thousand" connects per second with the ECDSA P-256 certificate.
+ECDSA_CONNECTS_TARGET = 3000
+
+
+# ---------------------------------------------------------------- machine
+
+
+def _run(*cmd):
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _read(path):
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def machine():
+    cpu_model = None
+    for line in _read("/proc/cpuinfo").splitlines():
+        if line.lower().startswith("model name") and ":" in line:
+            cpu_model = line.split(":", 1)[1].strip()
+            break
+    mem_kib = None
+    for line in _read("/proc/meminfo").splitlines():
+        if line.startswith("MemTotal:"):
+            mem_kib = int(line.split()[1])
+    os_name = None
+    for line in _read("/etc/os-release").splitlines():
+        if line.startswith("PRETTY_NAME="):
+            os_name = line.split("=", 1)[1].strip().strip('"')
+    commit = _run("git", "rev-parse", "--short", "HEAD")
+    if commit and _run("git", "status", "--porcelain", "--untracked-files=no"):
+        commit += " (with uncommitted changes)"
+    nofile = None
+    try:
+        import resource
+
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        pass
+    return {
+        "nproc": int(_run("nproc") or os.cpu_count() or 0),
+        "cpu_model": cpu_model or platform.processor() or "unknown",
+        "mem_total_kib": mem_kib,
+        "kernel": " ".join(filter(None, [platform.system(), platform.release()])),
+        "os": os_name,
+        "rustc": _run("rustc", "--version"),
+        "node": _run("node", "--version"),
+        "commit": commit,
+        "open_files": nofile,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+# ---------------------------------------------------------------- record
+
+
+def last_json_line(text):
+    for line in reversed(text.splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except ValueError:
+                return None
+    return None
+
+
+def read_samples(path):
+    """[(epoch, server_rss_kib, server_ticks, client_ticks|None)]"""
+    samples = []
+    for line in _read(path).splitlines():
+        parts = line.split()
+        try:
+            t, rss, sticks = float(parts[0]), int(parts[1]), int(parts[2])
+            cticks = int(parts[3]) if len(parts) > 3 and parts[3] != "-" else None
+        except (ValueError, IndexError):
+            continue
+        samples.append((t, rss, sticks, cticks))
+    return samples
+
+
+def cpu_percent(samples, index):
+    """Per-interval CPU use (%) from cumulative tick counts."""
+    out = []
+    for a, b in zip(samples, samples[1:]):
+        if a[index] is None or b[index] is None or b[0] <= a[0]:
+            continue
+        out.append(100.0 * (b[index] - a[index]) / CLK_TCK / (b[0] - a[0]))
+    return out
+
+
+def p90(values):
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(0.9 * (len(values) - 1))))]
+
+
+def shorten(cmd, work, root):
+    cmd = re.sub(r"--server-pid \d+", "--server-pid $SERVER_PID", cmd)
+    if work:
+        cmd = cmd.replace(work, "$WORK")
+    if root:
+        cmd = cmd.replace(root + "/", "")
+    return cmd
+
+
+def record(a):
+    text = _read(a.stdout)
+    result = last_json_line(text)
+    samples = read_samples(a.samples) if a.samples else []
+    entry = {
+        "scenario": a.scenario,
+        "server": a.server,
+        "cert": a.cert,
+        "exit": a.exit,
+        "server_command": shorten(a.server_command, a.work, a.root),
+        "bench_command": shorten(a.bench_command, a.work, a.root),
+        "result": result,
+        "samples": [[round(t - samples[0][0], 2), rss] for t, rss, _, _ in samples] if samples else [],
+        "server_cpu_p90": _round(p90(cpu_percent(samples, 2))),
+        "client_cpu_p90": _round(p90(cpu_percent(samples, 3))),
+        "server_rss_max_kib": max((s[1] for s in samples), default=None),
+    }
+    if result is None:
+        entry["error"] = "no JSON line on stdout" + (f" (exit {a.exit})" if a.exit else "")
+    print(json.dumps(entry, separators=(",", ":")))
+
+
+def _round(x, nd=1):
+    return None if x is None else round(x, nd)
+
+
+# ---------------------------------------------------------------- render
+
+
+def load_results(path):
+    runs = []
+    for n, line in enumerate(_read(path).splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            runs.append(json.loads(line))
+        except ValueError:
+            print(f"report.py: {path}:{n}: not JSON, skipped", file=sys.stderr)
+    return runs
+
+
+def get(runs, scenario, server):
+    """The last run of `scenario` on `server` (or None)."""
+    found = None
+    for r in runs:
+        if r.get("scenario") == scenario and r.get("server") == server:
+            found = r
+    return found
+
+
+def res(run, *path):
+    """A number inside the run's result, or None."""
+    if not run or not isinstance(run.get("result"), dict):
+        return None
+    x = run["result"]
+    for p in path:
+        if not isinstance(x, dict) or x.get(p) is None:
+            return None
+        x = x[p]
+    return x if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+
+def hold_growth(run):
+    """(growth KiB, RSS at the start of the hold KiB, hold seconds) of an idle run."""
+    r = run.get("result") if run else None
+    if not isinstance(r, dict):
+        return None
+    start = r.get("rss_after_kib")
+    samples = r.get("rss_samples_kib") or []
+    hold = _hold_of(run)
+    if start is not None and samples:
+        return samples[-1] - start, start, hold
+    # Without the load generator's own samples: run.sh's one-second samples
+    # in the last `hold` seconds before the run ended (2 s margins).
+    mine = run.get("samples") or []
+    if hold and mine:
+        end = mine[-1][0]
+        window = [rss for t, rss in mine if end - hold + 2 <= t <= end - 2]
+        if len(window) >= 2:
+            return window[-1] - window[0], window[0], hold
+    return None
+
+
+def _hold_of(run):
+    parts = (run or {}).get("bench_command", "").split()
+    if "--hold" in parts:
+        try:
+            return float(parts[parts.index("--hold") + 1])
+        except (ValueError, IndexError):
+            pass
+    return None
+
+
+def fmt(x, unit="", nd=None):
+    if x is None:
+        return "n/a"
+    if nd is None:
+        nd = 0 if abs(x) >= 100 else 1 if abs(x) >= 10 else 2
+    s = f"{x:,.{nd}f}"
+    return s + unit
+
+
+def ratio(a, b):
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+class Row:
+    """One figure: both servers' values, the ratio wsgate/peer, the target."""
+
+    def __init__(self, figure, w, p, unit, nd=None, target=None, goal=None, check=None, better="higher", chart=None):
+        self.figure, self.w, self.p, self.unit, self.nd = figure, w, p, unit, nd
+        self.ratio = ratio(w, p)
+        self.target = target  # text
+        self.goal = goal  # (what, op, bound): what "ratio" or "wsgate", op "<=" or ">="
+        self.check = check  # callable(row) -> True/False/None, when there is no goal
+        self.better = better
+        self.chart = chart  # (label, target advantage or None)
+
+    def _measured(self):
+        return self.ratio if self.goal[0] == "ratio" else self.w
+
+    def holds(self):
+        if self.goal:
+            x = self._measured()
+            if x is None:
+                return None
+            return x <= self.goal[2] if self.goal[1] == "<=" else x >= self.goal[2]
+        if self.check is None:
+            return None
+        return self.check(self)
+
+    def shortfall(self):
+        """How many times better wsgate must get to meet the goal (> 1), or None."""
+        if not self.goal or self.holds() is not False:
+            return None
+        x, bound = self._measured(), self.goal[2]
+        if x == 0:
+            return None
+        return x / bound if self.goal[1] == "<=" else bound / x
+
+    def advantage(self):
+        """How many times better wsgate is (higher is better), for the chart."""
+        if self.ratio is None or self.ratio == 0:
+            return None
+        return self.ratio if self.better == "higher" else 1 / self.ratio
+
+
+def verdict(v):
+    return {True: "**yes**", False: "**no**", None: "—"}[v]
+
+
+def build_rows(runs):
+    W, P = "wsgate", PEER
+    rows = []
+
+    def both(scenario, *path):
+        return res(get(runs, scenario, W), *path), res(get(runs, scenario, P), *path)
+
+    # idle memory
+    for scen, n_label in (("idle", "10,000"), ("idle-big", "18,000")):
+        w, p = both(scen, "rss_per_conn_kib")
+        n = res(get(runs, scen, W), "connections") or res(get(runs, scen, P), "connections")
+        label = f"RSS per idle wss connection at {fmt(n, nd=0) if n else n_label} connections"
+        rows.append(
+            Row(
+                label,
+                w,
+                p,
+                " KiB",
+                1,
+                target="≤ 1/5 of the peer's (ratio ≤ 0.20)",
+                goal=("ratio", "<=", 0.2),
+                better="lower",
+                chart=(f"idle RSS/conn, {fmt(n, nd=0) if n else n_label}", 5.0),
+            )
+        )
+    # fan-out
+    for scen, win in (("fanout-w100", "100"), ("fanout-w1", "1")):
+        w, p = both(scen, "deliveries_per_s")
+        subs = res(get(runs, scen, W), "subscribers") or res(get(runs, scen, P), "subscribers")
+        size = res(get(runs, scen, W), "size") or res(get(runs, scen, P), "size")
+        rows.append(
+            Row(
+                f"fan-out 1 → {fmt(subs, nd=0)} subscribers, {fmt(size, nd=0)} B, window {win}: deliveries/s",
+                w,
+                p,
+                "",
+                0,
+                target="≥ 2.5× the peer",
+                goal=("ratio", ">=", 2.5),
+                chart=(f"fan-out w{win}, deliveries/s", 2.5),
+            )
+        )
+        for q in ("p50", "p99"):
+            w, p = both(scen, "latency_us", q)
+            is_target = win == "1" and q == "p99"
+            rows.append(
+                Row(
+                    f"fan-out window {win}: {q} latency",
+                    None if w is None else w / 1000,
+                    None if p is None else p / 1000,
+                    " ms",
+                    2,
+                    target="wsgate ≤ 5 ms" if is_target else None,
+                    goal=("wsgate", "<=", 5.0) if is_target else None,
+                    better="lower",
+                )
+            )
+    # connects
+    w, p = both("connect-rsa", "connects_per_s")
+    rows.append(
+        Row(
+            "authenticated connects/s, RSA-2048 certificate (both)",
+            w,
+            p,
+            "/s",
+            0,
+            target="≥ 2× the peer",
+            goal=("ratio", ">=", 2.0),
+            chart=("connects/s, RSA-2048", 2.0),
+        )
+    )
+    w, p = both("connect-ecdsa", "connects_per_s")
+    rows.append(
+        Row(
+            "authenticated connects/s, ECDSA P-256 certificate",
+            w,
+            p,
+            "/s",
+            0,
+            target=f"wsgate: several thousand (read as ≥ {ECDSA_CONNECTS_TARGET:,}/s)",
+            goal=("wsgate", ">=", ECDSA_CONNECTS_TARGET),
+            chart=("connects/s, ECDSA P-256", None),
+        )
+    )
+    for scen, label in (("connect-rsa", "RSA-2048"), ("connect-ecdsa", "ECDSA P-256")):
+        w, p = both(scen, "latency_ms", "p99")
+        rows.append(Row(f"connect p99 latency, {label}", w, p, " ms", 1, better="lower"))
+    # memory over the hold
+    gw, gp = hold_growth(get(runs, "idle", W)), hold_growth(get(runs, "idle", P))
+    hold = (gw or gp or (None, None, None))[2]
+
+    def soak_check(r):
+        if gw is None:
+            return None
+        growth, start, h = gw
+        if h is None or h < SOAK_TARGET_S:
+            return None
+        return growth <= max(NOISE_KIB, NOISE_SHARE * start)
+
+    rows.append(
+        Row(
+            f"RSS growth while holding the idle connections {fmt(hold, ' s', 0) if hold else ''} (heartbeats)".replace("  ", " "),
+            None if gw is None else gw[0],
+            None if gp is None else gp[0],
+            " KiB",
+            0,
+            target=f"no growth beyond noise (≤ {NOISE_SHARE:.0%} of RSS or {NOISE_KIB} KiB) over {SOAK_TARGET_S // 60} min",
+            check=soak_check,
+            better="lower",
+        )
+    )
+    return rows
+
+
+def md_table(header, rows):
+    out = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    for r in rows:
+        out.append("| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |")
+    return "\n".join(out)
+
+
+def details_table(runs):
+    out = []
+    for r in runs:
+        x = r.get("result") if isinstance(r.get("result"), dict) else {}
+        mode = x.get("mode", "")
+        if mode == "idle":
+            what = (
+                f"{x.get('opened')}/{x.get('connections')} open, {x.get('failed')} failed; "
+                f"RSS {fmt(x.get('rss_before_kib'), nd=0)} → {fmt(x.get('rss_after_kib'), nd=0)} KiB; "
+                f"held: {', '.join(str(s) for s in x.get('rss_samples_kib') or []) or '—'} KiB"
+            )
+        elif mode == "fanout":
+            lat = x.get("latency_us") or {}
+            what = (
+                f"published {x.get('published')}, delivered {x.get('delivered')} in {fmt(x.get('duration_s'), ' s')}, "
+                f"errors {x.get('errors')}; latency µs p50 {lat.get('p50')} p90 {lat.get('p90')} "
+                f"p99 {lat.get('p99')} max {lat.get('max')}"
+            )
+        elif mode == "connect":
+            lat = x.get("latency_ms") or {}
+            what = (
+                f"{x.get('ok')}/{x.get('connections')} ok, {x.get('failed')} failed in {fmt(x.get('elapsed_s'), ' s')}; "
+                f"latency ms p50 {lat.get('p50')} p90 {lat.get('p90')} p99 {lat.get('p99')} max {lat.get('max')}"
+            )
+        else:
+            what = "**failed**: " + str(r.get("error") or f"exit {r.get('exit')}")
+        if r.get("exit") not in (0, None) and mode:
+            what += f" (**exit {r.get('exit')}**)"
+        out.append(
+            (
+                r.get("scenario"),
+                r.get("server"),
+                r.get("cert"),
+                what,
+                fmt(r.get("server_cpu_p90"), " %", 0),
+                fmt(r.get("client_cpu_p90"), " %", 0),
+            )
+        )
+    return md_table(("scenario", "server", "cert", "result", "server CPU p90", "bench CPU p90"), out)
+
+
+def render_md(runs, mach, rows, quick, svg_name, notes=None):
+    W = "wsgate"
+    lines = []
+    add = lines.append
+    add("# Benchmarks: wsgate beside a hand-rolled Node `ws` server")
+    add("")
+    add(
+        "Generated by `bench/run.sh` (with `bench/report.py`); do not edit by hand. "
+        "Each server runs pinned to CPU 0 and the load generator, `wsgate bench`, to CPU 1, "
+        "over loopback, one server at a time, wsgate and the peer alternately. "
+        "The peer is `bench/peers/node-ws`: Node's `https` + `ws` + `jsonwebtoken`, "
+        "checking an HS256 token at the upgrade and broadcasting every text message to every open client "
+        "(no channels, policies or envelope, so it does less work per message than wsgate)."
+    )
+    add("")
+    if quick:
+        add(
+            "> **Smoke run (`BENCH_QUICK=1`)**: small numbers and short durations; "
+            "these figures only show that the pipeline works, not how the servers compare."
+        )
+        add("")
+    add("## Machine")
+    add("")
+    mem = mach.get("mem_total_kib")
+    add(
+        md_table(
+            ("", ""),
+            [
+                ("date", mach.get("date", "n/a")),
+                ("CPUs (`nproc`)", mach.get("nproc", "n/a")),
+                ("CPU model", mach.get("cpu_model", "n/a")),
+                ("memory", f"{mem / 1024 / 1024:.1f} GiB" if mem else "n/a"),
+                ("kernel", mach.get("kernel", "n/a")),
+                ("OS", mach.get("os") or "n/a"),
+                ("rustc", mach.get("rustc") or "n/a"),
+                ("node", mach.get("node") or "n/a"),
+                ("open files per process", mach.get("open_files") or "n/a"),
+                ("wsgate commit", mach.get("commit") or "n/a"),
+            ],
+        )
+    )
+    add("")
+    add("## Results against the targets")
+    add("")
+    add(
+        "Ratios are wsgate ÷ peer. For memory and latency lower is better; "
+        "for deliveries and connects higher is better."
+    )
+    add("")
+    table = []
+    for r in rows:
+        table.append(
+            (
+                r.figure,
+                fmt(r.w, r.unit, r.nd),
+                fmt(r.p, r.unit, r.nd),
+                fmt(r.ratio, "×", 2) if r.ratio is not None else "n/a",
+                r.target or "—",
+                verdict(r.holds()) + (f" ({r.shortfall():.2f}× short)" if r.shortfall() else ""),
+            )
+        )
+    add(md_table(("figure", "wsgate", "Node ws peer", "wsgate / peer", "target", "holds"), table))
+    add("")
+    soak = [r for r in rows if r.figure.startswith("RSS growth")]
+    if soak and soak[0].holds() is None:
+        hold = _hold_of(get(runs, "idle", W))
+        add(
+            f"The memory target is judged only on a hold of at least {SOAK_TARGET_S} s "
+            f"(this run held {fmt(hold, ' s', 0) if hold else 'n/a'}); run `BENCH_SOAK={SOAK_TARGET_S} bench/run.sh` for it. "
+            "The growth shown is the RSS at the last sample of the hold minus the RSS just after the ramp."
+        )
+        add("")
+    add(
+        "“× short”: how many times better wsgate's figure must get to meet the target. "
+        "The chart shows how many times better than the peer wsgate is, beside the target "
+        "(memory as peer ÷ wsgate, rates as wsgate ÷ peer)."
+    )
+    add("")
+    add(f"![ratios against the targets]({svg_name})")
+    add("")
+    if notes:
+        add("## Notes")
+        add("")
+        add("_From `bench/notes.md`._")
+        add("")
+        add(notes.strip())
+        add("")
+    add("## Every run")
+    add("")
+    add(
+        "CPU columns: the 90th percentile of one-second samples of each process's CPU use "
+        "(100 % is one core) over the whole run, ramp-up included; a server near 100 % is the "
+        "bottleneck, a load generator near 100 % may be."
+    )
+    add("")
+    add(details_table(runs))
+    add("")
+    add("## Commands")
+    add("")
+    add(
+        "`$WORK` is the temporary directory of the run. Setup: `cargo build --release`; "
+        "`npm ci` in `bench/peers/node-ws` (when missing); `ulimit -n` raised to the hard limit; "
+        "`wsgate certs --out $WORK/certs` (ECDSA P-256 and its CA); "
+        "`openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=localhost "
+        "-addext subjectAltName=DNS:localhost,IP:127.0.0.1 -addext basicConstraints=critical,CA:FALSE "
+        "-addext extendedKeyUsage=serverAuth -keyout $WORK/certs/rsa.key -out $WORK/certs/rsa.pem` "
+        "(self-signed, trusted as its own CA; `CA:FALSE`, since rustls refuses a CA certificate as a server's); a 64-byte HMAC secret; `policies/default.toml`; and "
+        "`$WORK/wsgate-ecdsa.toml` / `$WORK/wsgate-rsa.toml`:"
+    )
+    add("")
+    add("```toml")
+    add(CONFIG_SAMPLE)
+    add("```")
+    add("")
+    add("Each run: the server command, then the load generator (`$SERVER_PID` is the server's pid); "
+        "the server is stopped (SIGTERM) and its port closed before the next run.")
+    add("")
+    add("```sh")
+    for r in runs:
+        add(f"# {r.get('scenario')}: {r.get('server')} ({r.get('cert')})")
+        add(r.get("server_command", "") + " &")
+        add(r.get("bench_command", ""))
+    add("```")
+    add("")
+    return "\n".join(lines)
+
+
+CONFIG_SAMPLE = """[server]
+listen = "127.0.0.1:9443"
+max_connections = 30000
+
+[tls]
+cert_file = "$WORK/certs/server.pem"   # rsa: $WORK/certs/rsa.pem
+key_file = "$WORK/certs/server.key"    # rsa: $WORK/certs/rsa.key
+
+[auth]
+algorithms = ["HS256"]
+hmac_secret_file = "$WORK/hmac.secret"
+
+[websocket]
+outbox_frames = 4096
+
+[limits]
+publish_rate_per_s = 10000000
+publish_burst = 10000000
+max_connections_per_user = 100000
+max_subscriptions = 64
+
+[policy]
+dir = "$WORK/policies"
+
+[log]
+level = "warn\""""
+
+
+def esc(s):
+    return str(s).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+
+
+def render_svg(rows, quick):
+    """A grouped bar chart: per figure, how many times better wsgate is than
+    the peer (measured) beside the target, on one linear axis."""
+    groups = [(r.chart[0], r.advantage(), r.chart[1]) for r in rows if r.chart]
+    width, height = 760, 420
+    left, right, top, bottom = 70, 20, 70, 90
+    plot_w, plot_h = width - left - right, height - top - bottom
+    top_value = max([1.0] + [v for _, v, t in groups for v in (v, t) if v is not None])
+    scale_max = _nice_ceiling(top_value * 1.15)
+    y = lambda v: top + plot_h - plot_h * min(v, scale_max) / scale_max
+    out = []
+    a = out.append
+    a(f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">')
+    a(f'<rect width="{width}" height="{height}" fill="#fff"/>')
+    title = "wsgate vs. the Node ws peer: times better (measured) and the target"
+    if quick:
+        title += " — smoke run"
+    a(f'<text x="{width / 2}" y="22" text-anchor="middle" font-size="15" font-weight="bold">{esc(title)}</text>')
+    a(f'<text x="{width / 2}" y="40" text-anchor="middle" fill="#555">memory: peer ÷ wsgate; deliveries and connects: wsgate ÷ peer. Higher is better.</text>')
+    # grid
+    step = _nice_step(scale_max)
+    v = 0.0
+    while v <= scale_max + 1e-9:
+        yy = y(v)
+        a(f'<line x1="{left}" y1="{yy:.1f}" x2="{width - right}" y2="{yy:.1f}" stroke="#e3e3e3"/>')
+        a(f'<text x="{left - 6}" y="{yy + 4:.1f}" text-anchor="end" fill="#555">{v:g}×</text>')
+        v += step
+    a(f'<line x1="{left}" y1="{y(1):.1f}" x2="{width - right}" y2="{y(1):.1f}" stroke="#888" stroke-dasharray="4 3"/>')
+    a(f'<text x="{width - right - 2}" y="{y(1) - 4:.1f}" text-anchor="end" fill="#888">parity</text>')
+    a(f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="#333"/>')
+    a(f'<line x1="{left}" y1="{top + plot_h}" x2="{width - right}" y2="{top + plot_h}" stroke="#333"/>')
+    n = max(1, len(groups))
+    gw = plot_w / n
+    bw = min(38, gw / 3)
+    for i, (label, value, target) in enumerate(groups):
+        x0 = left + i * gw + gw / 2
+        bars = [(value, "#2f6db5", "measured"), (target, "#b9b9b9", "target")]
+        for j, (val, color, _) in enumerate(bars):
+            bx = x0 - bw - 2 + j * (bw + 4)
+            if val is None:
+                text = "n/a" if j == 0 else "(table)"
+                a(f'<text x="{bx + bw / 2:.1f}" y="{top + plot_h - 6}" text-anchor="middle" fill="#777" font-size="11">{text}</text>')
+                continue
+            by = y(val)
+            fill = color
+            if j == 0 and target is not None:
+                fill = "#2f8f4e" if val >= target else "#c0392b"
+            a(f'<rect x="{bx:.1f}" y="{by:.1f}" width="{bw:.1f}" height="{top + plot_h - by:.1f}" fill="{fill}"/>')
+            a(f'<text x="{bx + bw / 2:.1f}" y="{by - 4:.1f}" text-anchor="middle" font-size="11">{val:.2f}×</text>')
+        lines = _wrap(label, 18)
+        for k, ln in enumerate(lines):
+            a(f'<text x="{x0:.1f}" y="{top + plot_h + 16 + 14 * k}" text-anchor="middle">{esc(ln)}</text>')
+    # legend
+    lx, ly = left, height - 22
+    for color, text in (("#2f8f4e", "measured, target holds"), ("#c0392b", "measured, target missed"),
+                        ("#2f6db5", "measured (no target)"), ("#b9b9b9", "target")):
+        a(f'<rect x="{lx}" y="{ly - 10}" width="12" height="12" fill="{color}"/>')
+        a(f'<text x="{lx + 16}" y="{ly}">{esc(text)}</text>')
+        lx += 30 + 7 * len(text)
+    a("</svg>")
+    return "\n".join(out) + "\n"
+
+
+def _nice_step(vmax):
+    for step in (0.5, 1, 2, 5, 10, 20, 50, 100):
+        if vmax / step <= 8:
+            return step
+    return 200
+
+
+def _nice_ceiling(v):
+    step = _nice_step(v)
+    return step * -(-v // step)
+
+
+def _wrap(text, width):
+    words, lines, cur = text.split(), [], ""
+    for w in words:
+        if cur and len(cur) + 1 + len(w) > width:
+            lines.append(cur)
+            cur = w
+        else:
+            cur = f"{cur} {w}".strip()
+    if cur:
+        lines.append(cur)
+    return lines
+
+
+def render(a):
+    runs = load_results(a.results)
+    mach = json.loads(_read(a.machine) or "{}") if a.machine else machine()
+    rows = build_rows(runs)
+    quick = str(a.quick) == "1"
+    svg_name = os.path.basename(a.svg)
+    with open(a.md, "w", encoding="utf-8") as f:
+        notes = _read(a.notes) if a.notes else None
+        f.write(render_md(runs, mach, rows, quick, svg_name, notes))
+    with open(a.svg, "w", encoding="utf-8") as f:
+        f.write(render_svg(rows, quick))
+    # A short summary on stdout.
+    for r in rows:
+        print(f"{r.figure}: wsgate {fmt(r.w, r.unit, r.nd)}, peer {fmt(r.p, r.unit, r.nd)}, "
+              f"ratio {fmt(r.ratio, '×', 2)}" + (f", target {r.target}: {verdict(r.holds()).strip('*')}" if r.target else "")
+              + (f" ({r.shortfall():.2f}× short)" if r.shortfall() else ""))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("machine")
+    rec = sub.add_parser("record")
+    rec.add_argument("--scenario", required=True)
+    rec.add_argument("--server", required=True)
+    rec.add_argument("--cert", required=True)
+    rec.add_argument("--exit", type=int, default=0)
+    rec.add_argument("--server-command", default="")
+    rec.add_argument("--bench-command", default="")
+    rec.add_argument("--stdout", required=True)
+    rec.add_argument("--samples")
+    rec.add_argument("--work")
+    rec.add_argument("--root")
+    ren = sub.add_parser("render")
+    ren.add_argument("--results", required=True)
+    ren.add_argument("--machine")
+    ren.add_argument("--md", required=True)
+    ren.add_argument("--svg", required=True)
+    ren.add_argument("--quick", default="0")
+    ren.add_argument("--notes", help="a Markdown file included as the report's Notes section, if it exists")
+    a = ap.parse_args(argv)
+    if a.cmd == "machine":
+        print(json.dumps(machine()))
+    elif a.cmd == "record":
+        record(a)
+    else:
+        render(a)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,324 @@
+#!/usr/bin/env bash
+# wsgate beside the Node `ws` peer (bench/peers/node-ws), on this machine.
+#
+# Builds wsgate (release), installs the peer (npm ci), makes certificates,
+# an HMAC secret, policies and a benchmark config in a temporary directory,
+# then runs each scenario against wsgate and then the peer: every server
+# pinned to CPU 0, `wsgate bench` pinned to CPU 1. Collects the JSON line
+# of every run into results.jsonl and writes the report with
+# bench/report.py: docs/benchmarks.md and docs/benchmarks.svg.
+#
+#   bench/run.sh                  the full run (under 15 minutes)
+#   BENCH_QUICK=1 bench/run.sh    a ~2-minute smoke with small numbers; its
+#                                 report goes to the work directory, not docs/
+#
+# Every number can be set (defaults: full run / quick run):
+#   BENCH_IDLE_N=10000/1000  BENCH_IDLE_BIG_N=18000/2000  BENCH_IDLE_SOURCES=4
+#   BENCH_HOLD=60/5 (seconds the 10,000 are held)  BENCH_BIG_HOLD=20/5
+#   BENCH_SUBSCRIBERS=1000/200   BENCH_SIZE=100
+#   BENCH_DURATION=10/3      BENCH_WARMUP=2/1             BENCH_CONNECT_N=2000/300
+#   BENCH_SOAK=0  (seconds: hold wsgate's 10,000 idle connections that long
+#                  instead of BENCH_HOLD, e.g. 600 for the 10-minute
+#                  heartbeat soak, which then adds 9 minutes to the run)
+#   BENCH_ONLY="idle idle-big fanout-w100 fanout-w1 connect"  (a subset)
+#   BENCH_SERVERS="wsgate node"   BENCH_PORT=9443 (wsgate; the peer uses +1)
+#   BENCH_DOCS=dir  where the report goes (default docs/, or the work dir
+#                   when BENCH_QUICK=1)   BENCH_KEEP=1  keep the work dir
+#
+# bench/notes.md, when it exists, is copied into the report as its Notes
+# (which targets miss, by how much, what the profiles show, what was tried).
+set -euo pipefail
+export LC_ALL=C
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+QUICK=${BENCH_QUICK:-0}
+if [[ $QUICK == 1 ]]; then
+  d_idle=1000 d_big=2000 d_hold=5 d_big_hold=5 d_subs=200 d_dur=3 d_warm=1 d_conn=300
+else
+  d_idle=10000 d_big=18000 d_hold=60 d_big_hold=20 d_subs=1000 d_dur=10 d_warm=2 d_conn=2000
+fi
+IDLE_N=${BENCH_IDLE_N:-$d_idle}
+IDLE_BIG_N=${BENCH_IDLE_BIG_N:-$d_big}
+HOLD=${BENCH_HOLD:-$d_hold}
+BIG_HOLD=${BENCH_BIG_HOLD:-$d_big_hold}
+SOAK=${BENCH_SOAK:-0}
+IDLE_SOURCES=${BENCH_IDLE_SOURCES:-4}
+SUBS=${BENCH_SUBSCRIBERS:-$d_subs}
+SIZE=${BENCH_SIZE:-100}
+DURATION=${BENCH_DURATION:-$d_dur}
+WARMUP=${BENCH_WARMUP:-$d_warm}
+CONNECT_N=${BENCH_CONNECT_N:-$d_conn}
+ONLY=${BENCH_ONLY:-"idle idle-big fanout-w100 fanout-w1 connect"}
+SERVERS=${BENCH_SERVERS:-"wsgate node"}
+WS_PORT=${BENCH_PORT:-9443}
+NODE_PORT=$((WS_PORT + 1))
+SERVER_CPU=0
+CLIENT_CPU=1
+
+log() { printf '\n[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { printf 'bench/run.sh: %s\n' "$*" >&2; exit 1; }
+
+# ---------------------------------------------------------------- tools
+need_cmd() { command -v "$1" >/dev/null 2>&1; }
+apt_install() {
+  need_cmd apt-get || die "$1 is missing and there is no apt-get to install it"
+  local sudo=
+  [[ $(id -u) == 0 ]] || sudo=sudo
+  log "installing $1 (apt)"
+  $sudo apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$1" >&2
+}
+need_cmd taskset || apt_install util-linux
+need_cmd openssl || apt_install openssl
+need_cmd python3 || apt_install python3
+need_cmd node || apt_install nodejs
+need_cmd npm || apt_install npm
+need_cmd cargo || die "cargo is missing: install a Rust toolchain (1.88 or newer)"
+[[ $(nproc) -ge 2 ]] || die "needs at least 2 CPUs (server on CPU $SERVER_CPU, load on CPU $CLIENT_CPU)"
+
+log "cargo build --release"
+cargo build --release >&2
+BIN=$ROOT/target/release/wsgate
+"$BIN" bench --help >/dev/null 2>&1 || die "$BIN has no 'bench' command"
+
+PEER=$ROOT/bench/peers/node-ws
+if ! (cd "$PEER" && node -e "require.resolve('ws'); require.resolve('jsonwebtoken')" 2>/dev/null) ||
+   [[ $PEER/package-lock.json -nt $PEER/node_modules/.package-lock.json ]]; then
+  log "npm ci (bench/peers/node-ws)"
+  (cd "$PEER" && npm ci --no-audit --no-fund >&2)
+fi
+
+# The most open files this shell (and so every server and client) may have.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+NOFILE=$(ulimit -n)
+if [[ $NOFILE != unlimited ]] && ((NOFILE < IDLE_BIG_N + 100)); then
+  log "open-file limit $NOFILE is below $IDLE_BIG_N connections; the large idle run may fail"
+fi
+
+# ---------------------------------------------------------------- setup
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/wsgate-bench.XXXXXX")
+mkdir -p "$WORK/logs"
+KEEP=${BENCH_KEEP:-0}
+DOCS=${BENCH_DOCS:-}
+if [[ -z $DOCS ]]; then
+  if [[ $QUICK == 1 ]]; then DOCS=$WORK KEEP=1; else DOCS=$ROOT/docs; fi
+fi
+RESULTS=$WORK/results.jsonl
+: >"$RESULTS"
+log "work directory $WORK"
+
+"$BIN" certs --out "$WORK/certs" >"$WORK/logs/certs.log"        # ECDSA P-256, its CA
+openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=localhost \
+  -addext subjectAltName=DNS:localhost,IP:127.0.0.1 \
+  -addext basicConstraints=critical,CA:FALSE -addext extendedKeyUsage=serverAuth \
+  -keyout "$WORK/certs/rsa.key" -out "$WORK/certs/rsa.pem" 2>"$WORK/logs/openssl.log"
+head -c 48 /dev/urandom | base64 -w0 >"$WORK/hmac.secret"       # 64 bytes of text
+echo >>"$WORK/hmac.secret"
+mkdir -p "$WORK/policies"
+cp "$ROOT/policies/default.toml" "$WORK/policies/"
+
+# cert name -> server cert, server key, CA the client trusts
+cert_file() { case $1 in ecdsa) echo "$WORK/certs/server.pem" ;; rsa) echo "$WORK/certs/rsa.pem" ;; esac; }
+key_file() { case $1 in ecdsa) echo "$WORK/certs/server.key" ;; rsa) echo "$WORK/certs/rsa.key" ;; esac; }
+ca_file() { case $1 in ecdsa) echo "$WORK/certs/ca.pem" ;; rsa) echo "$WORK/certs/rsa.pem" ;; esac; }
+
+for cert in ecdsa rsa; do
+  cat >"$WORK/wsgate-$cert.toml" <<EOF
+# wsgate configuration for benchmarks (bench/run.sh)
+[server]
+listen = "127.0.0.1:$WS_PORT"
+max_connections = 30000
+
+[tls]
+cert_file = "$(cert_file $cert)"
+key_file = "$(key_file $cert)"
+
+[auth]
+algorithms = ["HS256"]
+hmac_secret_file = "$WORK/hmac.secret"
+
+[websocket]
+outbox_frames = 4096
+
+[limits]
+publish_rate_per_s = 10000000
+publish_burst = 10000000
+max_connections_per_user = 100000
+max_subscriptions = 64
+
+[policy]
+dir = "$WORK/policies"
+
+[log]
+level = "warn"
+EOF
+  "$BIN" check-config --config "$WORK/wsgate-$cert.toml" >"$WORK/logs/check-config-$cert.log" ||
+    die "wsgate check-config failed: $(cat "$WORK/logs/check-config-$cert.log")"
+done
+
+python3 "$ROOT/bench/report.py" machine >"$WORK/machine.json"
+
+# ---------------------------------------------------------------- servers
+SPID=
+SPORT=
+SCMD=
+
+# Is something listening on 127.0.0.1:$1 (any address) right now?
+listening() {
+  local hex
+  hex=$(printf '%04X' "$1")
+  awk -v p=":$hex" 'NR > 1 && $4 == "0A" && substr($2, length($2) - 4) == p { found = 1 } END { exit !found }' \
+    /proc/net/tcp /proc/net/tcp6 2>/dev/null
+}
+
+start_server() { # server cert
+  local server=$1 cert=$2 logf port
+  logf=$WORK/logs/$1-$2-$(date +%s%N).log
+  port=$WS_PORT
+  [[ $server == node ]] && port=$NODE_PORT
+  ! listening "$port" || die "port $port is already in use; choose others with BENCH_PORT"
+  case $server in
+    wsgate)
+      SPORT=$WS_PORT
+      SCMD="taskset -c $SERVER_CPU $BIN serve --config $WORK/wsgate-$cert.toml"
+      taskset -c "$SERVER_CPU" "$BIN" serve --config "$WORK/wsgate-$cert.toml" >"$logf" 2>&1 &
+      ;;
+    node)
+      SPORT=$NODE_PORT
+      SCMD="PORT=$NODE_PORT CERT=$(cert_file "$cert") KEY=$(key_file "$cert") SECRET_FILE=$WORK/hmac.secret taskset -c $SERVER_CPU node $PEER/server.mjs"
+      PORT=$NODE_PORT HOST=127.0.0.1 CERT=$(cert_file "$cert") KEY=$(key_file "$cert") SECRET_FILE=$WORK/hmac.secret \
+        taskset -c "$SERVER_CPU" node "$PEER/server.mjs" >"$logf" 2>&1 &
+      ;;
+  esac
+  SPID=$!
+  local i
+  for ((i = 0; i < 300; i++)); do
+    listening "$SPORT" && return 0
+    kill -0 "$SPID" 2>/dev/null || { cat "$logf" >&2; die "$server exited at start"; }
+    sleep 0.1
+  done
+  cat "$logf" >&2
+  die "$server did not listen on port $SPORT within 30 s"
+}
+
+stop_server() {
+  [[ -n $SPID ]] || return 0
+  kill -TERM "$SPID" 2>/dev/null || true
+  local i
+  for ((i = 0; i < 150; i++)); do
+    kill -0 "$SPID" 2>/dev/null || break
+    sleep 0.1
+  done
+  kill -KILL "$SPID" 2>/dev/null || true
+  wait "$SPID" 2>/dev/null || true
+  for ((i = 0; i < 300; i++)); do
+    listening "$SPORT" || break
+    sleep 0.1
+  done
+  SPID=
+}
+finish() {
+  local rc=$?
+  stop_server
+  if [[ $KEEP == 1 || $rc != 0 ]]; then
+    log "logs and results kept in $WORK"
+  else
+    rm -rf "$WORK"
+  fi
+}
+trap finish EXIT
+trap 'exit 130' INT TERM
+
+# Samples, once a second until killed, into $3: the time, the server's RSS
+# (KiB) and CPU ticks, and the load generator's CPU ticks.
+sample() {
+  local spid=$1 cpid=$2 out=$3 rss sticks cticks
+  taskset -cp "$CLIENT_CPU" "$BASHPID" >/dev/null 2>&1 || true
+  while rss=$(awk '/^VmRSS:/ { print $2 }' "/proc/$spid/status" 2>/dev/null) && [[ -n $rss ]]; do
+    sticks=$(awk '{ print $14 + $15 }' "/proc/$spid/stat" 2>/dev/null) || sticks=0
+    cticks=$(awk '{ print $14 + $15 }' "/proc/$cpid/stat" 2>/dev/null) || cticks=-
+    echo "$EPOCHREALTIME $rss ${sticks:-0} ${cticks:--}" >>"$out"
+    sleep 1
+  done
+}
+
+FAILED=0
+
+# run_bench scenario server cert bench-args...
+run_bench() {
+  local scenario=$1 server=$2 cert=$3
+  shift 3
+  local url=wss://127.0.0.1:$WS_PORT/ws plain=()
+  if [[ $server == node ]]; then
+    url=wss://127.0.0.1:$NODE_PORT/ws
+    plain=(--plain)
+  fi
+  start_server "$server" "$cert"
+  local mode=$1
+  shift
+  local args=("$mode" --url "$url" --ca "$(ca_file "$cert")" --secret "$WORK/hmac.secret" "${plain[@]}" "$@")
+  if [[ $mode == idle ]]; then args+=(--server-pid "$SPID"); fi
+  local tag=$scenario-$server-$cert out err samples rc=0
+  out=$WORK/logs/$tag.out err=$WORK/logs/$tag.err samples=$WORK/logs/$tag.samples
+  log "$scenario: $server ($cert): wsgate bench ${args[*]}"
+  taskset -c "$CLIENT_CPU" "$BIN" bench "${args[@]}" >"$out" 2> >(tee "$err" >&2) &
+  local bpid=$!
+  sample "$SPID" "$bpid" "$samples" &
+  local sampler=$!
+  wait "$bpid" || rc=$?
+  kill "$sampler" 2>/dev/null || true
+  wait "$sampler" 2>/dev/null || true
+  stop_server
+  ((rc == 0)) || { FAILED=$((FAILED + 1)); log "$scenario: $server: wsgate bench exited with $rc"; }
+  python3 "$ROOT/bench/report.py" record \
+    --scenario "$scenario" --server "$server" --cert "$cert" --exit "$rc" \
+    --server-command "$SCMD" \
+    --bench-command "taskset -c $CLIENT_CPU $BIN bench ${args[*]}" \
+    --stdout "$out" --samples "$samples" --work "$WORK" --root "$ROOT" >>"$RESULTS"
+  tail -n 1 "$out" >&2 || true
+}
+
+want() { [[ " $ONLY " == *" $1 "* ]]; }
+
+# ---------------------------------------------------------------- scenarios
+started=$SECONDS
+for server in $SERVERS; do
+  if want idle; then
+    idle_hold=$HOLD
+    if [[ $server == wsgate ]] && ((SOAK > 0)); then idle_hold=$SOAK; fi
+    run_bench idle "$server" ecdsa idle --connections "$IDLE_N" --concurrency 200 \
+      --hold "$idle_hold" --sources "$IDLE_SOURCES"
+  fi
+done
+for server in $SERVERS; do
+  if want idle-big; then
+    run_bench idle-big "$server" ecdsa idle --connections "$IDLE_BIG_N" --concurrency 200 \
+      --hold "$BIG_HOLD" --sources "$IDLE_SOURCES"
+  fi
+done
+for window in 100 1; do
+  for server in $SERVERS; do
+    if want "fanout-w$window"; then
+      run_bench "fanout-w$window" "$server" ecdsa fanout --subscribers "$SUBS" --size "$SIZE" \
+        --window "$window" --duration "$DURATION" --warmup "$WARMUP"
+    fi
+  done
+done
+for cert in rsa ecdsa; do
+  for server in $SERVERS; do
+    if want connect; then
+      run_bench "connect-$cert" "$server" "$cert" connect --connections "$CONNECT_N" --concurrency 50
+    fi
+  done
+done
+log "benchmarks took $((SECONDS - started)) s"
+
+# ---------------------------------------------------------------- report
+mkdir -p "$DOCS"
+python3 "$ROOT/bench/report.py" render --results "$RESULTS" --machine "$WORK/machine.json" \
+  --quick "$QUICK" --md "$DOCS/benchmarks.md" --svg "$DOCS/benchmarks.svg" --notes "$ROOT/bench/notes.md"
+cp "$RESULTS" "$DOCS/benchmarks.jsonl" 2>/dev/null || true
+log "wrote $DOCS/benchmarks.md and $DOCS/benchmarks.svg ($FAILED failed runs)"
+((FAILED == 0))
