@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior, sleep_until, timeout};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -248,6 +248,15 @@ where
     reason
 }
 
+/// Completes at the next policy swap, handing the receiver back to re-arm.
+async fn policy_change(mut changes: watch::Receiver<u64>) -> watch::Receiver<u64> {
+    if changes.changed().await.is_err() {
+        // The store outlives every session; were it gone, wait forever.
+        std::future::pending::<()>().await;
+    }
+    changes
+}
+
 /// Sends the close frame for `reason` (or completes the client's close
 /// handshake), then shuts the stream down, all under the write deadline.
 async fn close<S>(ws: &mut WebSocketStream<S>, reason: CloseReason, limit: Duration)
@@ -289,20 +298,25 @@ impl Session<'_> {
         let leeway = Duration::from_secs(cfg.auth.leeway_s);
         let mut tick = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut policy_changes = self.services.policies.changes();
         let slow = self.subscriber.slow.clone();
+        // These live across iterations: re-creating them per frame would
+        // register and unregister a waiter each time, and the policy one is
+        // shared by every session.
+        let shutdown_signal = shutdown.cancelled();
+        let slow_signal = slow.cancelled();
+        let mut policy_changed = Box::pin(policy_change(self.services.policies.changes()));
         let mut last_seen = Instant::now();
         // Re-armed lazily when it fires, so an inbound frame costs no timer work.
         let silence = tokio::time::sleep(silence_limit);
         let expired = sleep_until(expiry_instant(self.ctx.identity.expires_at, leeway));
-        tokio::pin!(silence, expired);
+        tokio::pin!(silence, expired, shutdown_signal, slow_signal);
         // Grows on first use: an idle connection should not carry it.
         let mut batch = Vec::new();
 
         loop {
             tokio::select! {
-                () = shutdown.cancelled() => return CloseReason::Shutdown,
-                () = slow.cancelled() => return CloseReason::SlowReader,
+                () = &mut shutdown_signal => return CloseReason::Shutdown,
+                () = &mut slow_signal => return CloseReason::SlowReader,
                 () = &mut expired => return CloseReason::TokenExpired,
                 () = &mut silence => {
                     let deadline = last_seen + silence_limit;
@@ -317,11 +331,10 @@ impl Session<'_> {
                         return reason;
                     }
                 }
-                changed = policy_changes.changed() => {
-                    if changed.is_ok() {
-                        self.policy = self.services.policies.current();
-                        self.recheck_subscriptions("the policy no longer allows this subscription");
-                    }
+                changes = &mut policy_changed => {
+                    self.policy = self.services.policies.current();
+                    self.recheck_subscriptions("the policy no longer allows this subscription");
+                    policy_changed = Box::pin(policy_change(changes));
                 }
                 n = outbox.recv_many(&mut batch, WRITE_BATCH) => {
                     // The sender lives in `self`, so the outbox never closes here.
