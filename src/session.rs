@@ -17,7 +17,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info};
+use tracing::debug;
 
 use crate::auth::mint::unix_now;
 use crate::auth::{Identity, Verifier};
@@ -209,6 +209,9 @@ where
     let cfg = &services.config;
     let write_timeout = Duration::from_millis(cfg.websocket.write_timeout_ms);
     let (outbox_tx, mut outbox) = mpsc::channel(cfg.websocket.outbox_frames);
+    // Subscribe to policy swaps before reading the set, so a swap in
+    // between is seen as a change rather than missed.
+    let policy_changes = services.policies.changes();
     let mut session = Session {
         services,
         policy: services.policies.current(),
@@ -235,16 +238,17 @@ where
     let slow = session.subscriber.slow.clone();
     let reason = match send_all(&mut ws, first, write_timeout, &slow).await {
         Err(reason) => reason,
-        Ok(()) => session.event_loop(&mut ws, &mut outbox, &shutdown).await,
+        Ok(()) => {
+            session
+                .event_loop(&mut ws, &mut outbox, policy_changes, &shutdown)
+                .await
+        }
     };
     session.leave_all();
     close(&mut ws, reason, write_timeout).await;
-    match reason {
-        CloseReason::ClientClosed | CloseReason::Shutdown => {
-            debug!(reason = reason.label(), "session ended");
-        }
-        _ => info!(reason = reason.label(), "session closed"),
-    }
+    // Every reason so far is the client's doing or a normal end: nothing
+    // for an operator to act on, so debug (metrics count them).
+    debug!(reason = reason.label(), "session closed");
     reason
 }
 
@@ -286,6 +290,7 @@ impl Session<'_> {
         &mut self,
         ws: &mut WebSocketStream<S>,
         outbox: &mut mpsc::Receiver<Utf8Bytes>,
+        policy_changes: watch::Receiver<u64>,
         shutdown: &CancellationToken,
     ) -> CloseReason
     where
@@ -304,7 +309,7 @@ impl Session<'_> {
         // shared by every session.
         let shutdown_signal = shutdown.cancelled();
         let slow_signal = slow.cancelled();
-        let mut policy_changed = Box::pin(policy_change(self.services.policies.changes()));
+        let mut policy_changed = Box::pin(policy_change(policy_changes));
         let mut last_seen = Instant::now();
         // Re-armed lazily when it fires, so an inbound frame costs no timer work.
         let silence = tokio::time::sleep(silence_limit);
