@@ -247,6 +247,21 @@ impl Drop for Gateway {
     }
 }
 
+/// `token` sent as a bearer header is refused 401 `invalid_token`, with the
+/// contract's refusal shape.
+pub async fn assert_invalid_token(gw: &Gateway, token: &str, why: &str) {
+    let res = gw
+        .raw(&gw.upgrade_head("/ws", &[&format!("Authorization: Bearer {token}")]))
+        .await;
+    assert_eq!(res.status, 401, "{why}: {res:?}");
+    res.assert_refused(401);
+    assert_eq!(
+        res.header("www-authenticate"),
+        Some("Bearer error=\"invalid_token\""),
+        "{why}"
+    );
+}
+
 /// Waits for the server's close frame, skipping pings, and returns its code.
 pub async fn expect_close(ws: &mut Ws) -> u16 {
     use futures_util::StreamExt;
