@@ -188,7 +188,13 @@ struct Session<'a> {
     ctx: SessionContext,
     policy: Arc<PolicySet>,
     subscriptions: HashSet<ChannelName>,
-    subscriber: Subscriber,
+    /// Created with the outbox on the first reply or subscription, so an
+    /// idle connection carries neither.
+    subscriber: Option<Subscriber>,
+    /// The outbox receiver just created, for the loop to take over.
+    new_outbox: Option<mpsc::Receiver<Utf8Bytes>>,
+    /// Fired by the hub when this session's outbox is full.
+    slow: CancellationToken,
     bucket: Bucket,
     strikes: u32,
     bad_frames: u32,
@@ -208,7 +214,6 @@ where
 {
     let cfg = &services.config;
     let write_timeout = Duration::from_millis(cfg.websocket.write_timeout_ms);
-    let (outbox_tx, mut outbox) = mpsc::channel(cfg.websocket.outbox_frames);
     // Subscribe to policy swaps before reading the set, so a swap in
     // between is seen as a change rather than missed.
     let policy_changes = services.policies.changes();
@@ -216,11 +221,9 @@ where
         services,
         policy: services.policies.current(),
         subscriptions: HashSet::new(),
-        subscriber: Subscriber {
-            session: ctx.number,
-            outbox: outbox_tx,
-            slow: CancellationToken::new(),
-        },
+        subscriber: None,
+        new_outbox: None,
+        slow: CancellationToken::new(),
         bucket: Bucket::new(cfg.limits.publish_rate_per_s, cfg.limits.publish_burst),
         strikes: 0,
         bad_frames: 0,
@@ -235,14 +238,10 @@ where
     }
     .encode();
     let first = std::iter::once(Message::text(welcome));
-    let slow = session.subscriber.slow.clone();
+    let slow = session.slow.clone();
     let reason = match send_all(&mut ws, first, write_timeout, &slow).await {
         Err(reason) => reason,
-        Ok(()) => {
-            session
-                .event_loop(&mut ws, &mut outbox, policy_changes, &shutdown)
-                .await
-        }
+        Ok(()) => session.event_loop(&mut ws, policy_changes, &shutdown).await,
     };
     session.leave_all();
     close(&mut ws, reason, write_timeout).await;
@@ -250,6 +249,17 @@ where
     // for an operator to act on, so debug (metrics count them).
     debug!(reason = reason.label(), "session closed");
     reason
+}
+
+/// The next batch from the outbox; pending until the outbox exists.
+async fn recv_batch(
+    outbox: Option<&mut mpsc::Receiver<Utf8Bytes>>,
+    batch: &mut Vec<Utf8Bytes>,
+) -> usize {
+    match outbox {
+        Some(rx) => rx.recv_many(batch, WRITE_BATCH).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Completes at the next policy swap, handing the receiver back to re-arm.
@@ -289,7 +299,6 @@ impl Session<'_> {
     async fn event_loop<S>(
         &mut self,
         ws: &mut WebSocketStream<S>,
-        outbox: &mut mpsc::Receiver<Utf8Bytes>,
         policy_changes: watch::Receiver<u64>,
         shutdown: &CancellationToken,
     ) -> CloseReason
@@ -303,7 +312,8 @@ impl Session<'_> {
         let leeway = Duration::from_secs(cfg.auth.leeway_s);
         let mut tick = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let slow = self.subscriber.slow.clone();
+        let slow = self.slow.clone();
+        let mut outbox: Option<mpsc::Receiver<Utf8Bytes>> = None;
         // These live across iterations: re-creating them per frame would
         // register and unregister a waiter each time, and the policy one is
         // shared by every session.
@@ -319,6 +329,9 @@ impl Session<'_> {
         let mut batch = Vec::new();
 
         loop {
+            if let Some(rx) = self.new_outbox.take() {
+                outbox = Some(rx);
+            }
             tokio::select! {
                 () = &mut shutdown_signal => return CloseReason::Shutdown,
                 () = &mut slow_signal => return CloseReason::SlowReader,
@@ -341,7 +354,7 @@ impl Session<'_> {
                     self.recheck_subscriptions("the policy no longer allows this subscription");
                     policy_changed = Box::pin(policy_change(changes));
                 }
-                n = outbox.recv_many(&mut batch, WRITE_BATCH) => {
+                n = recv_batch(outbox.as_mut(), &mut batch) => {
                     // The sender lives in `self`, so the outbox never closes here.
                     if n > 0 {
                         let frames = batch.drain(..).map(Message::Text);
@@ -378,9 +391,24 @@ impl Session<'_> {
     /// is not reading: it is cut off like any slow reader.
     fn reply(&mut self, frame: &ServerFrame<'_>) {
         let text = Utf8Bytes::from(frame.encode());
-        if self.subscriber.outbox.try_send(text).is_err() {
-            self.subscriber.slow.cancel();
+        if self.subscriber().outbox.try_send(text).is_err() {
+            self.slow.cancel();
         }
+    }
+
+    /// This session as a hub subscriber, creating the outbox on first use.
+    fn subscriber(&mut self) -> &Subscriber {
+        let (new_outbox, slow) = (&mut self.new_outbox, &self.slow);
+        let (number, depth) = (self.ctx.number, self.services.config.websocket.outbox_frames);
+        self.subscriber.get_or_insert_with(|| {
+            let (outbox, rx) = mpsc::channel(depth);
+            *new_outbox = Some(rx);
+            Subscriber {
+                session: number,
+                outbox,
+                slow: slow.clone(),
+            }
+        })
     }
 
     fn ok(&mut self, id: Option<u64>) {
@@ -470,9 +498,8 @@ impl Session<'_> {
         }
         // The ok goes into the outbox first, so no message can overtake it.
         self.ok(id);
-        self.services
-            .hub
-            .subscribe(&channel, self.subscriber.clone());
+        let subscriber = self.subscriber().clone();
+        self.services.hub.subscribe(&channel, subscriber);
         self.subscriptions.insert(channel);
     }
 
