@@ -105,7 +105,14 @@ impl Target {
                 .add(cert)
                 .map_err(|e| BenchError::Setup(format!("CA: {e}")))?;
         }
-        let mut tls = ClientConfig::builder_with_provider(crate::server::tls::provider())
+        // Offer AES-128-GCM-SHA256 first, as browsers, Node and Python do;
+        // rustls' own default puts AES-256-GCM-SHA384 first, whose handshake
+        // hashing (SHA-384) has no hardware help on common CPUs.
+        let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+        provider
+            .cipher_suites
+            .sort_by_key(|suite| suite.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+        let mut tls = ClientConfig::builder_with_provider(Arc::new(provider))
             .with_safe_default_protocol_versions()
             .map_err(|e| BenchError::Setup(e.to_string()))?
             .with_root_certificates(roots)

@@ -399,7 +399,10 @@ impl Session<'_> {
     /// This session as a hub subscriber, creating the outbox on first use.
     fn subscriber(&mut self) -> &Subscriber {
         let (new_outbox, slow) = (&mut self.new_outbox, &self.slow);
-        let (number, depth) = (self.ctx.number, self.services.config.websocket.outbox_frames);
+        let (number, depth) = (
+            self.ctx.number,
+            self.services.config.websocket.outbox_frames,
+        );
         self.subscriber.get_or_insert_with(|| {
             let (outbox, rx) = mpsc::channel(depth);
             *new_outbox = Some(rx);
