@@ -62,7 +62,7 @@ pub struct ServerConfig {
     pub drain_grace_ms: u64,
     /// Hard deadline for sessions to close at shutdown, in milliseconds.
     pub shutdown_timeout_ms: u64,
-    /// Exact `Origin` values (scheme://host[:port]) allowed to open `/ws`.
+    /// Exact `Origin` values (`scheme://host[:port]`) allowed to open `/ws`.
     pub allowed_origins: Vec<String>,
     /// Also allow an `Origin` equal to `https://` + the request's `Host`.
     pub allow_same_origin: bool,

@@ -6,6 +6,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -120,6 +121,7 @@ impl CloseReason {
 #[derive(Debug)]
 pub struct Services {
     pub config: Config,
+    pub metrics: crate::metrics::Metrics,
     pub verifier: Verifier,
     pub policies: PolicyStore,
     pub hub: Hub,
@@ -239,12 +241,16 @@ where
     .encode();
     let first = std::iter::once(Message::text(welcome));
     let slow = session.slow.clone();
+    let metrics = &services.metrics;
+    metrics.sessions_open.fetch_add(1, Ordering::Relaxed);
     let reason = match send_all(&mut ws, first, write_timeout, &slow).await {
         Err(reason) => reason,
         Ok(()) => session.event_loop(&mut ws, policy_changes, &shutdown).await,
     };
     session.leave_all();
     close(&mut ws, reason, write_timeout).await;
+    metrics.sessions_open.fetch_sub(1, Ordering::Relaxed);
+    metrics.sessions_closed.inc(reason.label());
     // Every reason so far is the client's doing or a normal end: nothing
     // for an operator to act on, so debug (metrics count them).
     debug!(reason = reason.label(), "session closed");
@@ -460,6 +466,10 @@ impl Session<'_> {
             ClientFrame::Unsubscribe { id, channel } => {
                 if self.subscriptions.remove(&channel) {
                     self.services.hub.unsubscribe(&channel, self.ctx.number);
+                    self.services
+                        .metrics
+                        .subscriptions
+                        .fetch_sub(1, Ordering::Relaxed);
                     self.ok(id);
                 } else {
                     self.error(
@@ -504,6 +514,10 @@ impl Session<'_> {
         let subscriber = self.subscriber().clone();
         self.services.hub.subscribe(&channel, subscriber);
         self.subscriptions.insert(channel);
+        self.services
+            .metrics
+            .subscriptions
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     fn publish(
@@ -538,11 +552,18 @@ impl Session<'_> {
             );
             return None;
         }
+        let started = Instant::now();
         let message = MessageTemplate::new(channel, &self.ctx.identity.user, data);
         // The local hub cannot fail, so the ok may go first: the publisher
         // then sees its ok before the echo of its own message.
         self.ok(id);
-        self.services.hub.publish(channel, &message);
+        let published = self.services.hub.publish(channel, &message);
+        let metrics = &self.services.metrics;
+        metrics.messages_received.fetch_add(1, Ordering::Relaxed);
+        metrics
+            .messages_delivered
+            .fetch_add(published.delivered as u64, Ordering::Relaxed);
+        metrics.publish.observe(started.elapsed());
         None
     }
 
@@ -583,14 +604,23 @@ impl Session<'_> {
         for channel in lost {
             self.subscriptions.remove(&channel);
             self.services.hub.unsubscribe(&channel, self.ctx.number);
+            self.services
+                .metrics
+                .subscriptions
+                .fetch_sub(1, Ordering::Relaxed);
             self.error(None, ErrorCode::Forbidden, message, Some(&channel));
         }
     }
 
     fn leave_all(&mut self) {
+        let n = self.subscriptions.len() as i64;
         for channel in self.subscriptions.drain() {
             self.services.hub.unsubscribe(&channel, self.ctx.number);
         }
+        self.services
+            .metrics
+            .subscriptions
+            .fetch_sub(n, Ordering::Relaxed);
     }
 }
 

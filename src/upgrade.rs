@@ -162,8 +162,18 @@ impl Refusal {
             Self::UserLimit => "user_limit",
             Self::NoToken => "no_token",
             Self::SubprotocolCarrier(_) | Self::Carrier(_) => "carrier",
-            Self::InvalidToken(f) => f.label(),
+            Self::InvalidToken(_) => "invalid_token",
             Self::NotFound => "not_found",
+        }
+    }
+
+    /// For refusals about the token: why, as an authentication failure.
+    pub fn auth_failure(self) -> Option<&'static str> {
+        match self {
+            Self::NoToken => Some("no_token"),
+            Self::SubprotocolCarrier(_) | Self::Carrier(_) => Some("carrier"),
+            Self::InvalidToken(f) => Some(f.label()),
+            _ => None,
         }
     }
 

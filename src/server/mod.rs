@@ -1,6 +1,6 @@
 //! The listener: connection permits, the accept loop with back-off, the TLS
 //! handshake under its deadline, hyper's HTTP/1.1 with its limits, and
-//! shutdown. Routes live in [`routes`], the TLS config in [`tls`].
+//! shutdown. Routes live in `routes`, the TLS config in [`tls`].
 //!
 //! hyper stops tracking a connection once it is upgraded, so sessions are
 //! tracked here, in a `TaskTracker`, and each holds its connection permit.
@@ -94,6 +94,7 @@ impl Server {
         let shared = Arc::new(Shared {
             upgrade: UpgradePolicy::from_config(&config),
             services: Arc::new(Services {
+                metrics: crate::metrics::Metrics::default(),
                 verifier,
                 policies,
                 hub: Hub::default(),
@@ -219,7 +220,7 @@ impl Server {
                     tcp,
                     acceptor.clone(),
                     Arc::clone(&shared),
-                    Arc::new(permit),
+                    Arc::new(ConnSlot::new(permit, Arc::clone(&shared.services))),
                     overloaded,
                 )
                 .instrument(span),
@@ -260,17 +261,19 @@ impl ServerHandle {
     /// # Errors
     /// The file, line and reason of the first problem.
     pub fn reload_policies(&self) -> Result<usize, PolicyError> {
-        reload_policies(&self.shared.services.policies, "signal")
+        reload_policies(&self.shared.services, "signal")
     }
 }
 
-fn reload_policies(store: &PolicyStore, trigger: &'static str) -> Result<usize, PolicyError> {
-    match store.reload() {
+fn reload_policies(services: &Services, trigger: &'static str) -> Result<usize, PolicyError> {
+    match services.policies.reload() {
         Ok(rules) => {
+            services.metrics.policy_reloads.inc("ok");
             info!(trigger, rules, "policies reloaded");
             Ok(rules)
         }
         Err(e) => {
+            services.metrics.policy_reloads.inc("failed");
             warn!(trigger, error = %e, "policy reload refused; keeping the previous policies");
             Err(e)
         }
@@ -302,7 +305,7 @@ async fn watch_policies(shared: Arc<Shared>, stop: CancellationToken) {
         } else if settling.as_ref() == Some(&now) {
             loaded = now;
             settling = None;
-            let _ = reload_policies(store, "file change");
+            let _ = reload_policies(&shared.services, "file change");
         } else {
             settling = Some(now);
         }
@@ -314,18 +317,23 @@ async fn serve_connection(
     tcp: TcpStream,
     acceptor: TlsAcceptor,
     shared: Arc<Shared>,
-    permit: Arc<OwnedSemaphorePermit>,
+    permit: Arc<ConnSlot>,
     overloaded: bool,
 ) {
     if let Err(e) = tcp.set_nodelay(true) {
         debug!(error = %e, "set_nodelay failed");
     }
+    let metrics = &shared.services.metrics;
+    let started = std::time::Instant::now();
     let handshake = tokio::time::timeout(
         shared.services.config.handshake_timeout(),
         acceptor.accept(tcp),
     );
     let stream = match handshake.await {
-        Ok(Ok(stream)) => stream,
+        Ok(Ok(stream)) => {
+            metrics.handshake.observe(started.elapsed());
+            stream
+        }
         Ok(Err(e)) => {
             debug!(error = %e, "tls handshake failed");
             return;
@@ -365,6 +373,36 @@ async fn serve_connection(
     if let Err(e) = result {
         // Header timeouts, 431s and resets land here; client faults.
         debug!(error = %e, "http connection ended with an error");
+    }
+}
+
+/// A held connection: its permit and its place in
+/// `wsgate_connections_open`, both released when the connection ends
+/// (after the session, for an upgraded one).
+pub(crate) struct ConnSlot {
+    _permit: OwnedSemaphorePermit,
+    services: Arc<Services>,
+}
+
+impl ConnSlot {
+    fn new(permit: OwnedSemaphorePermit, services: Arc<Services>) -> Self {
+        services
+            .metrics
+            .connections_open
+            .fetch_add(1, Ordering::Relaxed);
+        Self {
+            _permit: permit,
+            services,
+        }
+    }
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.services
+            .metrics
+            .connections_open
+            .fetch_sub(1, Ordering::Relaxed);
     }
 }
 

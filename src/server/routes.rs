@@ -11,12 +11,11 @@ use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tracing::{Instrument, debug, info_span};
 
-use super::{Shared, web};
+use super::{ConnSlot, Shared, web};
 use crate::session::{self, SessionContext};
 use crate::upgrade::{self, Refusal};
 
@@ -25,7 +24,7 @@ type Body = Full<Bytes>;
 pub(super) fn handle(
     req: Request<Incoming>,
     shared: &Arc<Shared>,
-    permit: Arc<OwnedSemaphorePermit>,
+    permit: Arc<ConnSlot>,
     overloaded: bool,
 ) -> Response<Body> {
     let draining = shared.draining.load(Ordering::Relaxed);
@@ -37,6 +36,7 @@ pub(super) fn handle(
         "/readyz" if draining => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
         "/readyz" if overloaded => text(StatusCode::SERVICE_UNAVAILABLE, "full\n"),
         "/readyz" => text(StatusCode::OK, "ready\n"),
+        "/metrics" => metrics(shared),
         "/dev/token" if shared.dev_endpoints => {
             web::dev_token(&shared.services.config, req.uri().query())
         }
@@ -53,7 +53,7 @@ pub(super) fn handle(
 fn upgrade_ws(
     mut req: Request<Incoming>,
     shared: &Arc<Shared>,
-    permit: Arc<OwnedSemaphorePermit>,
+    permit: Arc<ConnSlot>,
     draining: bool,
 ) -> Response<Body> {
     let services = &shared.services;
@@ -64,6 +64,7 @@ fn upgrade_ws(
     let Some(slot) = UserSlot::take(shared, &accepted.identity.user) else {
         return refuse(Refusal::UserLimit, shared);
     };
+    services.metrics.upgrades.inc("ok");
     let response = accepted.response();
     let ctx = SessionContext {
         number: shared.next_session.fetch_add(1, Ordering::Relaxed),
@@ -139,9 +140,17 @@ impl Drop for UserSlot {
 }
 
 fn refuse(refusal: Refusal, shared: &Shared) -> Response<Body> {
+    let metrics = &shared.services.metrics;
+    if refusal != Refusal::NotFound {
+        metrics.upgrades.inc(refusal.label());
+    }
+    if let Some(reason) = refusal.auth_failure() {
+        metrics.auth_failures.inc(reason);
+    }
     debug!(
         status = refusal.status().as_u16(),
         reason = refusal.label(),
+        auth = refusal.auth_failure().unwrap_or(""),
         "request refused"
     );
     refusal.response(&shared.upgrade)
@@ -150,6 +159,17 @@ fn refuse(refusal: Refusal, shared: &Shared) -> Response<Body> {
 /// A health answer. Any origin may read it: it says nothing private, and
 /// browser clients on other origins probe `/readyz` to tell a refused
 /// upgrade from a gateway that is down.
+fn metrics(shared: &Shared) -> Response<Body> {
+    let mut res = Response::new(Full::new(Bytes::from(shared.services.metrics.render())));
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    res.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    res
+}
+
 fn text(status: StatusCode, body: &'static str) -> Response<Body> {
     let mut res = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *res.status_mut() = status;

@@ -7,4 +7,5 @@ mod channels;
 mod harness;
 mod limits;
 mod logs;
+mod metrics;
 mod upgrade;

@@ -1,0 +1,353 @@
+//! Prometheus metrics, kept as plain atomics and rendered in the text
+//! exposition format at `/metrics`. Every label value comes from a fixed
+//! set in this module (refusal reasons, close reasons, results): never a
+//! user id, a channel or a token, so cardinality is bounded by design.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Labels of `wsgate_upgrades_total{result}`: `ok` and every refusal.
+pub const UPGRADE_RESULTS: [&str; 12] = [
+    "ok",
+    "bad_upgrade",
+    "plain_get",
+    "version",
+    "origin",
+    "draining",
+    "overloaded",
+    "user_limit",
+    "no_token",
+    "carrier",
+    "invalid_token",
+    "not_found",
+];
+
+/// Labels of `wsgate_auth_failures_total{reason}`.
+pub const AUTH_FAILURES: [&str; 12] = [
+    "no_token",
+    "carrier",
+    "malformed",
+    "algorithm",
+    "crit",
+    "signature",
+    "expired",
+    "not_yet_valid",
+    "issuer",
+    "audience",
+    "missing_claim",
+    "bad_claim",
+];
+
+/// Labels of `wsgate_sessions_closed_total{reason}` (see `CloseReason`).
+pub const CLOSE_REASONS: [&str; 13] = [
+    "client_closed",
+    "shutdown",
+    "token_expired",
+    "heartbeat_timeout",
+    "write_timeout",
+    "slow_reader",
+    "rate_limited",
+    "protocol_error",
+    "binary",
+    "invalid_utf8",
+    "bad_frames",
+    "too_big",
+    "io",
+];
+
+/// A counter per label value of a fixed set.
+#[derive(Debug)]
+pub struct LabeledCounter<const N: usize> {
+    labels: &'static [&'static str; N],
+    values: [AtomicU64; N],
+}
+
+impl<const N: usize> LabeledCounter<N> {
+    const fn new(labels: &'static [&'static str; N]) -> Self {
+        Self {
+            labels,
+            values: [const { AtomicU64::new(0) }; N],
+        }
+    }
+
+    /// Counts one for `label`; a label outside the set is a bug, counted nowhere.
+    pub fn inc(&self, label: &str) {
+        if let Some(i) = self.labels.iter().position(|l| *l == label) {
+            self.values[i].fetch_add(1, Ordering::Relaxed);
+        } else {
+            debug_assert!(false, "unknown metric label {label}");
+        }
+    }
+
+    pub fn get(&self, label: &str) -> u64 {
+        self.labels
+            .iter()
+            .position(|l| *l == label)
+            .map_or(0, |i| self.values[i].load(Ordering::Relaxed))
+    }
+
+    fn render(&self, out: &mut String, name: &str, label: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for (l, v) in self.labels.iter().zip(&self.values) {
+            let _ = writeln!(
+                out,
+                "{name}{{{label}=\"{l}\"}} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
+    }
+}
+
+/// Upper bounds of the latency histograms, in seconds.
+const BUCKETS: [f64; 12] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5,
+];
+
+/// A cumulative histogram with fixed buckets.
+#[derive(Debug)]
+pub struct Histogram {
+    buckets: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    const fn new() -> Self {
+        Self {
+            buckets: [const { AtomicU64::new(0) }; BUCKETS.len()],
+            count: AtomicU64::new(0),
+            sum_micros: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, took: Duration) {
+        let secs = took.as_secs_f64();
+        if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (bound, n) in BUCKETS.iter().zip(&self.buckets) {
+            cumulative += n.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+        }
+        let count = self.count();
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
+    }
+}
+
+/// Every metric of the process.
+#[derive(Debug)]
+pub struct Metrics {
+    /// TCP connections held (handshaking, HTTP or WebSocket).
+    pub connections_open: AtomicI64,
+    /// Upgraded WebSocket sessions.
+    pub sessions_open: AtomicI64,
+    pub upgrades: LabeledCounter<12>,
+    pub auth_failures: LabeledCounter<12>,
+    pub sessions_closed: LabeledCounter<13>,
+    /// Live subscriptions over all sessions.
+    pub subscriptions: AtomicI64,
+    /// Publications accepted from clients.
+    pub messages_received: AtomicU64,
+    /// `message` frames queued to subscribers.
+    pub messages_delivered: AtomicU64,
+    pub policy_reloads: LabeledCounter<2>,
+    /// TLS handshake durations.
+    pub handshake: Histogram,
+    /// From a decoded `publish` to its frames being in every outbox.
+    pub publish: Histogram,
+}
+
+const RESULTS: [&str; 2] = ["ok", "failed"];
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            connections_open: AtomicI64::new(0),
+            sessions_open: AtomicI64::new(0),
+            upgrades: LabeledCounter::new(&UPGRADE_RESULTS),
+            auth_failures: LabeledCounter::new(&AUTH_FAILURES),
+            sessions_closed: LabeledCounter::new(&CLOSE_REASONS),
+            subscriptions: AtomicI64::new(0),
+            messages_received: AtomicU64::new(0),
+            messages_delivered: AtomicU64::new(0),
+            policy_reloads: LabeledCounter::new(&RESULTS),
+            handshake: Histogram::new(),
+            publish: Histogram::new(),
+        }
+    }
+}
+
+impl Metrics {
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(8 * 1024);
+        let gauge = |out: &mut String, name: &str, help: &str, v: i64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        };
+        let counter = |out: &mut String, name: &str, help: &str, v: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+            );
+        };
+        let load = |a: &AtomicI64| a.load(Ordering::Relaxed);
+        gauge(
+            &mut out,
+            "wsgate_connections_open",
+            "TCP connections held, in any phase.",
+            load(&self.connections_open),
+        );
+        gauge(
+            &mut out,
+            "wsgate_sessions_open",
+            "Upgraded WebSocket sessions.",
+            load(&self.sessions_open),
+        );
+        gauge(
+            &mut out,
+            "wsgate_subscriptions",
+            "Live channel subscriptions.",
+            load(&self.subscriptions),
+        );
+        self.upgrades.render(
+            &mut out,
+            "wsgate_upgrades_total",
+            "result",
+            "Requests on /ws by result.",
+        );
+        self.auth_failures.render(
+            &mut out,
+            "wsgate_auth_failures_total",
+            "reason",
+            "Upgrades refused for their token, by reason.",
+        );
+        self.sessions_closed.render(
+            &mut out,
+            "wsgate_sessions_closed_total",
+            "reason",
+            "Ended sessions by close reason.",
+        );
+        counter(
+            &mut out,
+            "wsgate_messages_received_total",
+            "Publications accepted from clients.",
+            self.messages_received.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "wsgate_messages_delivered_total",
+            "Message frames queued to subscribers.",
+            self.messages_delivered.load(Ordering::Relaxed),
+        );
+        self.policy_reloads.render(
+            &mut out,
+            "wsgate_policy_reloads_total",
+            "result",
+            "Policy reloads by result.",
+        );
+        self.handshake.render(
+            &mut out,
+            "wsgate_tls_handshake_seconds",
+            "TLS handshake duration.",
+        );
+        self.publish.render(
+            &mut out,
+            "wsgate_publish_seconds",
+            "From a decoded publish to its frames in every outbox.",
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_match_the_enums_they_mirror() {
+        use crate::auth::AuthFailure::*;
+        use crate::session::CloseReason as C;
+        use crate::upgrade::Refusal as R;
+        for f in [
+            Malformed,
+            Algorithm,
+            Crit,
+            Signature,
+            Expired,
+            NotYetValid,
+            Issuer,
+            Audience,
+            MissingClaim,
+            BadClaim,
+        ] {
+            assert!(AUTH_FAILURES.contains(&f.label()), "{}", f.label());
+        }
+        let refusals = [
+            R::BadUpgrade(""),
+            R::PlainGet,
+            R::Version,
+            R::Origin,
+            R::Draining,
+            R::Overloaded,
+            R::UserLimit,
+            R::NoToken,
+            R::SubprotocolCarrier(""),
+            R::Carrier(""),
+            R::InvalidToken(Expired),
+            R::NotFound,
+        ];
+        for r in refusals {
+            assert!(UPGRADE_RESULTS.contains(&r.label()), "{}", r.label());
+            if let Some(reason) = r.auth_failure() {
+                assert!(AUTH_FAILURES.contains(&reason), "{reason}");
+            }
+        }
+        for c in [
+            C::ClientClosed,
+            C::Shutdown,
+            C::TokenExpired,
+            C::HeartbeatTimeout,
+            C::WriteTimeout,
+            C::SlowReader,
+            C::RateLimited,
+            C::ProtocolError,
+            C::Binary,
+            C::InvalidUtf8,
+            C::BadFrames,
+            C::TooBig,
+            C::Io,
+        ] {
+            assert!(CLOSE_REASONS.contains(&c.label()), "{}", c.label());
+        }
+    }
+
+    #[test]
+    fn renders_counters_and_cumulative_buckets() {
+        let m = Metrics::default();
+        m.upgrades.inc("ok");
+        m.upgrades.inc("origin");
+        m.handshake.observe(Duration::from_micros(300));
+        m.handshake.observe(Duration::from_millis(30));
+        let text = m.render();
+        assert!(text.contains("wsgate_upgrades_total{result=\"ok\"} 1"));
+        assert!(text.contains("wsgate_upgrades_total{result=\"origin\"} 1"));
+        assert!(text.contains("wsgate_tls_handshake_seconds_bucket{le=\"0.0005\"} 1"));
+        assert!(text.contains("wsgate_tls_handshake_seconds_bucket{le=\"0.05\"} 2"));
+        assert!(text.contains("wsgate_tls_handshake_seconds_count 2"));
+    }
+}

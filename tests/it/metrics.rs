@@ -1,0 +1,107 @@
+//! `/metrics`: the counters move with real traffic, and the exposition
+//! never names a user, a channel or a token.
+
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::harness::{WAIT, hs256_jwt, start};
+
+/// The value of the sample line starting with `series ` in `text`.
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {series} in:\n{text}"))
+}
+
+#[tokio::test]
+async fn metrics_count_traffic_without_naming_anyone() {
+    let gw = start(|_, _| {}).await;
+    let token = gw.token("alice-metrics", &["member"]);
+    let (mut ws, _) = gw.connect(&token).await.expect("upgrade");
+    match tokio::time::timeout(WAIT, ws.next()).await.expect("frame") {
+        Some(Ok(Message::Text(t))) => assert!(t.contains("welcome"), "{t}"),
+        other => panic!("{other:?}"),
+    }
+    ws.send(Message::text(
+        r#"{"op":"subscribe","id":1,"channel":"chat:secret-room"}"#,
+    ))
+    .await
+    .unwrap();
+    ws.send(Message::text(
+        r#"{"op":"publish","id":2,"channel":"chat:secret-room","data":"hi"}"#,
+    ))
+    .await
+    .unwrap();
+    // ok 1, ok 2, then the echo: the publication went all the way through.
+    let mut seen = 0;
+    while seen < 3 {
+        if let Some(Ok(Message::Text(_))) = tokio::time::timeout(WAIT, ws.next()).await.unwrap() {
+            seen += 1;
+        }
+    }
+    let expired = hs256_jwt(
+        r#"{"alg":"HS256","typ":"JWT"}"#,
+        r#"{"sub":"x","exp":1}"#,
+        &gw.secret(),
+    );
+    let bearer = format!("Authorization: Bearer {expired}");
+    assert_eq!(
+        gw.raw(&gw.upgrade_head("/ws", &[&bearer])).await.status,
+        401
+    );
+    assert_eq!(gw.raw(&gw.upgrade_head("/ws", &[])).await.status, 401);
+
+    let res = gw.get("/metrics").await;
+    assert_eq!(res.status, 200);
+    let text = res.body;
+    assert_eq!(sample(&text, "wsgate_upgrades_total{result=\"ok\"}"), 1.0);
+    assert_eq!(
+        sample(&text, "wsgate_upgrades_total{result=\"invalid_token\"}"),
+        1.0
+    );
+    assert_eq!(
+        sample(&text, "wsgate_upgrades_total{result=\"no_token\"}"),
+        1.0
+    );
+    assert_eq!(
+        sample(&text, "wsgate_auth_failures_total{reason=\"expired\"}"),
+        1.0
+    );
+    assert_eq!(
+        sample(&text, "wsgate_auth_failures_total{reason=\"no_token\"}"),
+        1.0
+    );
+    assert_eq!(sample(&text, "wsgate_sessions_open"), 1.0);
+    assert_eq!(sample(&text, "wsgate_subscriptions"), 1.0);
+    assert_eq!(sample(&text, "wsgate_messages_received_total"), 1.0);
+    assert_eq!(sample(&text, "wsgate_messages_delivered_total"), 1.0);
+    assert_eq!(sample(&text, "wsgate_publish_seconds_count"), 1.0);
+    // The session, the two refused requests and this scrape each shook hands.
+    assert!(sample(&text, "wsgate_tls_handshake_seconds_count") >= 4.0);
+    assert!(sample(&text, "wsgate_connections_open") >= 1.0);
+    for secret in ["alice-metrics", "secret-room", &token, &expired] {
+        assert!(!text.contains(secret), "{secret:.20} leaked into /metrics");
+    }
+
+    // The session's end is counted by reason, and the gauges come back down.
+    ws.close(None).await.unwrap();
+    while let Some(Ok(_)) = tokio::time::timeout(WAIT, ws.next()).await.unwrap() {}
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let text = gw.get("/metrics").await.body;
+        let closed = sample(
+            &text,
+            "wsgate_sessions_closed_total{reason=\"client_closed\"}",
+        );
+        if closed == 1.0 {
+            assert_eq!(sample(&text, "wsgate_sessions_open"), 0.0);
+            assert_eq!(sample(&text, "wsgate_subscriptions"), 0.0);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "close never counted"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
