@@ -60,7 +60,10 @@ pub struct ServerConfig {
     /// After SIGTERM, how long `/readyz` and new upgrades answer 503 before
     /// the listener closes, in milliseconds.
     pub drain_grace_ms: u64,
-    /// Hard deadline for sessions to close at shutdown, in milliseconds.
+    /// After the grace, sessions are closed with 1001 spread evenly over
+    /// this window, in milliseconds, so clients do not reconnect at once.
+    pub drain_window_ms: u64,
+    /// Hard deadline for sessions to close after the window, in milliseconds.
     pub shutdown_timeout_ms: u64,
     /// Exact `Origin` values (`scheme://host[:port]`) allowed to open `/ws`.
     pub allowed_origins: Vec<String>,
@@ -80,6 +83,7 @@ impl Default for ServerConfig {
             overflow_connections: 64,
             retry_after_s: 5,
             drain_grace_ms: 0,
+            drain_window_ms: 0,
             shutdown_timeout_ms: 10_000,
             allowed_origins: Vec::new(),
             allow_same_origin: true,

@@ -553,7 +553,7 @@ fn serve(args: ServeArgs) -> Result<(), BoxError> {
             print_dev_banner(&config, addr)?;
         }
         let stop = CancellationToken::new();
-        tokio::spawn(stop_on_signal(stop.clone()));
+        tokio::spawn(stop_on_signal(stop.clone(), server.handle()));
         tokio::spawn(reload_on_sighup(server.handle()));
         server.run(stop).await;
         Ok::<(), BoxError>(())
@@ -649,26 +649,35 @@ async fn reload_on_sighup(handle: wsgate::server::ServerHandle) {
     let _ = handle;
 }
 
-async fn stop_on_signal(stop: CancellationToken) {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// The first SIGTERM or Ctrl-C starts the drain; a second one skips the
+/// rest of the grace and the drain window.
+async fn stop_on_signal(stop: CancellationToken, handle: wsgate::server::ServerHandle) {
+    shutdown_signal().await;
+    info!("shutting down (a second signal closes every session now)");
+    stop.cancel();
+    shutdown_signal().await;
+    info!("second signal: closing every session now");
+    handle.hurry();
+}
+
+/// The next SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
         match signal(SignalKind::terminate()) {
             Ok(mut term) => {
                 tokio::select! {
-                    _ = ctrl_c => {}
+                    _ = tokio::signal::ctrl_c() => {}
                     _ = term.recv() => {}
                 }
             }
             Err(e) => {
                 warn!(error = %e, "cannot listen for SIGTERM; Ctrl-C only");
-                let _ = ctrl_c.await;
+                let _ = tokio::signal::ctrl_c().await;
             }
         }
     }
     #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-    info!("shutting down");
-    stop.cancel();
+    let _ = tokio::signal::ctrl_c().await;
 }

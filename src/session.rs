@@ -210,6 +210,7 @@ pub async fn run<S>(
     services: &Services,
     ctx: SessionContext,
     shutdown: CancellationToken,
+    hurry: CancellationToken,
 ) -> CloseReason
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -245,7 +246,11 @@ where
     metrics.sessions_open.fetch_add(1, Ordering::Relaxed);
     let reason = match send_all(&mut ws, first, write_timeout, &slow).await {
         Err(reason) => reason,
-        Ok(()) => session.event_loop(&mut ws, policy_changes, &shutdown).await,
+        Ok(()) => {
+            session
+                .event_loop(&mut ws, policy_changes, &shutdown, &hurry)
+                .await
+        }
     };
     session.leave_all();
     close(&mut ws, reason, write_timeout).await;
@@ -307,6 +312,7 @@ impl Session<'_> {
         ws: &mut WebSocketStream<S>,
         policy_changes: watch::Receiver<u64>,
         shutdown: &CancellationToken,
+        hurry: &CancellationToken,
     ) -> CloseReason
     where
         S: AsyncRead + AsyncWrite + Unpin,
@@ -324,13 +330,17 @@ impl Session<'_> {
         // register and unregister a waiter each time, and the policy one is
         // shared by every session.
         let shutdown_signal = shutdown.cancelled();
+        let hurry_signal = hurry.cancelled();
         let slow_signal = slow.cancelled();
+        // Set when draining: the `expired` timer then marks this session's
+        // turn in the drain window (one timer serves both).
+        let mut draining = false;
         let mut policy_changed = Box::pin(policy_change(policy_changes));
         let mut last_seen = Instant::now();
         // Re-armed lazily when it fires, so an inbound frame costs no timer work.
         let silence = tokio::time::sleep(silence_limit);
         let expired = sleep_until(expiry_instant(self.ctx.identity.expires_at, leeway));
-        tokio::pin!(silence, expired, shutdown_signal, slow_signal);
+        tokio::pin!(silence, expired, shutdown_signal, hurry_signal, slow_signal);
         // Grows on first use: an idle connection should not carry it.
         let mut batch = Vec::new();
 
@@ -339,9 +349,27 @@ impl Session<'_> {
                 outbox = Some(rx);
             }
             tokio::select! {
-                () = &mut shutdown_signal => return CloseReason::Shutdown,
+                () = &mut shutdown_signal, if !draining => {
+                    draining = true;
+                    let turn = drain_turn(self.ctx.number, cfg.server.drain_window_ms);
+                    if turn.is_zero() {
+                        return CloseReason::Shutdown;
+                    }
+                    let at = Instant::now() + turn;
+                    if at < expired.deadline() {
+                        expired.as_mut().reset(at);
+                    }
+                }
+                () = &mut hurry_signal => return CloseReason::Shutdown,
                 () = &mut slow_signal => return CloseReason::SlowReader,
-                () = &mut expired => return CloseReason::TokenExpired,
+                () = &mut expired => {
+                    let expiry = expiry_instant(self.ctx.identity.expires_at, leeway);
+                    return if draining && Instant::now() < expiry {
+                        CloseReason::Shutdown
+                    } else {
+                        CloseReason::TokenExpired
+                    };
+                }
                 () = &mut silence => {
                     let deadline = last_seen + silence_limit;
                     if Instant::now() >= deadline {
@@ -384,7 +412,10 @@ impl Session<'_> {
                         return reason;
                     }
                     if let Some(at) = self.new_expiry.take() {
-                        expired.as_mut().reset(at);
+                        // While draining, the timer holds the drain turn.
+                        if !draining || at < expired.deadline() {
+                            expired.as_mut().reset(at);
+                        }
                     }
                 }
             }
@@ -664,6 +695,15 @@ where
         },
         () = slow.cancelled() => Err(CloseReason::SlowReader),
     }
+}
+
+/// This session's place in the drain window: sessions spread evenly over
+/// it (a golden-ratio sequence over session numbers), so clients told to
+/// reconnect (1001) do not all come back at once.
+fn drain_turn(number: u64, window_ms: u64) -> Duration {
+    const PHI_FRACTION: f64 = 0.618_033_988_749_894_9;
+    let place = (number as f64 * PHI_FRACTION).fract();
+    Duration::from_millis((place * window_ms as f64) as u64)
 }
 
 /// The instant the session must end: `exp` + leeway, measured from now

@@ -63,8 +63,11 @@ pub(crate) struct Shared {
     pub dev_endpoints: bool,
     /// Set when shutdown begins: `/readyz` and new upgrades answer 503.
     pub draining: AtomicBool,
-    /// Cancelled when sessions must close (1001).
+    /// Cancelled when sessions must close (1001), each at its place in
+    /// the drain window.
     pub shutdown: CancellationToken,
+    /// Cancelled by a second signal: skip the grace and the window.
+    pub hurry: CancellationToken,
     /// Upgraded sessions, which hyper no longer tracks.
     pub sessions: TaskTracker,
 }
@@ -105,6 +108,7 @@ impl Server {
             dev_endpoints: false,
             draining: AtomicBool::new(false),
             shutdown: CancellationToken::new(),
+            hurry: CancellationToken::new(),
             sessions: TaskTracker::new(),
         });
         Ok(Self {
@@ -141,8 +145,9 @@ impl Server {
 
     /// Serves until `stop` is cancelled; then drains: `/readyz` and new
     /// upgrades answer 503 for `drain_grace_ms`, after which the listener
-    /// closes, every session is closed with 1001, and they are awaited up
-    /// to `shutdown_timeout_ms`.
+    /// closes and sessions are closed with 1001 spread over
+    /// `drain_window_ms`, then awaited up to `shutdown_timeout_ms` more.
+    /// [`ServerHandle::hurry`] skips the grace and the window.
     pub async fn run(self, stop: CancellationToken) {
         let Self {
             listener,
@@ -170,10 +175,11 @@ impl Server {
                     grace_ms = shared.services.config.server.drain_grace_ms,
                     "draining"
                 );
-                tokio::time::sleep(Duration::from_millis(
-                    shared.services.config.server.drain_grace_ms,
-                ))
-                .await;
+                let grace = Duration::from_millis(shared.services.config.server.drain_grace_ms);
+                tokio::select! {
+                    () = tokio::time::sleep(grace) => {}
+                    () = shared.hurry.cancelled() => {}
+                }
                 closing.cancel();
             }
         });
@@ -232,7 +238,8 @@ impl Server {
         shared.shutdown.cancel();
         connections.close();
         shared.sessions.close();
-        let deadline = Duration::from_millis(shared.services.config.server.shutdown_timeout_ms);
+        let server = &shared.services.config.server;
+        let deadline = Duration::from_millis(server.drain_window_ms + server.shutdown_timeout_ms);
         let wait = async {
             connections.wait().await;
             shared.sessions.wait().await;
@@ -262,6 +269,12 @@ impl ServerHandle {
     /// The file, line and reason of the first problem.
     pub fn reload_policies(&self) -> Result<usize, PolicyError> {
         reload_policies(&self.shared.services, "signal")
+    }
+
+    /// Skips what is left of the drain grace and window: every session
+    /// closes with 1001 now (a second SIGTERM or Ctrl-C).
+    pub fn hurry(&self) {
+        self.shared.hurry.cancel();
     }
 }
 

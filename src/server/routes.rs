@@ -75,6 +75,7 @@ fn upgrade_ws(
     let span = info_span!("session", session = %ctx.id, user = %ctx.identity.user);
     let limits = session::ws_limits(&services.config);
     let stop = shared.shutdown.child_token();
+    let hurry = shared.hurry.child_token();
     let services = Arc::clone(services);
     shared.sessions.spawn(
         async move {
@@ -91,7 +92,7 @@ fn upgrade_ws(
             debug!("session open");
             let io = TokioIo::new(upgraded);
             let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(limits)).await;
-            session::run(ws, &services, ctx, stop).await;
+            session::run(ws, &services, ctx, stop, hurry).await;
         }
         .instrument(span),
     );

@@ -31,6 +31,8 @@ pub struct Gateway {
     pub config: Config,
     pub client: Arc<ClientConfig>,
     pub dir: tempfile::TempDir,
+    /// Controls the running server (policy reload, hurry).
+    pub handle: wsgate::server::ServerHandle,
     stop: CancellationToken,
     task: Option<JoinHandle<()>>,
 }
@@ -63,6 +65,7 @@ pub async fn start(tweak: impl FnOnce(&mut Config, &std::path::Path)) -> Gateway
 
     let server = Server::bind(config.clone()).await.expect("bind");
     let addr = server.local_addr().expect("local addr");
+    let handle = server.handle();
     let stop = CancellationToken::new();
     let task = tokio::spawn(server.run(stop.clone()));
     Gateway {
@@ -70,6 +73,7 @@ pub async fn start(tweak: impl FnOnce(&mut Config, &std::path::Path)) -> Gateway
         client: client_config(&paths.ca_cert),
         config,
         dir,
+        handle,
         stop,
         task: Some(task),
     }

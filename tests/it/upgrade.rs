@@ -614,6 +614,71 @@ async fn shutdown_closes_sessions_with_1001() {
 }
 
 #[tokio::test]
+async fn drain_spreads_1001_closes_over_the_window() {
+    let gw = start(|c, _| c.server.drain_window_ms = 1_500).await;
+    let mut sessions = Vec::new();
+    for i in 0..8 {
+        let (mut ws, _) = gw.connect(&gw.token(&format!("u{i}"), &[])).await.unwrap();
+        assert_eq!(next_text(&mut ws).await["op"], "welcome");
+        sessions.push(ws);
+    }
+    let started = std::time::Instant::now();
+    gw.begin_stop();
+    // Each session is read by its own task, so every close is timed when
+    // it arrives, not when the one before it was read.
+    let readers: Vec<_> = sessions
+        .into_iter()
+        .map(|mut ws| {
+            tokio::spawn(async move {
+                let code = expect_close(&mut ws).await;
+                (code, started.elapsed())
+            })
+        })
+        .collect();
+    let mut closed_at = Vec::new();
+    for reader in readers {
+        let (code, at) = reader.await.unwrap();
+        assert_eq!(code, 1001);
+        closed_at.push(at);
+    }
+    closed_at.sort();
+    let (first, last) = (closed_at[0], closed_at[closed_at.len() - 1]);
+    assert!(
+        last - first >= std::time::Duration::from_millis(500),
+        "not spread: {closed_at:?}"
+    );
+    assert!(
+        last <= std::time::Duration::from_millis(3_000),
+        "past the window: {closed_at:?}"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_second_signal_closes_every_session_now() {
+    let gw = start(|c, _| {
+        c.server.drain_grace_ms = 30_000;
+        c.server.drain_window_ms = 30_000;
+    })
+    .await;
+    let mut sessions = Vec::new();
+    for i in 0..3 {
+        let (mut ws, _) = gw.connect(&gw.token(&format!("h{i}"), &[])).await.unwrap();
+        assert_eq!(next_text(&mut ws).await["op"], "welcome");
+        sessions.push(ws);
+    }
+    gw.begin_stop();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let hurried = std::time::Instant::now();
+    gw.handle.hurry();
+    for mut ws in sessions {
+        assert_eq!(expect_close(&mut ws).await, 1001);
+    }
+    assert!(hurried.elapsed() < std::time::Duration::from_secs(3));
+    gw.stop().await;
+}
+
+#[tokio::test]
 async fn token_expiry_closes_4001() {
     let gw = start(|c, _| c.auth.leeway_s = 0).await;
     let token = hs256_jwt(
