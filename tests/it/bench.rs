@@ -38,7 +38,9 @@ async fn every_bench_mode_runs_against_a_gateway() {
     .unwrap();
     assert_eq!((fan.subscribers, fan.errors), (5, 0), "{fan:?}");
     assert!(fan.delivered > 0 && fan.published > 0, "{fan:?}");
-    assert!(fan.delivered <= fan.published * 5, "{fan:?}");
+    // Deliveries in the measured span may include the window of messages
+    // published just before it started.
+    assert!(fan.delivered <= (fan.published + 4) * 5, "{fan:?}");
     assert!(
         fan.latency_us.p50 > 0 && fan.latency_us.max >= fan.latency_us.p99,
         "{fan:?}"
