@@ -580,13 +580,16 @@ def render_md(runs, mach, rows, quick, svg_name, notes=None):
         "-addext subjectAltName=DNS:localhost,IP:127.0.0.1 -addext basicConstraints=critical,CA:FALSE "
         "-addext extendedKeyUsage=serverAuth -keyout $WORK/certs/rsa.key -out $WORK/certs/rsa.pem` "
         "(self-signed, trusted as its own CA; `CA:FALSE`, since rustls refuses a CA certificate as a server's); a 64-byte HMAC secret; `policies/default.toml`; and "
-        "`$WORK/wsgate-ecdsa.toml` / `$WORK/wsgate-rsa.toml`:"
+        "`$WORK/wsgate-ecdsa.toml` / `$WORK/wsgate-rsa.toml` (the same but for "
+        "`rsa.pem` / `rsa.key`):"
     )
     add("")
-    add("```toml")
-    add(CONFIG_SAMPLE)
-    add("```")
-    add("")
+    if mach.get("config"):
+        # The file the run used, as `bench/run.sh` wrote it.
+        add("```toml")
+        add(mach["config"].rstrip("\n"))
+        add("```")
+        add("")
     add("Each run: the server command, then the load generator (`$SERVER_PID` is the server's pid); "
         "the server is stopped (SIGTERM) and its port closed before the next run.")
     add("")
@@ -598,34 +601,6 @@ def render_md(runs, mach, rows, quick, svg_name, notes=None):
     add("```")
     add("")
     return "\n".join(lines)
-
-
-CONFIG_SAMPLE = """[server]
-listen = "127.0.0.1:9443"
-max_connections = 30000
-
-[tls]
-cert_file = "$WORK/certs/server.pem"   # rsa: $WORK/certs/rsa.pem
-key_file = "$WORK/certs/server.key"    # rsa: $WORK/certs/rsa.key
-
-[auth]
-algorithms = ["HS256"]
-hmac_secret_file = "$WORK/hmac.secret"
-
-[websocket]
-outbox_frames = 4096
-
-[limits]
-publish_rate_per_s = 10000000
-publish_burst = 10000000
-max_connections_per_user = 100000
-max_subscriptions = 64
-
-[policy]
-dir = "$WORK/policies"
-
-[log]
-level = "warn\""""
 
 
 def esc(s):
@@ -741,7 +716,9 @@ def render(a):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("machine")
+    mac = sub.add_parser("machine")
+    mac.add_argument("--config", help="the wsgate config the run uses, shown in the report")
+    mac.add_argument("--work", help="the run's work directory, shown as $WORK")
     rec = sub.add_parser("record")
     rec.add_argument("--scenario", required=True)
     rec.add_argument("--server", required=True)
@@ -762,7 +739,13 @@ def main(argv=None):
     ren.add_argument("--notes", help="a Markdown file included as the report's Notes section, if it exists")
     a = ap.parse_args(argv)
     if a.cmd == "machine":
-        print(json.dumps(machine()))
+        mach = machine()
+        if a.config:
+            text = _read(a.config)
+            if a.work:
+                text = text.replace(a.work, "$WORK")
+            mach["config"] = "".join(l for l in text.splitlines(True) if not l.startswith("#"))
+        print(json.dumps(mach))
     elif a.cmd == "record":
         record(a)
     else:

@@ -158,7 +158,7 @@ EOF
     die "wsgate check-config failed: $(cat "$WORK/logs/check-config-$cert.log")"
 done
 
-python3 "$ROOT/bench/report.py" machine >"$WORK/machine.json"
+python3 "$ROOT/bench/report.py" machine --config "$WORK/wsgate-ecdsa.toml" --work "$WORK" >"$WORK/machine.json"
 
 # ---------------------------------------------------------------- servers
 SPID=
