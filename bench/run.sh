@@ -148,6 +148,14 @@ publish_burst = 10000000
 max_connections_per_user = 100000
 max_subscriptions = 64
 
+# The load generator is a handful of 127.0.0.x addresses opening thousands
+# of connections per second: per-address admission limits are for the
+# open internet, not for this.
+[admission]
+max_connections_per_address = 0
+address_new_connections_per_s = 0
+address_failed_auths_per_min = 0
+
 [policy]
 dir = "$WORK/policies"
 

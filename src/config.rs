@@ -32,6 +32,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub websocket: WebSocketConfig,
     pub limits: LimitsConfig,
+    pub admission: AdmissionConfig,
     pub policy: PolicyConfig,
     pub log: LogConfig,
 }
@@ -218,6 +219,46 @@ impl Default for LimitsConfig {
     }
 }
 
+/// Limits decided before costly work: per source address (an IPv4
+/// address or an IPv6 prefix) and for the whole gateway. A value of 0
+/// turns that limit off.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdmissionConfig {
+    /// Open connections per address (handshaking, HTTP and WebSocket); past
+    /// it the upgrade gets 429 with `Retry-After`.
+    pub max_connections_per_address: usize,
+    /// New connections per second for the whole gateway (sustained); past
+    /// it the upgrade gets 503 with `Retry-After`. 0: unlimited.
+    pub new_connections_per_s: u32,
+    /// New connections the whole gateway takes in a burst (at least
+    /// `new_connections_per_s`).
+    pub new_connections_burst: u32,
+    /// New connections per second per address (sustained); past it: 429.
+    pub address_new_connections_per_s: u32,
+    /// New connections per address in a burst.
+    pub address_new_connections_burst: u32,
+    /// Failed authentications per address per minute (also the burst);
+    /// past it upgrades get 429 before their token's signature is checked.
+    pub address_failed_auths_per_min: u32,
+    /// IPv6 addresses are counted per prefix of this many bits (32–128).
+    pub ipv6_prefix_len: u8,
+}
+
+impl Default for AdmissionConfig {
+    fn default() -> Self {
+        Self {
+            max_connections_per_address: 1000,
+            new_connections_per_s: 0,
+            new_connections_burst: 0,
+            address_new_connections_per_s: 20,
+            address_new_connections_burst: 100,
+            address_failed_auths_per_min: 30,
+            ipv6_prefix_len: 64,
+        }
+    }
+}
+
 /// Where policies come from and how often to look for edits.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -396,6 +437,9 @@ impl Config {
         }
         if l.publish_rate_per_s == 0 || l.publish_burst == 0 || l.rate_limit_strikes == 0 {
             return bad("limits.publish_rate_per_s, publish_burst and rate_limit_strikes must be at least 1".into());
+        }
+        if !(32..=128).contains(&self.admission.ipv6_prefix_len) {
+            return bad("admission.ipv6_prefix_len must be between 32 and 128".into());
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return bad(format!(

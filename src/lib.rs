@@ -2,7 +2,8 @@
 //!
 //! The path of one connection, module by module:
 //!
-//! 1. [`server`] takes a connection permit, accepts with back-off, runs the
+//! 1. [`server`] takes a connection permit, accepts with back-off, asks
+//!    [`admission`] whether the source address may connect, runs the
 //!    TLS handshake under its deadline ([`server::tls`]) and serves HTTP/1.1
 //!    with header limits: `/ws`, health, `/metrics`, the demo page.
 //! 2. [`upgrade`] decides `/ws`: RFC 6455 checks, the Origin allow-list, the
@@ -20,6 +21,7 @@
 //! certificates; [`auth::mint`] makes development tokens; [`bench`](mod@bench) is the
 //! load generator behind `wsgate bench`.
 
+pub mod admission;
 pub mod auth;
 pub mod bench;
 pub mod certs;

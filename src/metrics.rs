@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Labels of `wsgate_upgrades_total{result}`: `ok` and every refusal.
-pub const UPGRADE_RESULTS: [&str; 12] = [
+pub const UPGRADE_RESULTS: [&str; 16] = [
     "ok",
     "bad_upgrade",
     "plain_get",
@@ -20,6 +20,10 @@ pub const UPGRADE_RESULTS: [&str; 12] = [
     "no_token",
     "carrier",
     "invalid_token",
+    "address_limit",
+    "address_rate",
+    "global_rate",
+    "auth_rate",
     "not_found",
 ];
 
@@ -54,6 +58,11 @@ pub const CLOSE_REASONS: [&str; 13] = [
     "bad_frames",
     "too_big",
     "io",
+];
+
+/// Labels of `wsgate_close_codes_total{code}` (see `CloseCode`).
+pub const CLOSE_CODES: [&str; 10] = [
+    "1000", "1001", "1002", "1003", "1007", "1008", "1009", "1011", "4001", "4008",
 ];
 
 /// A counter per label value of a fixed set.
@@ -156,9 +165,11 @@ pub struct Metrics {
     pub connections_open: AtomicI64,
     /// Upgraded WebSocket sessions.
     pub sessions_open: AtomicI64,
-    pub upgrades: LabeledCounter<12>,
+    pub upgrades: LabeledCounter<16>,
     pub auth_failures: LabeledCounter<12>,
     pub sessions_closed: LabeledCounter<13>,
+    /// Close frames the gateway sent, by code.
+    pub close_codes: LabeledCounter<10>,
     /// Live subscriptions over all sessions.
     pub subscriptions: AtomicI64,
     /// Publications accepted from clients.
@@ -166,6 +177,10 @@ pub struct Metrics {
     /// `message` frames queued to subscribers.
     pub messages_delivered: AtomicU64,
     pub policy_reloads: LabeledCounter<2>,
+    pub cert_reloads: LabeledCounter<2>,
+    /// Connections closed before TLS by an admission limit (their address
+    /// had already been answered with a refusal within the second).
+    pub admission_dropped: AtomicU64,
     /// TLS handshake durations.
     pub handshake: Histogram,
     /// From a decoded `publish` to its frames being in every outbox.
@@ -182,10 +197,13 @@ impl Default for Metrics {
             upgrades: LabeledCounter::new(&UPGRADE_RESULTS),
             auth_failures: LabeledCounter::new(&AUTH_FAILURES),
             sessions_closed: LabeledCounter::new(&CLOSE_REASONS),
+            close_codes: LabeledCounter::new(&CLOSE_CODES),
             subscriptions: AtomicI64::new(0),
             messages_received: AtomicU64::new(0),
             messages_delivered: AtomicU64::new(0),
             policy_reloads: LabeledCounter::new(&RESULTS),
+            cert_reloads: LabeledCounter::new(&RESULTS),
+            admission_dropped: AtomicU64::new(0),
             handshake: Histogram::new(),
             publish: Histogram::new(),
         }
@@ -242,6 +260,12 @@ impl Metrics {
             "reason",
             "Ended sessions by close reason.",
         );
+        self.close_codes.render(
+            &mut out,
+            "wsgate_close_codes_total",
+            "code",
+            "Close frames sent by the gateway, by close code.",
+        );
         counter(
             &mut out,
             "wsgate_messages_received_total",
@@ -259,6 +283,18 @@ impl Metrics {
             "wsgate_policy_reloads_total",
             "result",
             "Policy reloads by result.",
+        );
+        self.cert_reloads.render(
+            &mut out,
+            "wsgate_cert_reloads_total",
+            "result",
+            "Certificate reloads by result.",
+        );
+        counter(
+            &mut out,
+            "wsgate_admission_dropped_total",
+            "Connections closed before TLS by an admission limit.",
+            self.admission_dropped.load(Ordering::Relaxed),
         );
         self.handshake.render(
             &mut out,
@@ -280,6 +316,21 @@ mod tests {
 
     #[test]
     fn labels_match_the_enums_they_mirror() {
+        for code in [
+            crate::protocol::CloseCode::Normal,
+            crate::protocol::CloseCode::GoingAway,
+            crate::protocol::CloseCode::ProtocolError,
+            crate::protocol::CloseCode::Unsupported,
+            crate::protocol::CloseCode::InvalidPayload,
+            crate::protocol::CloseCode::PolicyViolation,
+            crate::protocol::CloseCode::TooBig,
+            crate::protocol::CloseCode::InternalError,
+            crate::protocol::CloseCode::TokenExpired,
+            crate::protocol::CloseCode::TooSlow,
+        ] {
+            assert!(CLOSE_CODES.contains(&code.label()), "{}", code.label());
+            assert_eq!(code.label(), code.code().to_string());
+        }
         use crate::auth::AuthFailure::*;
         use crate::session::CloseReason as C;
         use crate::upgrade::Refusal as R;
@@ -309,6 +360,10 @@ mod tests {
             R::SubprotocolCarrier(""),
             R::Carrier(""),
             R::InvalidToken(Expired),
+            R::Admission(crate::admission::Limited::AddressConnections),
+            R::Admission(crate::admission::Limited::AddressRate(1)),
+            R::Admission(crate::admission::Limited::GlobalRate(1)),
+            R::Admission(crate::admission::Limited::FailedAuths(1)),
             R::NotFound,
         ];
         for r in refusals {

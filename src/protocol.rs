@@ -272,6 +272,22 @@ impl CloseCode {
     pub fn code(self) -> u16 {
         self as u16
     }
+
+    /// The code as a metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Normal => "1000",
+            Self::GoingAway => "1001",
+            Self::ProtocolError => "1002",
+            Self::Unsupported => "1003",
+            Self::InvalidPayload => "1007",
+            Self::PolicyViolation => "1008",
+            Self::TooBig => "1009",
+            Self::InternalError => "1011",
+            Self::TokenExpired => "4001",
+            Self::TooSlow => "4008",
+        }
+    }
 }
 
 #[cfg(test)]

@@ -25,6 +25,7 @@ use crate::auth::{Identity, Verifier};
 use crate::channel::ChannelName;
 use crate::config::Config;
 use crate::hub::{Hub, Subscriber};
+use crate::metrics::Metrics;
 use crate::policy::{Action, PolicySet, PolicyStore};
 use crate::protocol::{self, ClientFrame, CloseCode, ErrorCode, MessageTemplate, ServerFrame};
 
@@ -253,7 +254,7 @@ where
         }
     };
     session.leave_all();
-    close(&mut ws, reason, write_timeout).await;
+    close(&mut ws, reason, write_timeout, metrics).await;
     metrics.sessions_open.fetch_sub(1, Ordering::Relaxed);
     metrics.sessions_closed.inc(reason.label());
     // Every reason so far is the client's doing or a normal end: nothing
@@ -284,8 +285,12 @@ async fn policy_change(mut changes: watch::Receiver<u64>) -> watch::Receiver<u64
 
 /// Sends the close frame for `reason` (or completes the client's close
 /// handshake), then shuts the stream down, all under the write deadline.
-async fn close<S>(ws: &mut WebSocketStream<S>, reason: CloseReason, limit: Duration)
-where
+async fn close<S>(
+    ws: &mut WebSocketStream<S>,
+    reason: CloseReason,
+    limit: Duration,
+    metrics: &Metrics,
+) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     if let Some(code) = reason.close_code() {
@@ -293,7 +298,9 @@ where
             code: WsCloseCode::from(code.code()),
             reason: reason.text().into(),
         };
-        let _ = timeout(limit, ws.close(Some(frame))).await;
+        if let Ok(Ok(())) = timeout(limit, ws.close(Some(frame))).await {
+            metrics.close_codes.inc(code.label());
+        }
     } else if reason == CloseReason::ClientClosed {
         // Sends the reply tungstenite queued for the client's close frame.
         // (`Sink::close`, not the inherent `close`, which would send anew.)

@@ -12,6 +12,7 @@ use base64::Engine as _;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 
+use crate::admission::Limited;
 use crate::auth::{AuthFailure, Identity, Verifier};
 use crate::config::Config;
 
@@ -133,6 +134,9 @@ pub enum Refusal {
     Carrier(&'static str),
     /// The token failed verification: `401` with `error="invalid_token"`.
     InvalidToken(AuthFailure),
+    /// An admission limit: `429` (per address) or `503` (global), both
+    /// with `Retry-After`.
+    Admission(Limited),
     /// A path that is neither `/ws` nor a documented route: `404`.
     NotFound,
 }
@@ -145,6 +149,8 @@ impl Refusal {
             Self::Origin => StatusCode::FORBIDDEN,
             Self::Draining | Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Self::UserLimit => StatusCode::TOO_MANY_REQUESTS,
+            Self::Admission(Limited::GlobalRate(_)) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Admission(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::NoToken | Self::Carrier(_) | Self::InvalidToken(_) => StatusCode::UNAUTHORIZED,
             Self::NotFound => StatusCode::NOT_FOUND,
         }
@@ -163,6 +169,10 @@ impl Refusal {
             Self::NoToken => "no_token",
             Self::SubprotocolCarrier(_) | Self::Carrier(_) => "carrier",
             Self::InvalidToken(_) => "invalid_token",
+            Self::Admission(Limited::AddressConnections) => "address_limit",
+            Self::Admission(Limited::AddressRate(_)) => "address_rate",
+            Self::Admission(Limited::GlobalRate(_)) => "global_rate",
+            Self::Admission(Limited::FailedAuths(_)) => "auth_rate",
             Self::NotFound => "not_found",
         }
     }
@@ -189,6 +199,16 @@ impl Refusal {
             Self::UserLimit => "too many connections for this user".into(),
             Self::NoToken => "a bearer token is required".into(),
             Self::InvalidToken(f) => f.to_string().into(),
+            Self::Admission(Limited::AddressConnections) => {
+                "too many connections from this address".into()
+            }
+            Self::Admission(Limited::AddressRate(_)) => {
+                "too many new connections from this address".into()
+            }
+            Self::Admission(Limited::GlobalRate(_)) => "too many new connections".into(),
+            Self::Admission(Limited::FailedAuths(_)) => {
+                "too many failed authentications from this address".into()
+            }
             Self::NotFound => "not found".into(),
         }
     }
@@ -237,6 +257,15 @@ impl Refusal {
             Self::Overloaded | Self::Draining | Self::UserLimit => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from(policy.retry_after_s));
             }
+            Self::Admission(limited) => {
+                let secs = match limited {
+                    Limited::AddressConnections => policy.retry_after_s,
+                    Limited::AddressRate(s) | Limited::GlobalRate(s) | Limited::FailedAuths(s) => {
+                        u64::from(s)
+                    }
+                };
+                h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            }
             _ => {}
         }
         res
@@ -284,18 +313,61 @@ pub fn authorize<B>(
     verifier: &Verifier,
     draining: bool,
 ) -> Result<Accepted, Refusal> {
+    precheck(req, policy, draining)?.verify(verifier)
+}
+
+/// Everything but the signature: the HTTP shape, Origin, draining and the
+/// token carriers. The caller may refuse before [`Unverified::verify`]
+/// (an address over its failed-authentication limit).
+///
+/// # Errors
+/// The [`Refusal`] whose answer the client gets.
+pub fn precheck<B>(
+    req: &Request<B>,
+    policy: &UpgradePolicy,
+    draining: bool,
+) -> Result<Unverified, Refusal> {
     let accept_key = check_handshake(req)?;
     check_origin(req.headers(), policy)?;
     if draining {
         return Err(Refusal::Draining);
     }
     let (token, subprotocol) = extract_token(req, policy)?;
-    let identity = verifier.verify(&token).map_err(Refusal::InvalidToken)?;
-    Ok(Accepted {
-        identity,
+    Ok(Unverified {
+        token,
         accept_key,
         subprotocol,
     })
+}
+
+/// A well-formed upgrade whose token has not been verified yet.
+pub struct Unverified {
+    token: String,
+    accept_key: String,
+    subprotocol: bool,
+}
+
+impl std::fmt::Debug for Unverified {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Unverified").finish_non_exhaustive()
+    }
+}
+
+impl Unverified {
+    /// Verifies the token.
+    ///
+    /// # Errors
+    /// [`Refusal::InvalidToken`] with the reason.
+    pub fn verify(self, verifier: &Verifier) -> Result<Accepted, Refusal> {
+        let identity = verifier
+            .verify(&self.token)
+            .map_err(Refusal::InvalidToken)?;
+        Ok(Accepted {
+            identity,
+            accept_key: self.accept_key,
+            subprotocol: self.subprotocol,
+        })
+    }
 }
 
 /// RFC 6455 §4.2.1, items 1–6, in order. Returns `Sec-WebSocket-Accept`.

@@ -26,12 +26,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::admission::{AddressGuard, Admission, Admit};
 use crate::auth::Verifier;
 use crate::config::{Config, ConfigError};
 use crate::hub::Hub;
 use crate::policy::{self, PolicyError, PolicyStore};
 use crate::session::Services;
-use crate::upgrade::UpgradePolicy;
+use crate::upgrade::{Refusal, UpgradePolicy};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +56,8 @@ pub(crate) struct Shared {
     /// What sessions use: config, verifier, policies, hub.
     pub services: Arc<Services>,
     pub upgrade: UpgradePolicy,
+    /// Per-address and global admission limits.
+    pub admission: Arc<Admission>,
     /// Open sessions per user, for `limits.max_connections_per_user`.
     pub users: Mutex<HashMap<String, usize>>,
     /// Source of process-unique session numbers.
@@ -96,6 +99,7 @@ impl Server {
             .map_err(|source| StartError::Bind { addr, source })?;
         let shared = Arc::new(Shared {
             upgrade: UpgradePolicy::from_config(&config),
+            admission: Arc::new(Admission::new(&config.admission)),
             services: Arc::new(Services {
                 metrics: crate::metrics::Metrics::default(),
                 verifier,
@@ -156,6 +160,7 @@ impl Server {
         } = self;
         let connections = TaskTracker::new();
         tokio::spawn(watch_policies(Arc::clone(&shared), shared.shutdown.clone()));
+        tokio::spawn(sweep_admission(Arc::clone(&shared)));
         let permits = Arc::new(Semaphore::new(
             shared.services.config.server.max_connections,
         ));
@@ -224,9 +229,10 @@ impl Server {
             connections.spawn(
                 serve_connection(
                     tcp,
+                    peer,
                     acceptor.clone(),
                     Arc::clone(&shared),
-                    Arc::new(ConnSlot::new(permit, Arc::clone(&shared.services))),
+                    permit,
                     overloaded,
                 )
                 .instrument(span),
@@ -325,18 +331,54 @@ async fn watch_policies(shared: Arc<Shared>, stop: CancellationToken) {
     }
 }
 
-/// TLS handshake, then HTTP/1.1 until the connection ends or upgrades.
+/// Forgets idle addresses now and then, so the admission table holds only
+/// recent activity.
+async fn sweep_admission(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shared.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        shared.admission.sweep(std::time::Instant::now());
+    }
+}
+
+/// Admission, the TLS handshake, then HTTP/1.1 until the connection ends
+/// or upgrades.
 async fn serve_connection(
     tcp: TcpStream,
+    peer: SocketAddr,
     acceptor: TlsAcceptor,
     shared: Arc<Shared>,
-    permit: Arc<ConnSlot>,
+    permit: OwnedSemaphorePermit,
     overloaded: bool,
 ) {
+    let metrics = &shared.services.metrics;
+    // Before the handshake, which is the costly part of a connection.
+    let (address, mut refusal) = match shared.admission.admit(peer.ip(), std::time::Instant::now())
+    {
+        Admit::Yes(guard) => (guard, None),
+        Admit::Refuse(guard, limited) => {
+            debug!(
+                limit = Refusal::Admission(limited).label(),
+                "admission limit"
+            );
+            (guard, Some(Refusal::Admission(limited)))
+        }
+        Admit::Drop => {
+            metrics.admission_dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    };
+    if overloaded {
+        refusal = Some(Refusal::Overloaded);
+    }
+    let permit = Arc::new(ConnSlot::new(permit, address, Arc::clone(&shared.services)));
     if let Err(e) = tcp.set_nodelay(true) {
         debug!(error = %e, "set_nodelay failed");
     }
-    let metrics = &shared.services.metrics;
     let started = std::time::Instant::now();
     let handshake = tokio::time::timeout(
         shared.services.config.handshake_timeout(),
@@ -368,7 +410,7 @@ async fn serve_connection(
     let service = {
         let shared = Arc::clone(&shared);
         service_fn(move |req| {
-            let response = routes::handle(req, &shared, Arc::clone(&permit), overloaded);
+            let response = routes::handle(req, &shared, Arc::clone(&permit), refusal);
             std::future::ready(Ok::<_, std::convert::Infallible>(response))
         })
     };
@@ -389,22 +431,24 @@ async fn serve_connection(
     }
 }
 
-/// A held connection: its permit and its place in
-/// `wsgate_connections_open`, both released when the connection ends
+/// A held connection: its permit, its place in its address's count and
+/// in `wsgate_connections_open`, all released when the connection ends
 /// (after the session, for an upgraded one).
 pub(crate) struct ConnSlot {
     _permit: OwnedSemaphorePermit,
+    pub address: AddressGuard,
     services: Arc<Services>,
 }
 
 impl ConnSlot {
-    fn new(permit: OwnedSemaphorePermit, services: Arc<Services>) -> Self {
+    fn new(permit: OwnedSemaphorePermit, address: AddressGuard, services: Arc<Services>) -> Self {
         services
             .metrics
             .connections_open
             .fetch_add(1, Ordering::Relaxed);
         Self {
             _permit: permit,
+            address,
             services,
         }
     }

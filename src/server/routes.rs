@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
@@ -25,12 +26,15 @@ pub(super) fn handle(
     req: Request<Incoming>,
     shared: &Arc<Shared>,
     permit: Arc<ConnSlot>,
-    overloaded: bool,
+    refusal: Option<Refusal>,
 ) -> Response<Body> {
     let draining = shared.draining.load(Ordering::Relaxed);
+    let overloaded = refusal == Some(Refusal::Overloaded);
     let mut res = match req.uri().path() {
-        "/ws" if overloaded => refuse(Refusal::Overloaded, shared),
-        "/ws" => return upgrade_ws(req, shared, permit, draining),
+        "/ws" => match refusal {
+            Some(refusal) => refuse(refusal, shared),
+            None => return upgrade_ws(req, shared, permit, draining),
+        },
         // Liveness stays up under overload and while draining.
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" if draining => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
@@ -42,8 +46,9 @@ pub(super) fn handle(
         }
         path => web::asset(path).unwrap_or_else(|| refuse(Refusal::NotFound, shared)),
     };
-    if overloaded {
-        // An overflow slot serves one answer, not a keep-alive session.
+    if refusal.is_some() {
+        // An overflow slot or a limited address gets one answer, not a
+        // keep-alive session.
         res.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
@@ -57,9 +62,24 @@ fn upgrade_ws(
     draining: bool,
 ) -> Response<Body> {
     let services = &shared.services;
-    let accepted = match upgrade::authorize(&req, &shared.upgrade, &services.verifier, draining) {
+    let admission = permit.address.admission();
+    let address = permit.address.key();
+    let verified = upgrade::precheck(&req, &shared.upgrade, draining).and_then(|unverified| {
+        // Cheap before costly: an address that keeps failing is refused
+        // before its next signature check.
+        admission
+            .check_auth(address, Instant::now())
+            .map_err(Refusal::Admission)?;
+        unverified.verify(&services.verifier)
+    });
+    let accepted = match verified {
         Ok(accepted) => accepted,
-        Err(refusal) => return refuse(refusal, shared),
+        Err(refusal) => {
+            if refusal.auth_failure().is_some() {
+                admission.auth_failed(address, Instant::now());
+            }
+            return refuse(refusal, shared);
+        }
     };
     let Some(slot) = UserSlot::take(shared, &accepted.identity.user) else {
         return refuse(Refusal::UserLimit, shared);
@@ -157,9 +177,7 @@ fn refuse(refusal: Refusal, shared: &Shared) -> Response<Body> {
     refusal.response(&shared.upgrade)
 }
 
-/// A health answer. Any origin may read it: it says nothing private, and
-/// browser clients on other origins probe `/readyz` to tell a refused
-/// upgrade from a gateway that is down.
+/// The Prometheus text exposition.
 fn metrics(shared: &Shared) -> Response<Body> {
     let mut res = Response::new(Full::new(Bytes::from(shared.services.metrics.render())));
     res.headers_mut().insert(
@@ -171,6 +189,9 @@ fn metrics(shared: &Shared) -> Response<Body> {
     res
 }
 
+/// A health answer. Any origin may read it: it says nothing private, and
+/// browser clients on other origins probe `/readyz` to tell a refused
+/// upgrade from a gateway that is down.
 fn text(status: StatusCode, body: &'static str) -> Response<Body> {
     let mut res = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *res.status_mut() = status;

@@ -3,7 +3,7 @@
 //! at trace level shared by every test in this binary.
 
 use std::io::Write;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -22,6 +22,9 @@ use tokio_util::sync::CancellationToken;
 use wsgate::auth::mint::{self, TokenRequest};
 use wsgate::certs::{self, CertPaths};
 use wsgate::{Config, Server};
+
+/// The address clients connect from unless a test picks another.
+pub const LOCAL: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
 /// Deadline for anything a test waits on, so a bug fails instead of hanging.
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -61,6 +64,11 @@ pub async fn start(tweak: impl FnOnce(&mut Config, &std::path::Path)) -> Gateway
     )
     .expect("policy");
     config.policy.dir = policies;
+    // Every test client comes from 127.0.0.1: the admission limits are
+    // tested on their own (limits.rs), not tripped by other tests.
+    config.admission.address_new_connections_per_s = 0;
+    config.admission.max_connections_per_address = 0;
+    config.admission.address_failed_auths_per_min = 0;
     tweak(&mut config, dir.path());
 
     let server = Server::bind(config.clone()).await.expect("bind");
@@ -112,19 +120,32 @@ impl Gateway {
 
     /// A TLS connection to the gateway (SNI `localhost`).
     pub async fn tls(&self) -> TlsStream<TcpStream> {
-        let tcp = TcpStream::connect(self.addr).await.expect("connect");
+        self.tls_from(LOCAL).await.expect("tls handshake")
+    }
+
+    /// A TLS connection from the loopback address `source` (any of
+    /// 127.0.0.0/8), so tests can be several client addresses.
+    pub async fn tls_from(&self, source: IpAddr) -> std::io::Result<TlsStream<TcpStream>> {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(SocketAddr::new(source, 0))?;
+        let tcp = socket.connect(self.addr).await?;
         let name = ServerName::try_from("localhost").expect("name");
-        TlsConnector::from(Arc::clone(&self.client))
-            .connect(name, tcp)
+        let connect = TlsConnector::from(Arc::clone(&self.client)).connect(name, tcp);
+        tokio::time::timeout(WAIT, connect)
             .await
-            .expect("tls handshake")
+            .map_err(|_| std::io::Error::other("tls handshake timed out"))?
     }
 
     /// Sends `head` (a request without its final blank line is completed)
     /// followed, in the same write, by a masked `ping` frame, then reads
     /// until the server closes. Fails if the server keeps the socket open.
     pub async fn raw(&self, head: &str) -> RawResponse {
-        let mut tls = self.tls().await;
+        self.raw_from(LOCAL, head).await
+    }
+
+    /// As [`Gateway::raw`], from the loopback address `source`.
+    pub async fn raw_from(&self, source: IpAddr, head: &str) -> RawResponse {
+        let mut tls = self.tls_from(source).await.expect("tls handshake");
         let mut bytes = head.replace('\n', "\r\n").into_bytes();
         if !head.ends_with("\n\n") {
             bytes.extend_from_slice(b"\r\n");
@@ -169,12 +190,17 @@ impl Gateway {
         &self,
         token: &str,
     ) -> Result<(Ws, http::Response<Option<Vec<u8>>>), tokio_tungstenite::tungstenite::Error> {
+        self.connect_with(self.bearer_request(token)).await
+    }
+
+    /// An upgrade request for `/ws` carrying `token` in the Authorization header.
+    pub fn bearer_request(&self, token: &str) -> http::Request<()> {
         let mut req = self.ws_url().into_client_request().expect("request");
         req.headers_mut().insert(
             http::header::AUTHORIZATION,
             HeaderValue::from_str(&format!("Bearer {token}")).expect("header"),
         );
-        self.connect_with(req).await
+        req
     }
 
     /// Connects with a prepared request.
@@ -182,7 +208,16 @@ impl Gateway {
         &self,
         req: http::Request<()>,
     ) -> Result<(Ws, http::Response<Option<Vec<u8>>>), tokio_tungstenite::tungstenite::Error> {
-        let tls = self.tls().await;
+        self.connect_from(LOCAL, req).await
+    }
+
+    /// Connects with a prepared request from the loopback address `source`.
+    pub async fn connect_from(
+        &self,
+        source: IpAddr,
+        req: http::Request<()>,
+    ) -> Result<(Ws, http::Response<Option<Vec<u8>>>), tokio_tungstenite::tungstenite::Error> {
+        let tls = self.tls_from(source).await?;
         tokio::time::timeout(WAIT, tokio_tungstenite::client_async(req, tls))
             .await
             .expect("upgrade timed out")

@@ -1,6 +1,7 @@
 //! Integration tests over real TLS sockets on 127.0.0.1, in one binary to
 //! keep link time down. `harness` starts the gateway in-process.
 
+mod admission;
 mod bench;
 mod certs_token;
 mod channels;
