@@ -102,6 +102,9 @@ pub struct TlsConfig {
     pub key_file: PathBuf,
     /// Accept TLS 1.3 only (otherwise TLS 1.2 and 1.3).
     pub tls13_only: bool,
+    /// How often the two files are checked for changes, in milliseconds;
+    /// 0: only on SIGHUP.
+    pub watch_interval_ms: u64,
 }
 
 impl Default for TlsConfig {
@@ -110,6 +113,7 @@ impl Default for TlsConfig {
             cert_file: PathBuf::from("certs/server.pem"),
             key_file: PathBuf::from("certs/server.key"),
             tls13_only: false,
+            watch_interval_ms: 5_000,
         }
     }
 }

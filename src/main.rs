@@ -290,7 +290,8 @@ fn check_config(args: &ConfigArgs) -> Result<(), BoxError> {
         println!("note: {name} names no configuration section; ignored");
     }
     wsgate::auth::Verifier::from_config(&config)?;
-    wsgate::server::tls::server_config(&config.tls)?;
+    let certs = wsgate::server::tls::CertStore::load(&config.tls)?;
+    wsgate::server::tls::server_config(&config.tls, certs)?;
     let policies = wsgate::policy::PolicySet::load_dir(&config.policy.dir)?;
     println!(
         "configuration is valid ({} policy rules from {})",
@@ -632,17 +633,21 @@ fn print_dev_banner(config: &Config, addr: std::net::SocketAddr) -> Result<(), B
     Ok(())
 }
 
-/// SIGHUP re-reads the policies (errors are logged; the old set stays).
+/// SIGHUP re-reads the policies and the certificate (errors are logged;
+/// what was loaded before stays in force).
 async fn reload_on_sighup(handle: wsgate::server::ServerHandle) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
         let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            warn!("cannot listen for SIGHUP; policies reload on file changes only");
+            warn!(
+                "cannot listen for SIGHUP; policies and certificates reload on file changes only"
+            );
             return;
         };
         while hup.recv().await.is_some() {
             let _ = handle.reload_policies();
+            let _ = handle.reload_certs();
         }
     }
     #[cfg(not(unix))]

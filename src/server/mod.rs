@@ -7,6 +7,7 @@
 
 mod routes;
 pub mod tls;
+mod watch;
 mod web;
 
 use std::collections::HashMap;
@@ -56,6 +57,8 @@ pub(crate) struct Shared {
     /// What sessions use: config, verifier, policies, hub.
     pub services: Arc<Services>,
     pub upgrade: UpgradePolicy,
+    /// The served certificate, replaced by reloads.
+    pub certs: Arc<tls::CertStore>,
     /// Per-address and global admission limits.
     pub admission: Arc<Admission>,
     /// Open sessions per user, for `limits.max_connections_per_user`.
@@ -91,7 +94,8 @@ impl Server {
     pub async fn bind(config: Config) -> Result<Self, StartError> {
         config.validate()?;
         let verifier = Verifier::from_config(&config)?;
-        let acceptor = TlsAcceptor::from(tls::server_config(&config.tls)?);
+        let certs = tls::CertStore::load(&config.tls)?;
+        let acceptor = TlsAcceptor::from(tls::server_config(&config.tls, Arc::clone(&certs))?);
         let policies = PolicyStore::load(&config.policy.dir)?;
         let addr = config.server.listen;
         let listener = TcpListener::bind(addr)
@@ -100,6 +104,7 @@ impl Server {
         let shared = Arc::new(Shared {
             upgrade: UpgradePolicy::from_config(&config),
             admission: Arc::new(Admission::new(&config.admission)),
+            certs,
             services: Arc::new(Services {
                 metrics: crate::metrics::Metrics::default(),
                 verifier,
@@ -161,6 +166,7 @@ impl Server {
         let connections = TaskTracker::new();
         tokio::spawn(watch_policies(Arc::clone(&shared), shared.shutdown.clone()));
         tokio::spawn(sweep_admission(Arc::clone(&shared)));
+        tokio::spawn(watch_certs(Arc::clone(&shared), shared.shutdown.clone()));
         let permits = Arc::new(Semaphore::new(
             shared.services.config.server.max_connections,
         ));
@@ -277,6 +283,20 @@ impl ServerHandle {
         reload_policies(&self.shared.services, "signal")
     }
 
+    /// Re-reads the certificate and key files; new handshakes use the new
+    /// pair, live connections keep theirs. On error the old pair serves on.
+    ///
+    /// # Errors
+    /// Unreadable or malformed files, or a key that does not match.
+    pub fn reload_certs(&self) -> Result<(), tls::TlsError> {
+        reload_certs(&self.shared, "signal")
+    }
+
+    /// The leaf certificate new handshakes get (DER).
+    pub fn current_cert(&self) -> Option<Vec<u8>> {
+        self.shared.certs.leaf().map(|c| c.to_vec())
+    }
+
     /// Skips what is left of the drain grace and window: every session
     /// closes with 1001 now (a second SIGTERM or Ctrl-C).
     pub fn hurry(&self) {
@@ -301,32 +321,46 @@ fn reload_policies(services: &Services, trigger: &'static str) -> Result<usize, 
 
 /// Polls the policy directory and reloads when a file changes.
 async fn watch_policies(shared: Arc<Shared>, stop: CancellationToken) {
-    let interval_ms = shared.services.config.policy.watch_interval_ms;
-    if interval_ms == 0 {
-        return;
-    }
-    let store = &shared.services.policies;
-    let mut loaded = policy::fingerprint(store.dir());
-    // A change is acted on once two polls in a row see the same new state,
-    // so a file caught half-written is not loaded (and cannot drop
-    // subscriptions that the finished file allows).
-    let mut settling = None;
-    let mut tick = tokio::time::interval(Duration::from_millis(interval_ms));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let now = policy::fingerprint(store.dir());
-        if now == loaded {
-            settling = None;
-        } else if settling.as_ref() == Some(&now) {
-            loaded = now;
-            settling = None;
+    let interval = Duration::from_millis(shared.services.config.policy.watch_interval_ms);
+    let dir = shared.services.policies.dir();
+    watch::on_change(
+        interval,
+        stop,
+        || policy::fingerprint(dir),
+        || {
             let _ = reload_policies(&shared.services, "file change");
-        } else {
-            settling = Some(now);
+        },
+    )
+    .await;
+}
+
+/// Polls the certificate and key files and reloads when either changes.
+async fn watch_certs(shared: Arc<Shared>, stop: CancellationToken) {
+    let interval = Duration::from_millis(shared.services.config.tls.watch_interval_ms);
+    let files = shared.certs.files();
+    watch::on_change(
+        interval,
+        stop,
+        || watch::files(&files),
+        || {
+            let _ = reload_certs(&shared, "file change");
+        },
+    )
+    .await;
+}
+
+fn reload_certs(shared: &Shared, trigger: &'static str) -> Result<(), tls::TlsError> {
+    let metrics = &shared.services.metrics;
+    match shared.certs.reload() {
+        Ok(()) => {
+            metrics.cert_reloads.inc("ok");
+            info!(trigger, "certificate reloaded; new handshakes use it");
+            Ok(())
+        }
+        Err(e) => {
+            metrics.cert_reloads.inc("failed");
+            warn!(trigger, error = %e, "certificate reload refused; keeping the previous certificate");
+            Err(e)
         }
     }
 }

@@ -1,11 +1,21 @@
 //! The rustls server configuration: certificate chain and key from PEM
-//! (through `rustls-pki-types`' `PemObject`), protocol versions, ALPN.
+//! (through `rustls-pki-types`' `PemObject`), protocol versions, ALPN, and
+//! the [`CertStore`] that lets the certificate be replaced while the
+//! server runs.
+//!
+//! Reload swaps the certificate the resolver hands to *new* handshakes;
+//! a live connection keeps the one it was made with. A pair that does not
+//! load (unreadable, truncated, no certificate, a key that does not match)
+//! is refused and the old pair keeps serving.
 
-use std::path::Path;
-use std::sync::Arc;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError, RwLock};
 
 use rustls::ServerConfig;
 use rustls::crypto::aws_lc_rs;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -17,6 +27,8 @@ pub enum TlsError {
     Cert { path: String, message: String },
     #[error("key file {path}: {message}")]
     Key { path: String, message: String },
+    #[error("key file {key} does not belong to the certificate in {cert}")]
+    Mismatch { cert: String, key: String },
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
 }
@@ -45,16 +57,101 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
     Ok(certs)
 }
 
-/// Builds the server config from the `[tls]` section.
+/// Loads the certificate chain and key and checks that they belong
+/// together.
+fn certified_key(cert_file: &Path, key_file: &Path) -> Result<CertifiedKey, TlsError> {
+    let certs = load_certs(cert_file)?;
+    let key_err = |message: String| TlsError::Key {
+        path: key_file.display().to_string(),
+        message,
+    };
+    let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| key_err(e.to_string()))?;
+    let signing = provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| key_err(e.to_string()))?;
+    let certified = CertifiedKey::new(certs, signing);
+    certified.keys_match().map_err(|_| TlsError::Mismatch {
+        cert: cert_file.display().to_string(),
+        key: key_file.display().to_string(),
+    })?;
+    Ok(certified)
+}
+
+/// The current certificate and key, swapped by [`CertStore::reload`].
+pub struct CertStore {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl fmt::Debug for CertStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never the key.
+        f.debug_struct("CertStore")
+            .field("cert_file", &self.cert_file)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CertStore {
+    /// Loads the pair named in the `[tls]` section.
+    ///
+    /// # Errors
+    /// As [`CertStore::reload`].
+    pub fn load(cfg: &TlsConfig) -> Result<Arc<Self>, TlsError> {
+        let key = certified_key(&cfg.cert_file, &cfg.key_file)?;
+        Ok(Arc::new(Self {
+            cert_file: cfg.cert_file.clone(),
+            key_file: cfg.key_file.clone(),
+            current: RwLock::new(Arc::new(key)),
+        }))
+    }
+
+    /// Re-reads both files; new handshakes use the new pair from now on.
+    ///
+    /// # Errors
+    /// Unreadable or malformed files, or a key that does not match the
+    /// certificate; the old pair stays in use.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let key = Arc::new(certified_key(&self.cert_file, &self.key_file)?);
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = key;
+        Ok(())
+    }
+
+    /// The two files, for watching.
+    pub fn files(&self) -> [&Path; 2] {
+        [&self.cert_file, &self.key_file]
+    }
+
+    /// The leaf certificate now served (DER).
+    pub fn leaf(&self) -> Option<CertificateDer<'static>> {
+        self.current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .cert
+            .first()
+            .cloned()
+    }
+}
+
+impl ResolvesServerCert for CertStore {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(Arc::clone(
+            &self.current.read().unwrap_or_else(PoisonError::into_inner),
+        ))
+    }
+}
+
+/// Builds the server config from the `[tls]` section, with certificates
+/// served from `store`.
 ///
 /// # Errors
-/// Missing or unreadable files, or a key that does not match the certificate.
-pub fn server_config(cfg: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError> {
-    let certs = load_certs(&cfg.cert_file)?;
-    let key = PrivateKeyDer::from_pem_file(&cfg.key_file).map_err(|e| TlsError::Key {
-        path: cfg.key_file.display().to_string(),
-        message: e.to_string(),
-    })?;
+/// Protocol versions the provider does not support.
+pub fn server_config(
+    cfg: &TlsConfig,
+    store: Arc<CertStore>,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let versions: &[&rustls::SupportedProtocolVersion] = if cfg.tls13_only {
         &[&rustls::version::TLS13]
     } else {
@@ -63,7 +160,7 @@ pub fn server_config(cfg: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError> {
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(versions)?
         .with_no_client_auth()
-        .with_single_cert(certs, key)?;
+        .with_cert_resolver(store);
     // WebSocket over HTTP/2 (RFC 8441) is not offered yet.
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))

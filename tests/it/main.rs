@@ -9,4 +9,5 @@ mod harness;
 mod limits;
 mod logs;
 mod metrics;
+mod reload;
 mod upgrade;
