@@ -43,6 +43,9 @@ pub struct Config {
 pub struct ServerConfig {
     /// Address and port of the wss:// listener.
     pub listen: SocketAddr,
+    /// A separate plain-HTTP listener for `/metrics`, `/healthz` and
+    /// `/readyz` (then `/metrics` is not served on `listen`); unset: none.
+    pub admin_listen: Option<SocketAddr>,
     /// Deadline for the whole TLS handshake, in milliseconds.
     pub handshake_timeout_ms: u64,
     /// Deadline for a request's headers to arrive, in milliseconds.
@@ -76,6 +79,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
+            admin_listen: None,
             handshake_timeout_ms: 10_000,
             header_read_timeout_ms: 5_000,
             max_header_bytes: 16 * 1024,

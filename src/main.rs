@@ -550,6 +550,9 @@ fn serve(args: ServeArgs) -> Result<(), BoxError> {
         }
         let addr = server.local_addr()?;
         info!(%addr, "listening");
+        if let Some(admin) = server.admin_addr() {
+            info!(addr = %admin, "admin listener (plain HTTP: /metrics, /healthz, /readyz)");
+        }
         if args.dev {
             print_dev_banner(&config, addr)?;
         }

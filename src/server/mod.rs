@@ -65,6 +65,8 @@ pub(crate) struct Shared {
     pub users: Mutex<HashMap<String, usize>>,
     /// Source of process-unique session numbers.
     pub next_session: AtomicU64,
+    /// `/metrics` is served on the admin listener, not the main one.
+    pub admin_metrics: bool,
     /// `/dev/token` is routed (only under `serve --dev`).
     pub dev_endpoints: bool,
     /// Set when shutdown begins: `/readyz` and new upgrades answer 503.
@@ -81,6 +83,7 @@ pub(crate) struct Shared {
 /// A bound, not yet running gateway.
 pub struct Server {
     listener: TcpListener,
+    admin: Option<TcpListener>,
     acceptor: TlsAcceptor,
     shared: Arc<Shared>,
 }
@@ -101,6 +104,14 @@ impl Server {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| StartError::Bind { addr, source })?;
+        let admin = match config.server.admin_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Bind { addr, source })?,
+            ),
+            None => None,
+        };
         let shared = Arc::new(Shared {
             upgrade: UpgradePolicy::from_config(&config),
             admission: Arc::new(Admission::new(&config.admission)),
@@ -112,6 +123,7 @@ impl Server {
                 hub: Hub::default(),
                 config,
             }),
+            admin_metrics: admin.is_some(),
             users: Mutex::default(),
             next_session: AtomicU64::new(1),
             dev_endpoints: false,
@@ -122,6 +134,7 @@ impl Server {
         });
         Ok(Self {
             listener,
+            admin,
             acceptor,
             shared,
         })
@@ -152,6 +165,11 @@ impl Server {
         self.listener.local_addr()
     }
 
+    /// The admin listener's address, when one is configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
     /// Serves until `stop` is cancelled; then drains: `/readyz` and new
     /// upgrades answer 503 for `drain_grace_ms`, after which the listener
     /// closes and sessions are closed with 1001 spread over
@@ -160,10 +178,15 @@ impl Server {
     pub async fn run(self, stop: CancellationToken) {
         let Self {
             listener,
+            admin,
             acceptor,
             shared,
         } = self;
         let connections = TaskTracker::new();
+        let admin_stop = CancellationToken::new();
+        if let Some(admin) = admin {
+            tokio::spawn(serve_admin(admin, Arc::clone(&shared), admin_stop.clone()));
+        }
         tokio::spawn(watch_policies(Arc::clone(&shared), shared.shutdown.clone()));
         tokio::spawn(sweep_admission(Arc::clone(&shared)));
         tokio::spawn(watch_certs(Arc::clone(&shared), shared.shutdown.clone()));
@@ -263,7 +286,76 @@ impl Server {
                 "shutdown deadline reached; dropping the rest"
             );
         }
+        admin_stop.cancel();
         info!("stopped");
+    }
+}
+
+/// Most admin connections served at once: scrapers and probes, not users.
+const ADMIN_CONNECTIONS: usize = 16;
+
+/// The plain-HTTP admin listener: `/metrics`, `/healthz`, `/readyz`. It
+/// keeps answering through the drain, so the drain can be watched.
+async fn serve_admin(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+    let permits = Arc::new(Semaphore::new(ADMIN_CONNECTIONS));
+    let mut backoff = Backoff::default();
+    loop {
+        let permit = tokio::select! {
+            () = stop.cancelled() => return,
+            p = Arc::clone(&permits).acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
+        let (tcp, peer) = tokio::select! {
+            () = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => {
+                    backoff.reset();
+                    conn
+                }
+                Err(e) => {
+                    let delay = backoff.next();
+                    warn!(error = %e, delay_ms = delay.as_millis() as u64, "admin accept failed; backing off");
+                    tokio::time::sleep(delay).await;
+                    continue;
+                }
+            },
+        };
+        let shared = Arc::clone(&shared);
+        let stop = stop.clone();
+        tokio::spawn(
+            async move {
+                let _permit = permit;
+                let cfg = &shared.services.config;
+                let mut builder = http1::Builder::new();
+                builder
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(cfg.header_read_timeout())
+                    .max_headers(cfg.server.max_headers)
+                    .max_buf_size(cfg.http_buf_size());
+                let service = {
+                    let shared = Arc::clone(&shared);
+                    service_fn(move |req| {
+                        let response = routes::handle_admin(&req, &shared);
+                        std::future::ready(Ok::<_, std::convert::Infallible>(response))
+                    })
+                };
+                let conn = builder.serve_connection(TokioIo::new(tcp), service);
+                tokio::pin!(conn);
+                let result = tokio::select! {
+                    r = conn.as_mut() => r,
+                    () = stop.cancelled() => {
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                };
+                if let Err(e) = result {
+                    debug!(error = %e, "admin connection ended with an error");
+                }
+            }
+            .instrument(info_span!("admin", %peer)),
+        );
     }
 }
 

@@ -40,6 +40,7 @@ pub(super) fn handle(
         "/readyz" if draining => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
         "/readyz" if overloaded => text(StatusCode::SERVICE_UNAVAILABLE, "full\n"),
         "/readyz" => text(StatusCode::OK, "ready\n"),
+        "/metrics" if shared.admin_metrics => refuse(Refusal::NotFound, shared),
         "/metrics" => metrics(shared),
         "/dev/token" if shared.dev_endpoints => {
             web::dev_token(&shared.services.config, req.uri().query())
@@ -175,6 +176,18 @@ fn refuse(refusal: Refusal, shared: &Shared) -> Response<Body> {
         "request refused"
     );
     refusal.response(&shared.upgrade)
+}
+
+/// The admin listener: health and metrics over plain HTTP, nothing else.
+pub(super) fn handle_admin(req: &Request<Incoming>, shared: &Shared) -> Response<Body> {
+    let draining = shared.draining.load(Ordering::Relaxed);
+    match req.uri().path() {
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" if draining => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
+        "/readyz" => text(StatusCode::OK, "ready\n"),
+        "/metrics" => metrics(shared),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
 }
 
 /// The Prometheus text exposition.

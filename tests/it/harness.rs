@@ -31,6 +31,8 @@ pub const WAIT: Duration = Duration::from_secs(10);
 
 pub struct Gateway {
     pub addr: SocketAddr,
+    /// The plain-HTTP admin listener, when the test configured one.
+    pub admin: Option<SocketAddr>,
     pub config: Config,
     pub client: Arc<ClientConfig>,
     pub dir: tempfile::TempDir,
@@ -73,11 +75,13 @@ pub async fn start(tweak: impl FnOnce(&mut Config, &std::path::Path)) -> Gateway
 
     let server = Server::bind(config.clone()).await.expect("bind");
     let addr = server.local_addr().expect("local addr");
+    let admin = server.admin_addr();
     let handle = server.handle();
     let stop = CancellationToken::new();
     let task = tokio::spawn(server.run(stop.clone()));
     Gateway {
         addr,
+        admin,
         client: client_config(&paths.ca_cert),
         config,
         dir,

@@ -105,3 +105,53 @@ async fn metrics_count_traffic_without_naming_anyone() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// A plain-HTTP GET on the admin listener; returns status line and body.
+async fn admin_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(WAIT, tcp.read_to_string(&mut out))
+        .await
+        .expect("admin answer")
+        .unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    (
+        head.lines().next().unwrap_or("").to_owned(),
+        body.to_owned(),
+    )
+}
+
+#[tokio::test]
+async fn admin_listener_serves_metrics_and_health_in_plain_http() {
+    let gw = start(|c, _| {
+        c.server.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+        c.server.drain_grace_ms = 5_000;
+    })
+    .await;
+    let admin = gw.admin.expect("admin listener bound");
+    let (status, body) = admin_get(admin, "/metrics").await;
+    assert!(status.contains(" 200 "), "{status}");
+    assert!(body.contains("wsgate_connections_open"), "{body}");
+    assert!(admin_get(admin, "/healthz").await.0.contains(" 200 "));
+    assert!(admin_get(admin, "/readyz").await.0.contains(" 200 "));
+    assert!(admin_get(admin, "/ws").await.0.contains(" 404 "));
+    // Metrics are no longer public on the wss:// listener.
+    assert_eq!(gw.get("/metrics").await.status, 404);
+    // The admin listener reports the drain and keeps serving through it.
+    gw.begin_stop();
+    let deadline = std::time::Instant::now() + WAIT;
+    while !admin_get(admin, "/readyz").await.0.contains(" 503 ") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "readyz never went 503"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(admin_get(admin, "/metrics").await.0.contains(" 200 "));
+}
