@@ -29,12 +29,19 @@ pub const LOCAL: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 /// Deadline for anything a test waits on, so a bug fails instead of hanging.
 pub const WAIT: Duration = Duration::from_secs(10);
 
-pub struct Gateway {
+/// Where a gateway listens and how to talk to it, whether it runs in this
+/// process ([`Gateway`]) or as the built binary (`process.rs`).
+pub struct Endpoint {
     pub addr: SocketAddr,
-    /// The plain-HTTP admin listener, when the test configured one.
-    pub admin: Option<SocketAddr>,
     pub config: Config,
     pub client: Arc<ClientConfig>,
+}
+
+/// A gateway running in this process.
+pub struct Gateway {
+    endpoint: Endpoint,
+    /// The plain-HTTP admin listener, when the test configured one.
+    pub admin: Option<SocketAddr>,
     pub dir: tempfile::TempDir,
     /// Controls the running server (policy reload, hurry).
     pub handle: wsgate::server::ServerHandle,
@@ -44,9 +51,44 @@ pub struct Gateway {
 
 pub type Ws = WebSocketStream<TlsStream<TcpStream>>;
 
+impl std::ops::Deref for Gateway {
+    type Target = Endpoint;
+    fn deref(&self) -> &Endpoint {
+        &self.endpoint
+    }
+}
+
 /// A gateway with the test defaults and `tweak` applied.
 pub async fn start(tweak: impl FnOnce(&mut Config, &std::path::Path)) -> Gateway {
     capture_logs();
+    let (dir, config) = test_config(tweak);
+    let ca = CertPaths::in_dir(dir.path()).ca_cert;
+    let server = Server::bind(config.clone()).await.expect("bind");
+    let addr = server.local_addr().expect("local addr");
+    let admin = server.admin_addr();
+    let handle = server.handle();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(server.run(stop.clone()));
+    Gateway {
+        endpoint: Endpoint {
+            addr,
+            client: client_config(&ca),
+            config,
+        },
+        admin,
+        dir,
+        handle,
+        stop,
+        task: Some(task),
+    }
+}
+
+/// A temporary directory with a CA, a server certificate, an HMAC secret
+/// and the default policy, and the test configuration using them (listen
+/// on 127.0.0.1:0) with `tweak` applied.
+pub fn test_config(
+    tweak: impl FnOnce(&mut Config, &std::path::Path),
+) -> (tempfile::TempDir, Config) {
     let dir = tempfile::tempdir().expect("tempdir");
     let paths = CertPaths::in_dir(dir.path());
     certs::generate(&paths, &[], certs::Replace::Nothing).expect("generate certs");
@@ -67,28 +109,12 @@ pub async fn start(tweak: impl FnOnce(&mut Config, &std::path::Path)) -> Gateway
     .expect("policy");
     config.policy.dir = policies;
     // Every test client comes from 127.0.0.1: the admission limits are
-    // tested on their own (limits.rs), not tripped by other tests.
+    // tested on their own (admission.rs), not tripped by other tests.
     config.admission.address_new_connections_per_s = 0;
     config.admission.max_connections_per_address = 0;
     config.admission.address_failed_auths_per_min = 0;
     tweak(&mut config, dir.path());
-
-    let server = Server::bind(config.clone()).await.expect("bind");
-    let addr = server.local_addr().expect("local addr");
-    let admin = server.admin_addr();
-    let handle = server.handle();
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(server.run(stop.clone()));
-    Gateway {
-        addr,
-        admin,
-        client: client_config(&paths.ca_cert),
-        config,
-        dir,
-        handle,
-        stop,
-        task: Some(task),
-    }
+    (dir, config)
 }
 
 /// A rustls client config that trusts only the CA at `ca`.
@@ -105,7 +131,7 @@ pub fn client_config(ca: &std::path::Path) -> Arc<ClientConfig> {
     Arc::new(config)
 }
 
-impl Gateway {
+impl Endpoint {
     /// A token for `sub` with `roles`, valid for an hour.
     pub fn token(&self, sub: &str, roles: &[&str]) -> String {
         let request = TokenRequest {
@@ -262,7 +288,9 @@ impl Gateway {
     pub fn ws_url(&self) -> String {
         format!("wss://localhost:{}/ws", self.addr.port())
     }
+}
 
+impl Gateway {
     /// Begins shutdown (drain) without waiting for it.
     pub fn begin_stop(&self) {
         self.stop.cancel();

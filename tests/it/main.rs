@@ -9,5 +9,6 @@ mod harness;
 mod limits;
 mod logs;
 mod metrics;
+mod process;
 mod reload;
 mod upgrade;
