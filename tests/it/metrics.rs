@@ -104,6 +104,35 @@ async fn metrics_count_traffic_without_naming_anyone() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+    // A close the gateway sends is counted by code; the client's own is not.
+    let (mut ws, _) = gw.connect(&token).await.expect("upgrade");
+    ws.send(Message::binary(b"no".to_vec())).await.unwrap();
+    while let Some(Ok(_)) = tokio::time::timeout(WAIT, ws.next()).await.unwrap() {}
+    // Reloads are counted by result.
+    gw.handle.reload_policies().expect("policy reload");
+    gw.handle.reload_certs().expect("cert reload");
+    let text = gw.get("/metrics").await.body;
+    assert_eq!(
+        sample(&text, "wsgate_close_codes_total{code=\"1003\"}"),
+        1.0
+    );
+    assert_eq!(
+        sample(&text, "wsgate_close_codes_total{code=\"1000\"}"),
+        0.0
+    );
+    assert_eq!(
+        sample(&text, "wsgate_sessions_closed_total{reason=\"binary\"}"),
+        1.0
+    );
+    assert_eq!(
+        sample(&text, "wsgate_policy_reloads_total{result=\"ok\"}"),
+        1.0
+    );
+    assert_eq!(
+        sample(&text, "wsgate_cert_reloads_total{result=\"ok\"}"),
+        1.0
+    );
+    assert_eq!(sample(&text, "wsgate_admission_dropped_total"), 0.0);
 }
 
 /// A plain-HTTP GET on the admin listener; returns status line and body.
