@@ -28,8 +28,9 @@ pub enum Admit {
     /// the client learns when to retry; other routes are still served.
     Refuse(AddressGuard, Limited),
     /// Close it at once, before TLS: the address was already told to
-    /// back off within the last second.
-    Drop,
+    /// back off within the last second. (A limit found on an HTTP request
+    /// is answered like [`Admit::Refuse`].)
+    Drop(Limited),
 }
 
 /// Which admission limit a connection or upgrade ran into, and when to
@@ -210,17 +211,33 @@ impl Admission {
                 .last_refusal
                 .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1))
             {
-                return Admit::Drop;
+                return Admit::Drop(limited);
             }
             state.last_refusal = Some(now);
             state.open += 1;
-            return Admit::Refuse(self.guard(key), limited);
+            return Admit::Refuse(self.guard(Some(key)), limited);
         }
         state.open += 1;
-        Admit::Yes(self.guard(key))
+        Admit::Yes(self.guard(Some(key)))
     }
 
-    fn guard(self: &Arc<Self>, key: IpAddr) -> AddressGuard {
+    /// Decides a connection by the global limit only: one from a trusted
+    /// proxy, whose clients are told apart later by a forwarding header.
+    pub fn admit_global(self: &Arc<Self>, now: Instant) -> Admit {
+        let limited = self.global_rate.and_then(|rate| {
+            let mut bucket = self.global.lock().unwrap_or_else(PoisonError::into_inner);
+            bucket
+                .get_or_insert_with(|| Bucket::full(rate, now))
+                .take(rate, now)
+                .err()
+        });
+        match limited {
+            Some(wait) => Admit::Refuse(self.guard(None), Limited::GlobalRate(wait)),
+            None => Admit::Yes(self.guard(None)),
+        }
+    }
+
+    fn guard(self: &Arc<Self>, key: Option<IpAddr>) -> AddressGuard {
         AddressGuard {
             admission: Arc::clone(self),
             key,
@@ -308,29 +325,28 @@ impl Admission {
 #[derive(Debug)]
 pub struct AddressGuard {
     admission: Arc<Admission>,
-    key: IpAddr,
+    /// `None`: counted by no address (see [`Admission::admit_global`]).
+    key: Option<IpAddr>,
 }
 
 impl AddressGuard {
-    /// The address key this connection is counted under.
-    pub fn key(&self) -> IpAddr {
+    /// The address key this connection is counted under, if any.
+    pub fn key(&self) -> Option<IpAddr> {
         self.key
-    }
-
-    /// The shared admission state.
-    pub fn admission(&self) -> &Admission {
-        &self.admission
     }
 }
 
 impl Drop for AddressGuard {
     fn drop(&mut self) {
+        let Some(key) = self.key else {
+            return;
+        };
         let mut addresses = self
             .admission
             .addresses
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if let Some(state) = addresses.get_mut(&self.key) {
+        if let Some(state) = addresses.get_mut(&key) {
             state.open = state.open.saturating_sub(1);
         }
     }
@@ -371,7 +387,10 @@ mod tests {
             Admit::Refuse(_, Limited::AddressConnections)
         ));
         // Told once this second; the next is closed before TLS.
-        assert!(matches!(a.admit(ip("10.0.0.1"), t), Admit::Drop));
+        assert!(matches!(
+            a.admit(ip("10.0.0.1"), t),
+            Admit::Drop(Limited::AddressConnections)
+        ));
         // Another address is unaffected.
         assert!(matches!(a.admit(ip("10.0.0.2"), t), Admit::Yes(_)));
         drop(held);
@@ -421,7 +440,7 @@ mod tests {
         let Admit::Yes(g) = a.admit(ip("10.0.0.1"), t) else {
             panic!()
         };
-        let key = g.key();
+        let key = g.key().unwrap();
         assert!(a.check_auth(key, t).is_ok());
         a.auth_failed(key, t);
         a.auth_failed(key, t);

@@ -69,6 +69,17 @@ pub struct ServerConfig {
     pub drain_window_ms: u64,
     /// Hard deadline for sessions to close after the window, in milliseconds.
     pub shutdown_timeout_ms: u64,
+    /// Every connection must start with a PROXY protocol header (v1 or v2)
+    /// from one of `trusted_proxies`; others are closed.
+    pub proxy_protocol: bool,
+    /// Deadline for the PROXY header, in milliseconds.
+    pub proxy_header_timeout_ms: u64,
+    /// Addresses or CIDR networks of the load balancers and proxies whose
+    /// PROXY header or forwarding header is believed.
+    pub trusted_proxies: Vec<String>,
+    /// The request header (`x-forwarded-for` or `forwarded`) that names the
+    /// client when the peer is a trusted proxy; `none`: read none.
+    pub forwarded_header: crate::proxy::ForwardedHeader,
     /// Exact `Origin` values (`scheme://host[:port]`) allowed to open `/ws`.
     pub allowed_origins: Vec<String>,
     /// Also allow an `Origin` equal to `https://` + the request's `Host`.
@@ -90,6 +101,10 @@ impl Default for ServerConfig {
             drain_grace_ms: 0,
             drain_window_ms: 0,
             shutdown_timeout_ms: 10_000,
+            proxy_protocol: false,
+            proxy_header_timeout_ms: 3_000,
+            trusted_proxies: Vec::new(),
+            forwarded_header: crate::proxy::ForwardedHeader::None,
             allowed_origins: Vec::new(),
             allow_same_origin: true,
         }
@@ -394,6 +409,19 @@ impl Config {
         }
         if s.max_connections == 0 {
             return bad("server.max_connections must be at least 1".into());
+        }
+        if let Err(e) = crate::proxy::Trusted::parse(&s.trusted_proxies) {
+            return bad(format!("server.trusted_proxies: {e}"));
+        }
+        let forwarding = s.forwarded_header != crate::proxy::ForwardedHeader::None;
+        if (s.proxy_protocol || forwarding) && s.trusted_proxies.is_empty() {
+            return bad(
+                "server.proxy_protocol and server.forwarded_header need server.trusted_proxies"
+                    .into(),
+            );
+        }
+        if s.proxy_header_timeout_ms == 0 {
+            return bad("server.proxy_header_timeout_ms must be above 0".into());
         }
         for origin in &s.allowed_origins {
             if crate::upgrade::Origin::parse(origin).is_none() {

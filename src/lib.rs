@@ -2,8 +2,9 @@
 //!
 //! The path of one connection, module by module:
 //!
-//! 1. [`server`] takes a connection permit, accepts with back-off, asks
-//!    [`admission`] whether the source address may connect, runs the
+//! 1. [`server`] takes a connection permit, accepts with back-off, reads
+//!    the client's address from a trusted balancer's PROXY header
+//!    ([`proxy`]), asks [`admission`] whether that address may connect, runs the
 //!    TLS handshake under its deadline ([`server::tls`]) and serves HTTP/1.1
 //!    with header limits: `/ws`, health, `/metrics`, the demo page.
 //! 2. [`upgrade`] decides `/ws`: RFC 6455 checks, the Origin allow-list, the
@@ -31,6 +32,7 @@ pub mod hub;
 pub mod metrics;
 pub mod policy;
 pub mod protocol;
+pub mod proxy;
 pub mod server;
 pub mod session;
 pub mod upgrade;

@@ -65,6 +65,9 @@ pub const CLOSE_CODES: [&str; 10] = [
     "1000", "1001", "1002", "1003", "1007", "1008", "1009", "1011", "4001", "4008",
 ];
 
+/// Labels of `wsgate_proxy_headers_total{result}`.
+pub const PROXY_RESULTS: [&str; 5] = ["ok", "local", "untrusted", "malformed", "timeout"];
+
 /// A counter per label value of a fixed set.
 #[derive(Debug)]
 pub struct LabeledCounter<const N: usize> {
@@ -178,6 +181,8 @@ pub struct Metrics {
     pub messages_delivered: AtomicU64,
     pub policy_reloads: LabeledCounter<2>,
     pub cert_reloads: LabeledCounter<2>,
+    /// PROXY protocol headers by result (only with `server.proxy_protocol`).
+    pub proxy_headers: LabeledCounter<5>,
     /// Connections closed before TLS by an admission limit (their address
     /// had already been answered with a refusal within the second).
     pub admission_dropped: AtomicU64,
@@ -203,6 +208,7 @@ impl Default for Metrics {
             messages_delivered: AtomicU64::new(0),
             policy_reloads: LabeledCounter::new(&RESULTS),
             cert_reloads: LabeledCounter::new(&RESULTS),
+            proxy_headers: LabeledCounter::new(&PROXY_RESULTS),
             admission_dropped: AtomicU64::new(0),
             handshake: Histogram::new(),
             publish: Histogram::new(),
@@ -290,6 +296,12 @@ impl Metrics {
             "result",
             "Certificate reloads by result.",
         );
+        self.proxy_headers.render(
+            &mut out,
+            "wsgate_proxy_headers_total",
+            "result",
+            "PROXY protocol headers by result.",
+        );
         counter(
             &mut out,
             "wsgate_admission_dropped_total",
@@ -316,6 +328,13 @@ mod tests {
 
     #[test]
     fn labels_match_the_enums_they_mirror() {
+        for e in [
+            crate::proxy::ProxyError::Untrusted,
+            crate::proxy::ProxyError::Malformed,
+            crate::proxy::ProxyError::Timeout,
+        ] {
+            assert!(PROXY_RESULTS.contains(&e.label()));
+        }
         for code in [
             crate::protocol::CloseCode::Normal,
             crate::protocol::CloseCode::GoingAway,

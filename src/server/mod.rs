@@ -32,6 +32,7 @@ use crate::auth::Verifier;
 use crate::config::{Config, ConfigError};
 use crate::hub::Hub;
 use crate::policy::{self, PolicyError, PolicyStore};
+use crate::proxy::{self, ForwardedHeader, ProxyError, Trusted};
 use crate::session::Services;
 use crate::upgrade::{Refusal, UpgradePolicy};
 
@@ -61,6 +62,10 @@ pub(crate) struct Shared {
     pub certs: Arc<tls::CertStore>,
     /// Per-address and global admission limits.
     pub admission: Arc<Admission>,
+    /// Proxies whose PROXY or forwarding header is believed.
+    pub trusted: Trusted,
+    /// The forwarding header read from trusted proxies.
+    pub forwarded: ForwardedHeader,
     /// Open sessions per user, for `limits.max_connections_per_user`.
     pub users: Mutex<HashMap<String, usize>>,
     /// Source of process-unique session numbers.
@@ -78,6 +83,13 @@ pub(crate) struct Shared {
     pub hurry: CancellationToken,
     /// Upgraded sessions, which hyper no longer tracks.
     pub sessions: TaskTracker,
+}
+
+impl Shared {
+    /// Whether requests from `ip` name their client in a forwarding header.
+    pub fn forwarding_from(&self, ip: std::net::IpAddr) -> bool {
+        self.forwarded != ForwardedHeader::None && self.trusted.contains(ip)
+    }
 }
 
 /// A bound, not yet running gateway.
@@ -115,6 +127,9 @@ impl Server {
         let shared = Arc::new(Shared {
             upgrade: UpgradePolicy::from_config(&config),
             admission: Arc::new(Admission::new(&config.admission)),
+            trusted: Trusted::parse(&config.server.trusted_proxies)
+                .map_err(ConfigError::Invalid)?,
+            forwarded: config.server.forwarded_header,
             certs,
             services: Arc::new(Services {
                 metrics: crate::metrics::Metrics::default(),
@@ -254,7 +269,7 @@ impl Server {
                     }
                 }
             };
-            let span = info_span!("conn", %peer);
+            let span = info_span!("conn", %peer, client = tracing::field::Empty);
             connections.spawn(
                 serve_connection(
                     tcp,
@@ -457,6 +472,28 @@ fn reload_certs(shared: &Shared, trigger: &'static str) -> Result<(), tls::TlsEr
     }
 }
 
+/// Reads the PROXY header of a connection from a trusted proxy, under
+/// its deadline: the client's address, or `None` for the proxy's own
+/// (`LOCAL`) connections.
+async fn read_proxy_header(
+    tcp: &mut TcpStream,
+    peer: SocketAddr,
+    shared: &Shared,
+) -> Result<Option<SocketAddr>, ProxyError> {
+    if !shared.trusted.contains(peer.ip()) {
+        return Err(ProxyError::Untrusted);
+    }
+    let deadline = Duration::from_millis(shared.services.config.server.proxy_header_timeout_ms);
+    let header = tokio::time::timeout(deadline, proxy::read_header(tcp))
+        .await
+        .map_err(|_| ProxyError::Timeout)??;
+    let metrics = &shared.services.metrics;
+    metrics
+        .proxy_headers
+        .inc(if header.is_some() { "ok" } else { "local" });
+    Ok(header)
+}
+
 /// Forgets idle addresses now and then, so the admission table holds only
 /// recent activity.
 async fn sweep_admission(shared: Arc<Shared>) {
@@ -474,7 +511,7 @@ async fn sweep_admission(shared: Arc<Shared>) {
 /// Admission, the TLS handshake, then HTTP/1.1 until the connection ends
 /// or upgrades.
 async fn serve_connection(
-    tcp: TcpStream,
+    mut tcp: TcpStream,
     peer: SocketAddr,
     acceptor: TlsAcceptor,
     shared: Arc<Shared>,
@@ -482,9 +519,32 @@ async fn serve_connection(
     overloaded: bool,
 ) {
     let metrics = &shared.services.metrics;
-    // Before the handshake, which is the costly part of a connection.
-    let (address, mut refusal) = match shared.admission.admit(peer.ip(), std::time::Instant::now())
-    {
+    let server = &shared.services.config.server;
+    let mut client = peer;
+    if server.proxy_protocol {
+        match read_proxy_header(&mut tcp, peer, &shared).await {
+            Ok(Some(addr)) => {
+                client = addr;
+                tracing::Span::current().record("client", tracing::field::display(client));
+            }
+            Ok(None) => {}
+            Err(e) => {
+                metrics.proxy_headers.inc(e.label());
+                debug!(error = %e, "connection refused: PROXY header");
+                return;
+            }
+        }
+    }
+    // Before the handshake, which is the costly part of a connection. A
+    // trusted proxy that names its clients in a forwarding header is
+    // counted globally here, and each client by address at its request.
+    let now = std::time::Instant::now();
+    let admitted = if shared.forwarding_from(client.ip()) {
+        shared.admission.admit_global(now)
+    } else {
+        shared.admission.admit(client.ip(), now)
+    };
+    let (address, mut refusal) = match admitted {
         Admit::Yes(guard) => (guard, None),
         Admit::Refuse(guard, limited) => {
             debug!(
@@ -493,7 +553,7 @@ async fn serve_connection(
             );
             (guard, Some(Refusal::Admission(limited)))
         }
-        Admit::Drop => {
+        Admit::Drop(_) => {
             metrics.admission_dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
@@ -501,7 +561,12 @@ async fn serve_connection(
     if overloaded {
         refusal = Some(Refusal::Overloaded);
     }
-    let permit = Arc::new(ConnSlot::new(permit, address, Arc::clone(&shared.services)));
+    let permit = Arc::new(ConnSlot::new(
+        permit,
+        client,
+        address,
+        Arc::clone(&shared.services),
+    ));
     if let Err(e) = tcp.set_nodelay(true) {
         debug!(error = %e, "set_nodelay failed");
     }
@@ -562,18 +627,26 @@ async fn serve_connection(
 /// (after the session, for an upgraded one).
 pub(crate) struct ConnSlot {
     _permit: OwnedSemaphorePermit,
+    /// The client's address: the TCP peer's, or the one its PROXY header named.
+    pub client: SocketAddr,
     pub address: AddressGuard,
     services: Arc<Services>,
 }
 
 impl ConnSlot {
-    fn new(permit: OwnedSemaphorePermit, address: AddressGuard, services: Arc<Services>) -> Self {
+    fn new(
+        permit: OwnedSemaphorePermit,
+        client: SocketAddr,
+        address: AddressGuard,
+        services: Arc<Services>,
+    ) -> Self {
         services
             .metrics
             .connections_open
             .fetch_add(1, Ordering::Relaxed);
         Self {
             _permit: permit,
+            client,
             address,
             services,
         }

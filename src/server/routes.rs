@@ -17,6 +17,8 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use tracing::{Instrument, debug, info_span};
 
 use super::{ConnSlot, Shared, web};
+use crate::admission::Admit;
+use crate::proxy;
 use crate::session::{self, SessionContext};
 use crate::upgrade::{self, Refusal};
 
@@ -63,20 +65,41 @@ fn upgrade_ws(
     draining: bool,
 ) -> Response<Body> {
     let services = &shared.services;
-    let admission = permit.address.admission();
-    let address = permit.address.key();
+    let admission = &shared.admission;
+    let now = Instant::now();
+    // Behind a trusted TLS-terminating proxy, the client is named in the
+    // forwarding header; it is counted by that address for as long as its
+    // session lasts.
+    let mut client = permit.client.ip();
+    let mut forwarded_slot = None;
+    if shared.forwarding_from(client)
+        && let Some(ip) = proxy::forwarded_client(req.headers(), shared.forwarded, &shared.trusted)
+    {
+        client = ip;
+        match admission.admit(ip, now) {
+            Admit::Yes(guard) => forwarded_slot = Some(guard),
+            Admit::Refuse(_, limited) | Admit::Drop(limited) => {
+                return refuse(Refusal::Admission(limited), shared);
+            }
+        }
+    }
+    let address = forwarded_slot
+        .as_ref()
+        .map_or(permit.address.key(), |g| g.key());
     let verified = upgrade::precheck(&req, &shared.upgrade, draining).and_then(|unverified| {
         // Cheap before costly: an address that keeps failing is refused
         // before its next signature check.
-        admission
-            .check_auth(address, Instant::now())
-            .map_err(Refusal::Admission)?;
+        if let Some(address) = address {
+            admission
+                .check_auth(address, now)
+                .map_err(Refusal::Admission)?;
+        }
         unverified.verify(&services.verifier)
     });
     let accepted = match verified {
         Ok(accepted) => accepted,
         Err(refusal) => {
-            if refusal.auth_failure().is_some() {
+            if let (Some(address), Some(_)) = (address, refusal.auth_failure()) {
                 admission.auth_failed(address, Instant::now());
             }
             return refuse(refusal, shared);
@@ -93,7 +116,7 @@ fn upgrade_ws(
         identity: accepted.identity,
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let span = info_span!("session", session = %ctx.id, user = %ctx.identity.user);
+    let span = info_span!("session", session = %ctx.id, user = %ctx.identity.user, %client);
     let limits = session::ws_limits(&services.config);
     let stop = shared.shutdown.child_token();
     let hurry = shared.hurry.child_token();
@@ -103,6 +126,7 @@ fn upgrade_ws(
             // Both live as long as the session: the caps count sessions too.
             let _permit = permit;
             let _slot = slot;
+            let _forwarded_slot = forwarded_slot;
             let upgraded = match on_upgrade.await {
                 Ok(upgraded) => upgraded,
                 Err(e) => {

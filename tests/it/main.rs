@@ -10,5 +10,6 @@ mod limits;
 mod logs;
 mod metrics;
 mod process;
+mod proxy;
 mod reload;
 mod upgrade;

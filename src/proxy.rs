@@ -1,0 +1,460 @@
+//! The client's real address behind a load balancer: the PROXY protocol
+//! header (v1 text or v2 binary) that a trusted balancer sends before the
+//! TLS handshake, and the `X-Forwarded-For` or `Forwarded` header that a
+//! trusted TLS-terminating proxy adds to the upgrade request.
+//!
+//! Nothing is guessed: a listener either requires a PROXY header on every
+//! connection or reads none, and only the one forwarding header the
+//! operator names is read, and only when the immediate peer is in
+//! `server.trusted_proxies`. Otherwise a client could claim any address
+//! and slip past its per-address limits.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::str::FromStr;
+
+use http::HeaderMap;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// An IP network in CIDR notation (`10.0.0.0/8`, `::1/128`; a bare
+/// address is a single host).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl FromStr for IpNet {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?} is not an address or CIDR network"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{s:?} has a bad prefix length"))?,
+            None => max,
+        };
+        Ok(Self { addr, prefix })
+    }
+}
+
+impl IpNet {
+    /// Whether `ip` is inside the network (an IPv4-mapped IPv6 address
+    /// counts as its IPv4 address).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = canonical(ip);
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// IPv4-mapped IPv6 addresses as IPv4, everything else unchanged.
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// The proxies whose word about the client's address is believed.
+#[derive(Debug, Clone, Default)]
+pub struct Trusted(Vec<IpNet>);
+
+impl Trusted {
+    /// Parses `server.trusted_proxies`.
+    ///
+    /// # Errors
+    /// The first entry that is not an address or CIDR network.
+    pub fn parse(list: &[String]) -> Result<Self, String> {
+        list.iter()
+            .map(|s| s.parse())
+            .collect::<Result<_, _>>()
+            .map(Self)
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.0.iter().any(|net| net.contains(ip))
+    }
+}
+
+/// Which request header carries the client's address, when the immediate
+/// peer is a trusted proxy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ForwardedHeader {
+    /// Read none.
+    #[default]
+    None,
+    /// `X-Forwarded-For: client, proxy1, proxy2`.
+    XForwardedFor,
+    /// RFC 7239 `Forwarded: for=client, for=proxy1`.
+    Forwarded,
+}
+
+/// The client's address from the forwarding header: walking from the
+/// right (the hop nearest to us), the first address that is not a trusted
+/// proxy. `None` when the header is absent or an entry does not parse
+/// (then the peer's address stands).
+pub fn forwarded_client(
+    headers: &HeaderMap,
+    which: ForwardedHeader,
+    trusted: &Trusted,
+) -> Option<IpAddr> {
+    let name = match which {
+        ForwardedHeader::None => return None,
+        ForwardedHeader::XForwardedFor => "x-forwarded-for",
+        ForwardedHeader::Forwarded => "forwarded",
+    };
+    // Repeated headers form one list, in order (RFC 9110 §5.3).
+    let mut hops = Vec::new();
+    for value in headers.get_all(name) {
+        let value = value.to_str().ok()?;
+        for element in value.split(',') {
+            let hop = match which {
+                ForwardedHeader::Forwarded => forwarded_for(element)?,
+                _ => element.trim(),
+            };
+            hops.push(parse_hop(hop)?);
+        }
+    }
+    let mut client = None;
+    for hop in hops.into_iter().rev() {
+        client = Some(hop);
+        if !trusted.contains(hop) {
+            break;
+        }
+    }
+    client
+}
+
+/// The `for=` parameter of one `Forwarded` element.
+fn forwarded_for(element: &str) -> Option<&str> {
+    element.split(';').find_map(|pair| {
+        let (k, v) = pair.split_once('=')?;
+        k.trim()
+            .eq_ignore_ascii_case("for")
+            .then(|| v.trim().trim_matches('"'))
+    })
+}
+
+/// An address as proxies write it: `1.2.3.4`, `1.2.3.4:5678`, `::1`,
+/// `[::1]` or `[::1]:5678`.
+fn parse_hop(hop: &str) -> Option<IpAddr> {
+    if let Ok(ip) = hop.parse::<IpAddr>() {
+        return Some(canonical(ip));
+    }
+    if let Ok(sa) = hop.parse::<SocketAddr>() {
+        return Some(canonical(sa.ip()));
+    }
+    let inner = hop.strip_prefix('[')?.strip_suffix(']')?;
+    inner
+        .parse::<Ipv6Addr>()
+        .ok()
+        .map(|ip| canonical(IpAddr::V6(ip)))
+}
+
+/// Why a PROXY header was not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ProxyError {
+    #[error("connection is not from a trusted proxy")]
+    Untrusted,
+    #[error("malformed PROXY header")]
+    Malformed,
+    #[error("PROXY header not received in time")]
+    Timeout,
+}
+
+impl ProxyError {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Untrusted => "untrusted",
+            Self::Malformed => "malformed",
+            Self::Timeout => "timeout",
+        }
+    }
+}
+
+const V2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
+/// The longest v1 header, CRLF included (the spec's figure).
+const V1_MAX: usize = 107;
+/// Longest v2 address block and TLVs we read; HAProxy's TLVs (ALPN, SNI,
+/// SSL details) fit easily.
+const V2_MAX_LEN: usize = 4096;
+
+/// Reads exactly one PROXY header (v1 or v2) from `io`, leaving the bytes
+/// after it (the TLS ClientHello) unread. Returns the source address it
+/// carries, or `None` for a `LOCAL` / `UNKNOWN` header (the balancer's own
+/// health check: the peer's address stands).
+///
+/// # Errors
+/// [`ProxyError::Malformed`] for anything that is not a valid header.
+pub async fn read_header<R: AsyncRead + Unpin>(
+    io: &mut R,
+) -> Result<Option<SocketAddr>, ProxyError> {
+    let mut first = [0u8; 1];
+    read(io, &mut first).await?;
+    match first[0] {
+        b'P' => read_v1(io).await,
+        b'\r' => read_v2(io).await,
+        _ => Err(ProxyError::Malformed),
+    }
+}
+
+async fn read<R: AsyncRead + Unpin>(io: &mut R, buf: &mut [u8]) -> Result<(), ProxyError> {
+    io.read_exact(buf)
+        .await
+        .map(drop)
+        .map_err(|_| ProxyError::Malformed)
+}
+
+async fn read_v1<R: AsyncRead + Unpin>(io: &mut R) -> Result<Option<SocketAddr>, ProxyError> {
+    // Byte by byte, so not one byte of the TLS stream behind it is taken.
+    let mut line = vec![b'P'];
+    let mut byte = [0u8; 1];
+    while !line.ends_with(b"\r\n") {
+        if line.len() >= V1_MAX {
+            return Err(ProxyError::Malformed);
+        }
+        read(io, &mut byte).await?;
+        line.push(byte[0]);
+    }
+    let text = std::str::from_utf8(&line[..line.len() - 2]).map_err(|_| ProxyError::Malformed)?;
+    parse_v1(text)
+}
+
+fn parse_v1(text: &str) -> Result<Option<SocketAddr>, ProxyError> {
+    let mut parts = text.split(' ');
+    if parts.next() != Some("PROXY") {
+        return Err(ProxyError::Malformed);
+    }
+    let family = parts.next().ok_or(ProxyError::Malformed)?;
+    if family == "UNKNOWN" {
+        return Ok(None);
+    }
+    let fields: Vec<&str> = parts.collect();
+    let [src, _dst, sport, _dport] = fields[..] else {
+        return Err(ProxyError::Malformed);
+    };
+    let ip: IpAddr = match family {
+        "TCP4" => src.parse::<Ipv4Addr>().map(IpAddr::V4),
+        "TCP6" => src.parse::<Ipv6Addr>().map(IpAddr::V6),
+        _ => return Err(ProxyError::Malformed),
+    }
+    .map_err(|_| ProxyError::Malformed)?;
+    let port: u16 = sport.parse().map_err(|_| ProxyError::Malformed)?;
+    Ok(Some(SocketAddr::new(ip, port)))
+}
+
+async fn read_v2<R: AsyncRead + Unpin>(io: &mut R) -> Result<Option<SocketAddr>, ProxyError> {
+    let mut head = [0u8; 16];
+    head[0] = b'\r';
+    read(io, &mut head[1..]).await?;
+    if head[..12] != V2_SIGNATURE || head[12] >> 4 != 2 {
+        return Err(ProxyError::Malformed);
+    }
+    let len = usize::from(u16::from_be_bytes([head[14], head[15]]));
+    if len > V2_MAX_LEN {
+        return Err(ProxyError::Malformed);
+    }
+    let mut body = vec![0u8; len];
+    read(io, &mut body).await?;
+    parse_v2(head[12] & 0x0f, head[13], &body)
+}
+
+fn parse_v2(command: u8, family: u8, body: &[u8]) -> Result<Option<SocketAddr>, ProxyError> {
+    match command {
+        0 => return Ok(None), // LOCAL: the proxy's own connection
+        1 => {}
+        _ => return Err(ProxyError::Malformed),
+    }
+    let port = |at: usize| u16::from_be_bytes([body[at], body[at + 1]]);
+    match family >> 4 {
+        // AF_INET: src 4, dst 4, src port 2, dst port 2.
+        1 if body.len() >= 12 => {
+            let ip = Ipv4Addr::new(body[0], body[1], body[2], body[3]);
+            Ok(Some(SocketAddr::new(IpAddr::V4(ip), port(8))))
+        }
+        // AF_INET6: src 16, dst 16, src port 2, dst port 2.
+        2 if body.len() >= 36 => {
+            let mut octets = [0u8; 16];
+            octets.copy_from_slice(&body[..16]);
+            Ok(Some(SocketAddr::new(
+                IpAddr::V6(Ipv6Addr::from(octets)),
+                port(32),
+            )))
+        }
+        // UNSPEC (or AF_UNIX): no usable address; the peer's stands.
+        0 | 3 => Ok(None),
+        _ => Err(ProxyError::Malformed),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn networks_contain_their_addresses() {
+        let net: IpNet = "10.1.0.0/16".parse().unwrap();
+        assert!(net.contains(ip("10.1.200.3")));
+        assert!(!net.contains(ip("10.2.0.1")));
+        assert!(net.contains(ip("::ffff:10.1.0.9")));
+        let host: IpNet = "::1".parse().unwrap();
+        assert!(host.contains(ip("::1")) && !host.contains(ip("::2")));
+        let all: IpNet = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains(ip("192.0.2.1")) && !all.contains(ip("::1")));
+        assert!("10.0.0.0/33".parse::<IpNet>().is_err());
+        assert!("example.com".parse::<IpNet>().is_err());
+    }
+
+    fn headers(name: &str, values: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append(
+                http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn forwarded_for_takes_the_rightmost_untrusted_hop() {
+        let trusted = Trusted::parse(&["10.0.0.0/8".into()]).unwrap();
+        let xff = ForwardedHeader::XForwardedFor;
+        // A client-supplied spoof on the left is ignored.
+        let h = headers("x-forwarded-for", &["6.6.6.6, 203.0.113.7, 10.0.0.2"]);
+        assert_eq!(forwarded_client(&h, xff, &trusted), Some(ip("203.0.113.7")));
+        // Repeated headers are one list.
+        let h = headers("x-forwarded-for", &["6.6.6.6", "203.0.113.7:4711"]);
+        assert_eq!(forwarded_client(&h, xff, &trusted), Some(ip("203.0.113.7")));
+        // Only trusted hops: the leftmost one.
+        let h = headers("x-forwarded-for", &["10.0.0.5, 10.0.0.2"]);
+        assert_eq!(forwarded_client(&h, xff, &trusted), Some(ip("10.0.0.5")));
+        // Garbage: ignored as a whole.
+        let h = headers("x-forwarded-for", &["nonsense, 203.0.113.7"]);
+        assert_eq!(forwarded_client(&h, xff, &trusted), None);
+        // The other header is not read.
+        let h = headers("forwarded", &["for=203.0.113.7"]);
+        assert_eq!(forwarded_client(&h, xff, &trusted), None);
+        assert_eq!(forwarded_client(&h, ForwardedHeader::None, &trusted), None);
+    }
+
+    #[test]
+    fn rfc7239_forwarded_is_parsed() {
+        let trusted = Trusted::parse(&["10.0.0.0/8".into()]).unwrap();
+        let h = headers(
+            "forwarded",
+            &[r#"for=6.6.6.6, for="[2001:db8::7]:4711";proto=https, for=10.0.0.3"#],
+        );
+        assert_eq!(
+            forwarded_client(&h, ForwardedHeader::Forwarded, &trusted),
+            Some(ip("2001:db8::7"))
+        );
+    }
+
+    async fn parse(bytes: &[u8]) -> (Result<Option<SocketAddr>, ProxyError>, Vec<u8>) {
+        let mut io = bytes;
+        let res = read_header(&mut io).await;
+        (res, io.to_vec())
+    }
+
+    #[tokio::test]
+    async fn v1_headers() {
+        let (res, rest) = parse(b"PROXY TCP4 203.0.113.7 10.0.0.1 4711 443\r\n\x16\x03").await;
+        assert_eq!(res, Ok(Some("203.0.113.7:4711".parse().unwrap())));
+        assert_eq!(rest, b"\x16\x03", "the TLS bytes behind it stay unread");
+        let (res, _) = parse(b"PROXY TCP6 2001:db8::7 ::1 4711 443\r\n").await;
+        assert_eq!(res, Ok(Some("[2001:db8::7]:4711".parse().unwrap())));
+        assert_eq!(parse(b"PROXY UNKNOWN\r\n").await.0, Ok(None));
+        for bad in [
+            &b"PROXY TCP4 1.2.3.4 5.6.7.8 99999 1\r\n"[..],
+            b"PROXY TCP4 ::1 ::1 1 2\r\n",
+            b"PROXY TCP4 1.2.3.4\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2",
+            b"GET / HTTP/1.1\r\n",
+            b"\x16\x03\x01",
+        ] {
+            assert_eq!(parse(bad).await.0, Err(ProxyError::Malformed), "{bad:?}");
+        }
+        let long = format!("PROXY TCP4 {}\r\n", "1".repeat(200));
+        assert_eq!(parse(long.as_bytes()).await.0, Err(ProxyError::Malformed));
+    }
+
+    fn v2(command: u8, family: u8, body: &[u8]) -> Vec<u8> {
+        let mut out = V2_SIGNATURE.to_vec();
+        out.push(0x20 | command);
+        out.push(family);
+        out.extend_from_slice(&(body.len() as u16).to_be_bytes());
+        out.extend_from_slice(body);
+        out
+    }
+
+    #[tokio::test]
+    async fn v2_headers() {
+        let mut body = vec![203, 0, 113, 7, 10, 0, 0, 1];
+        body.extend_from_slice(&4711u16.to_be_bytes());
+        body.extend_from_slice(&443u16.to_be_bytes());
+        body.extend_from_slice(&[0x01, 0x00, 0x02, b'h', b'2']); // an ALPN TLV
+        let mut bytes = v2(1, 0x11, &body);
+        bytes.extend_from_slice(b"\x16\x03");
+        let (res, rest) = parse(&bytes).await;
+        assert_eq!(res, Ok(Some("203.0.113.7:4711".parse().unwrap())));
+        assert_eq!(rest, b"\x16\x03");
+
+        let mut body6 = vec![0x20, 0x01, 0x0d, 0xb8];
+        body6.extend_from_slice(&[0; 11]);
+        body6.push(7);
+        body6.extend_from_slice(&[0; 16]);
+        body6.extend_from_slice(&[0x12, 0x67, 0x01, 0xbb]);
+        assert_eq!(
+            parse(&v2(1, 0x21, &body6)).await.0,
+            Ok(Some("[2001:db8::7]:4711".parse().unwrap()))
+        );
+        assert_eq!(parse(&v2(0, 0x00, &[])).await.0, Ok(None), "LOCAL");
+        assert_eq!(
+            parse(&v2(1, 0x11, &[1, 2, 3])).await.0,
+            Err(ProxyError::Malformed)
+        );
+        assert_eq!(
+            parse(&v2(5, 0x11, &body)).await.0,
+            Err(ProxyError::Malformed)
+        );
+        let mut bad_sig = v2(1, 0x11, &body);
+        bad_sig[5] = b'X';
+        assert_eq!(parse(&bad_sig).await.0, Err(ProxyError::Malformed));
+        // A length beyond what we read is refused without reading it.
+        let mut huge = V2_SIGNATURE.to_vec();
+        huge.extend_from_slice(&[0x21, 0x11, 0xff, 0xff]);
+        assert_eq!(parse(&huge).await.0, Err(ProxyError::Malformed));
+    }
+}
