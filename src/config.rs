@@ -33,6 +33,7 @@ pub struct Config {
     pub websocket: WebSocketConfig,
     pub limits: LimitsConfig,
     pub admission: AdmissionConfig,
+    pub cluster: ClusterConfig,
     pub policy: PolicyConfig,
     pub log: LogConfig,
 }
@@ -282,6 +283,52 @@ impl Default for AdmissionConfig {
     }
 }
 
+/// Several replicas sharing publications through Redis. Without
+/// `redis_url` the gateway is one node and needs nothing else.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// `redis://[[user]:password@]host:port[/db]`; unset: single node.
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key and pub/sub channel the gateway uses.
+    pub prefix: String,
+    /// Messages kept per channel in its history stream (approximately).
+    pub history_max_len: u64,
+    /// Age after which history entries are trimmed, in seconds; 0: by length only.
+    pub history_max_age_s: u64,
+    /// A channel's `seq` and history expire this long after its last
+    /// publication, in seconds.
+    pub channel_ttl_s: u64,
+    /// Deadline for one Redis command or connection attempt, in milliseconds.
+    pub command_timeout_ms: u64,
+    /// Longest pause between reconnection attempts, in milliseconds.
+    pub reconnect_max_ms: u64,
+}
+
+impl std::fmt::Debug for ClusterConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may carry a password.
+        f.debug_struct("ClusterConfig")
+            .field("redis_url", &self.redis_url.as_ref().map(|_| "<set>"))
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            redis_url: None,
+            prefix: "wsgate".to_owned(),
+            history_max_len: 1000,
+            history_max_age_s: 3600,
+            channel_ttl_s: 86_400,
+            command_timeout_ms: 1_000,
+            reconnect_max_ms: 5_000,
+        }
+    }
+}
+
 /// Where policies come from and how often to look for edits.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -473,6 +520,23 @@ impl Config {
         }
         if l.publish_rate_per_s == 0 || l.publish_burst == 0 || l.rate_limit_strikes == 0 {
             return bad("limits.publish_rate_per_s, publish_burst and rate_limit_strikes must be at least 1".into());
+        }
+        let c = &self.cluster;
+        if let Some(url) = &c.redis_url
+            && !url.starts_with("redis://")
+        {
+            return bad(
+                "cluster.redis_url must start with redis:// (TLS to Redis is not built in)".into(),
+            );
+        }
+        if c.prefix.is_empty() || c.prefix.contains(['{', '}', ' ']) {
+            return bad("cluster.prefix must be non-empty, without braces or spaces".into());
+        }
+        if c.history_max_len == 0 || c.channel_ttl_s == 0 || c.command_timeout_ms == 0 {
+            return bad(
+                "cluster.history_max_len, channel_ttl_s and command_timeout_ms must be above 0"
+                    .into(),
+            );
         }
         if !(32..=128).contains(&self.admission.ipv6_prefix_len) {
             return bad("admission.ipv6_prefix_len must be between 32 and 128".into());

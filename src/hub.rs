@@ -5,9 +5,11 @@
 //! A subscriber whose outbox is full is cut off (its `slow` token fires,
 //! and its session closes with 4008); nobody else notices.
 //!
-//! In single-node mode a channel exists while it has subscribers: its
-//! `seq` starts at 1 with the first subscriber and restarts after the last
-//! one leaves.
+//! In single-node mode ([`Hub::publish`]) a channel exists while it has
+//! subscribers: its `seq` starts at 1 with the first subscriber and
+//! restarts after the last one leaves. With a cluster broker the `seq`
+//! comes from the broker ([`Hub::deliver`]), and the hub only remembers
+//! the last one delivered, to tell subscribers about gaps.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
@@ -18,7 +20,10 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 
 use crate::channel::ChannelName;
-use crate::protocol::MessageTemplate;
+use crate::protocol::{ErrorCode, MessageTemplate, ServerFrame};
+
+/// The notice subscribers get when their channel may have lost messages.
+const GAP_MESSAGE: &str = "messages on this channel may have been missed; resubscribe or resync";
 
 const SHARDS: usize = 32;
 
@@ -120,25 +125,58 @@ impl Hub {
             seq: entry.seq,
             ..Published::default()
         };
-        entry
-            .subscribers
-            .retain(|s| match s.outbox.try_send(frame.clone()) {
-                Ok(()) => {
-                    out.delivered += 1;
-                    true
-                }
-                Err(TrySendError::Full(_)) => {
-                    s.slow.cancel();
-                    out.slow += 1;
-                    false
-                }
-                // The session is gone; it unsubscribes itself, this only tidies early.
-                Err(TrySendError::Closed(_)) => false,
-            });
+        push(&mut entry.subscribers, &[&frame], &mut out);
         if entry.subscribers.is_empty() {
             shard.remove(channel);
         }
         out
+    }
+
+    /// Delivers a publication numbered elsewhere (by the cluster broker).
+    /// A `seq` that skips ahead of the last one delivered here first gets
+    /// every subscriber a gap notice; one at or below it (a duplicate) is
+    /// dropped.
+    pub fn deliver(&self, channel: &ChannelName, seq: u64, message: &MessageTemplate) -> Published {
+        let mut shard = self.shard(channel);
+        let Some(entry) = shard.get_mut(channel) else {
+            return Published::default();
+        };
+        if entry.seq != 0 && seq <= entry.seq {
+            return Published::default();
+        }
+        let gap = entry.seq != 0 && seq > entry.seq + 1;
+        entry.seq = seq;
+        let frame = Utf8Bytes::from(message.with_seq(seq));
+        let notice = gap.then(|| gap_notice(channel));
+        let mut out = Published {
+            seq,
+            ..Published::default()
+        };
+        let frames: Vec<&Utf8Bytes> = notice.iter().chain(std::iter::once(&frame)).collect();
+        push(&mut entry.subscribers, &frames, &mut out);
+        if entry.subscribers.is_empty() {
+            shard.remove(channel);
+        }
+        out
+    }
+
+    /// Tells every local subscriber of `channels` that messages may have
+    /// been missed, and forgets the last `seq` seen, so the next message
+    /// starts afresh. Returns how many subscribers were told.
+    pub fn notify_gap(&self, channels: &[ChannelName]) -> usize {
+        let mut told = 0;
+        for channel in channels {
+            let notice = gap_notice(channel);
+            let mut shard = self.shard(channel);
+            let Some(entry) = shard.get_mut(channel) else {
+                continue;
+            };
+            entry.seq = 0;
+            let mut out = Published::default();
+            push(&mut entry.subscribers, &[&notice], &mut out);
+            told += out.delivered;
+        }
+        told
     }
 
     /// Number of channels with at least one subscriber.
@@ -152,6 +190,41 @@ impl Hub {
             })
             .sum()
     }
+}
+
+/// Queues `frames` to every subscriber, counting them in `out`. A full
+/// outbox cuts that subscriber off (its `slow` token fires); a closed one
+/// belongs to a session that is gone and unsubscribes itself.
+fn push(subscribers: &mut Vec<Subscriber>, frames: &[&Utf8Bytes], out: &mut Published) {
+    subscribers.retain(|s| {
+        match frames
+            .iter()
+            .try_for_each(|f| s.outbox.try_send((*f).clone()))
+        {
+            Ok(()) => {
+                out.delivered += 1;
+                true
+            }
+            Err(TrySendError::Full(_)) => {
+                s.slow.cancel();
+                out.slow += 1;
+                false
+            }
+            Err(TrySendError::Closed(_)) => false,
+        }
+    });
+}
+
+fn gap_notice(channel: &ChannelName) -> Utf8Bytes {
+    Utf8Bytes::from(
+        ServerFrame::Error {
+            id: None,
+            code: ErrorCode::Internal,
+            message: GAP_MESSAGE,
+            channel: Some(channel.as_str()),
+        }
+        .encode(),
+    )
 }
 
 #[cfg(test)]
@@ -198,6 +271,37 @@ mod tests {
         }
         let p = hub.publish(&ch, &msg(&ch, 4));
         assert_eq!((p.seq, p.delivered, p.slow), (4, 1, 0), "slow one is gone");
+    }
+
+    #[test]
+    fn delivered_seq_gaps_are_announced_and_duplicates_dropped() {
+        let hub = Hub::default();
+        let ch = ChannelName::parse("chat:a").unwrap();
+        let (a, mut rx) = sub(1, 16);
+        hub.subscribe(&ch, a);
+        assert_eq!(hub.deliver(&ch, 7, &msg(&ch, 7)).delivered, 1);
+        assert_eq!(hub.deliver(&ch, 7, &msg(&ch, 7)).delivered, 0, "duplicate");
+        hub.deliver(&ch, 8, &msg(&ch, 8));
+        hub.deliver(&ch, 11, &msg(&ch, 11));
+        let frames: Vec<String> = std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|f| f.as_str().to_owned())
+            .collect();
+        assert_eq!(frames.len(), 4, "{frames:?}");
+        assert!(frames[0].contains(r#""seq":7"#) && frames[1].contains(r#""seq":8"#));
+        assert!(
+            frames[2].contains(r#""op":"error""#) && frames[2].contains(r#""channel":"chat:a""#)
+        );
+        assert!(frames[3].contains(r#""seq":11"#));
+        assert_eq!(hub.notify_gap(std::slice::from_ref(&ch)), 1);
+        assert!(
+            rx.try_recv()
+                .unwrap()
+                .as_str()
+                .contains("may have been missed")
+        );
+        // After a notice, the next seq starts afresh: no second notice.
+        hub.deliver(&ch, 20, &msg(&ch, 20));
+        assert!(rx.try_recv().unwrap().as_str().contains(r#""seq":20"#));
     }
 
     #[test]

@@ -13,8 +13,9 @@
 //! 3. [`session`] owns the upgraded socket: one task, one `select!` loop,
 //!    typed frames from [`protocol`], exactly one close reason at the end.
 //! 4. Each `subscribe`/`publish` names a [`channel::ChannelName`], is
-//!    checked against the [`policy`] set, and goes through the [`hub`],
-//!    which encodes a publication once and fans the bytes out to bounded
+//!    checked against the [`policy`] set, and goes through the [`broker`]
+//!    (in process, or Redis for several replicas) to the [`hub`], which
+//!    encodes a publication once and fans the bytes out to bounded
 //!    outboxes.
 //!
 //! [`config`] is the one configuration tree; [`metrics`] counts what
@@ -25,6 +26,7 @@
 pub mod admission;
 pub mod auth;
 pub mod bench;
+pub mod broker;
 pub mod certs;
 pub mod channel;
 pub mod config;

@@ -22,12 +22,13 @@ use tracing::debug;
 
 use crate::auth::mint::unix_now;
 use crate::auth::{Identity, Verifier};
+use crate::broker::{AnyBroker, Broker};
 use crate::channel::ChannelName;
 use crate::config::Config;
 use crate::hub::{Hub, Subscriber};
 use crate::metrics::Metrics;
 use crate::policy::{Action, PolicySet, PolicyStore};
-use crate::protocol::{self, ClientFrame, CloseCode, ErrorCode, MessageTemplate, ServerFrame};
+use crate::protocol::{self, ClientFrame, CloseCode, ErrorCode, ServerFrame};
 
 /// Consecutive frames that are not JSON objects before closing with 1008.
 const MAX_BAD_FRAMES: u32 = 8;
@@ -125,7 +126,9 @@ pub struct Services {
     pub metrics: crate::metrics::Metrics,
     pub verifier: Verifier,
     pub policies: PolicyStore,
-    pub hub: Hub,
+    pub hub: Arc<Hub>,
+    /// How publications reach subscribers here and on other replicas.
+    pub broker: AnyBroker,
 }
 
 /// One session's identity and wiring.
@@ -415,7 +418,7 @@ impl Session<'_> {
                         // Pings are answered by tungstenite; all count as liveness.
                         Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
                     };
-                    if let Some(reason) = self.handle(&text) {
+                    if let Some(reason) = self.handle(&text).await {
                         return reason;
                     }
                     if let Some(at) = self.new_expiry.take() {
@@ -481,7 +484,7 @@ impl Session<'_> {
 
     /// Handles one text frame, queueing its replies in the outbox; returns a reason to
     /// close when the frame ends the session.
-    fn handle(&mut self, text: &str) -> Option<CloseReason> {
+    async fn handle(&mut self, text: &str) -> Option<CloseReason> {
         let frame = match protocol::decode(text) {
             Ok(frame) => frame,
             Err(e) => {
@@ -500,10 +503,10 @@ impl Session<'_> {
         self.bad_frames = 0;
         match frame {
             ClientFrame::Ping { id } => self.reply(&ServerFrame::Pong { id }),
-            ClientFrame::Subscribe { id, channel } => self.subscribe(id, channel),
+            ClientFrame::Subscribe { id, channel } => self.subscribe(id, channel).await,
             ClientFrame::Unsubscribe { id, channel } => {
                 if self.subscriptions.remove(&channel) {
-                    self.services.hub.unsubscribe(&channel, self.ctx.number);
+                    self.leave(&channel);
                     self.services
                         .metrics
                         .subscriptions
@@ -518,13 +521,15 @@ impl Session<'_> {
                     );
                 }
             }
-            ClientFrame::Publish { id, channel, data } => return self.publish(id, &channel, data),
+            ClientFrame::Publish { id, channel, data } => {
+                return self.publish(id, &channel, data).await;
+            }
             ClientFrame::Refresh { id, token } => self.refresh(id, &token),
         }
         None
     }
 
-    fn subscribe(&mut self, id: Option<u64>, channel: ChannelName) {
+    async fn subscribe(&mut self, id: Option<u64>, channel: ChannelName) {
         if self.subscriptions.contains(&channel) {
             return self.ok(id);
         }
@@ -547,6 +552,15 @@ impl Session<'_> {
                 Some(&channel),
             );
         }
+        // Messages of the channel reach this process from here on.
+        if self.services.broker.subscribe(&channel).await.is_err() {
+            return self.error(
+                id,
+                ErrorCode::Internal,
+                "the message broker is unavailable; try again",
+                Some(&channel),
+            );
+        }
         // The ok goes into the outbox first, so no message can overtake it.
         self.ok(id);
         let subscriber = self.subscriber().clone();
@@ -558,7 +572,7 @@ impl Session<'_> {
             .fetch_add(1, Ordering::Relaxed);
     }
 
-    fn publish(
+    async fn publish(
         &mut self,
         id: Option<u64>,
         channel: &ChannelName,
@@ -591,11 +605,32 @@ impl Session<'_> {
             return None;
         }
         let started = Instant::now();
-        let message = MessageTemplate::new(channel, &self.ctx.identity.user, data);
-        // The local hub cannot fail, so the ok may go first: the publisher
-        // then sees its ok before the echo of its own message.
-        self.ok(id);
-        let published = self.services.hub.publish(channel, &message);
+        let published = match &self.services.broker {
+            AnyBroker::Local(local) => {
+                // The local hub cannot fail, so the ok may go first: the
+                // publisher then sees its ok before the echo of its message.
+                self.ok(id);
+                local.publish(channel, &self.ctx.identity.user, data).await
+            }
+            broker => {
+                // Through Redis the ok waits for the publication to be
+                // numbered, and may follow the publisher's own echo.
+                let published = broker.publish(channel, &self.ctx.identity.user, data).await;
+                match &published {
+                    Ok(_) => self.ok(id),
+                    Err(_) => self.error(
+                        id,
+                        ErrorCode::Internal,
+                        "the message broker is unavailable; not published",
+                        Some(channel),
+                    ),
+                }
+                published
+            }
+        };
+        let Ok(published) = published else {
+            return None;
+        };
         let metrics = &self.services.metrics;
         metrics.messages_received.fetch_add(1, Ordering::Relaxed);
         metrics
@@ -641,7 +676,7 @@ impl Session<'_> {
             .collect();
         for channel in lost {
             self.subscriptions.remove(&channel);
-            self.services.hub.unsubscribe(&channel, self.ctx.number);
+            self.leave(&channel);
             self.services
                 .metrics
                 .subscriptions
@@ -650,10 +685,16 @@ impl Session<'_> {
         }
     }
 
+    /// Leaves one channel's fan-out, here and in the broker.
+    fn leave(&self, channel: &ChannelName) {
+        self.services.hub.unsubscribe(channel, self.ctx.number);
+        self.services.broker.release(channel);
+    }
+
     fn leave_all(&mut self) {
         let n = self.subscriptions.len() as i64;
-        for channel in self.subscriptions.drain() {
-            self.services.hub.unsubscribe(&channel, self.ctx.number);
+        for channel in std::mem::take(&mut self.subscriptions) {
+            self.leave(&channel);
         }
         self.services
             .metrics

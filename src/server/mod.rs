@@ -29,6 +29,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::admission::{AddressGuard, Admission, Admit};
 use crate::auth::Verifier;
+use crate::broker::{AnyBroker, RedisWorker};
 use crate::config::{Config, ConfigError};
 use crate::hub::Hub;
 use crate::policy::{self, PolicyError, PolicyStore};
@@ -45,6 +46,8 @@ pub enum StartError {
     Tls(#[from] tls::TlsError),
     #[error("policies: {0}")]
     Policy(#[from] PolicyError),
+    #[error("cluster.redis_url: {0}")]
+    Redis(String),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -96,6 +99,7 @@ impl Shared {
 pub struct Server {
     listener: TcpListener,
     admin: Option<TcpListener>,
+    broker_worker: Option<RedisWorker>,
     acceptor: TlsAcceptor,
     shared: Arc<Shared>,
 }
@@ -124,6 +128,10 @@ impl Server {
             ),
             None => None,
         };
+        let hub = Arc::new(Hub::default());
+        // The URL may carry a password: the error names only what is wrong.
+        let (broker, broker_worker) = AnyBroker::new(&config.cluster, Arc::clone(&hub))
+            .map_err(|e| StartError::Redis(e.to_string()))?;
         let shared = Arc::new(Shared {
             upgrade: UpgradePolicy::from_config(&config),
             admission: Arc::new(Admission::new(&config.admission)),
@@ -135,7 +143,8 @@ impl Server {
                 metrics: crate::metrics::Metrics::default(),
                 verifier,
                 policies,
-                hub: Hub::default(),
+                hub,
+                broker,
                 config,
             }),
             admin_metrics: admin.is_some(),
@@ -150,6 +159,7 @@ impl Server {
         Ok(Self {
             listener,
             admin,
+            broker_worker,
             acceptor,
             shared,
         })
@@ -194,9 +204,14 @@ impl Server {
         let Self {
             listener,
             admin,
+            broker_worker,
             acceptor,
             shared,
         } = self;
+        let broker_stop = CancellationToken::new();
+        if let Some(worker) = broker_worker {
+            tokio::spawn(worker.run(Arc::clone(&shared.services), broker_stop.clone()));
+        }
         let connections = TaskTracker::new();
         let admin_stop = CancellationToken::new();
         if let Some(admin) = admin {
@@ -302,6 +317,7 @@ impl Server {
             );
         }
         admin_stop.cancel();
+        broker_stop.cancel();
         info!("stopped");
     }
 }

@@ -18,6 +18,7 @@ use tracing::{Instrument, debug, info_span};
 
 use super::{ConnSlot, Shared, web};
 use crate::admission::Admit;
+use crate::broker::Broker;
 use crate::proxy;
 use crate::session::{self, SessionContext};
 use crate::upgrade::{self, Refusal};
@@ -41,6 +42,9 @@ pub(super) fn handle(
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" if draining => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
         "/readyz" if overloaded => text(StatusCode::SERVICE_UNAVAILABLE, "full\n"),
+        "/readyz" if !shared.services.broker.ready() => {
+            text(StatusCode::SERVICE_UNAVAILABLE, "broker unavailable\n")
+        }
         "/readyz" => text(StatusCode::OK, "ready\n"),
         "/metrics" if shared.admin_metrics => refuse(Refusal::NotFound, shared),
         "/metrics" => metrics(shared),
@@ -208,6 +212,9 @@ pub(super) fn handle_admin(req: &Request<Incoming>, shared: &Shared) -> Response
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" if draining => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
+        "/readyz" if !shared.services.broker.ready() => {
+            text(StatusCode::SERVICE_UNAVAILABLE, "broker unavailable\n")
+        }
         "/readyz" => text(StatusCode::OK, "ready\n"),
         "/metrics" => metrics(shared),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),

@@ -42,7 +42,7 @@ fn message(channel: &str, from: &str, data: Json, seq: u64) -> Json {
 
 /// The next text frame as JSON within `limit`, skipping pings and pongs;
 /// `None` when nothing came in time. Panics on a close or a non-text frame.
-async fn try_read_json(ws: &mut Ws, limit: Duration) -> Option<Json> {
+pub(crate) async fn try_read_json(ws: &mut Ws, limit: Duration) -> Option<Json> {
     let next = async {
         loop {
             match ws.next().await {
@@ -59,7 +59,7 @@ async fn try_read_json(ws: &mut Ws, limit: Duration) -> Option<Json> {
 }
 
 /// The next text frame as JSON; fails after [`WAIT`].
-async fn read_json(ws: &mut Ws) -> Json {
+pub(crate) async fn read_json(ws: &mut Ws) -> Json {
     try_read_json(ws, WAIT)
         .await
         .expect("no frame from the gateway in time")
@@ -114,9 +114,10 @@ async fn fire_and_forget(ws: &mut Ws, frames: Vec<String>) {
     ws.flush().await.expect("flush");
 }
 
-/// One WebSocket client that has read its `welcome`.
-struct Client {
-    ws: Ws,
+/// One WebSocket client that has read its `welcome` (also used by the
+/// cluster tests).
+pub(crate) struct Client {
+    pub(crate) ws: Ws,
     user: String,
     welcome: Json,
     next_id: u64,
@@ -127,11 +128,11 @@ struct Client {
 }
 
 impl Client {
-    async fn join(gw: &Gateway, user: &str, roles: &[&str]) -> Self {
+    pub(crate) async fn join(gw: &Gateway, user: &str, roles: &[&str]) -> Self {
         Self::join_with(gw, &gw.token(user, roles), user).await
     }
 
-    async fn join_with(gw: &Gateway, token: &str, user: &str) -> Self {
+    pub(crate) async fn join_with(gw: &Gateway, token: &str, user: &str) -> Self {
         let (mut ws, res) = gw.connect(token).await.expect("upgrade");
         assert_eq!(res.status(), 101);
         let welcome = read_json(&mut ws).await;
@@ -174,12 +175,12 @@ impl Client {
             .expect("send");
     }
 
-    async fn send(&mut self, frame: &Json) {
+    pub(crate) async fn send(&mut self, frame: &Json) {
         self.send_text(&frame.to_string()).await;
     }
 
     /// The next frame, earlier-read ones first.
-    async fn next(&mut self) -> Json {
+    pub(crate) async fn next(&mut self) -> Json {
         match self.early.pop_front() {
             Some(frame) => frame,
             None => read_json(&mut self.ws).await,
@@ -187,7 +188,7 @@ impl Client {
     }
 
     /// Reads until the reply carrying `id`; other frames are kept for `next`.
-    async fn reply(&mut self, id: u64) -> Json {
+    pub(crate) async fn reply(&mut self, id: u64) -> Json {
         loop {
             let frame = read_json(&mut self.ws).await;
             if frame["id"] == id && frame["op"] != "message" {
@@ -198,7 +199,7 @@ impl Client {
     }
 
     /// Sends `frame` with a fresh `id` and returns the reply carrying it.
-    async fn call(&mut self, mut frame: Json) -> Json {
+    pub(crate) async fn call(&mut self, mut frame: Json) -> Json {
         let id = self.id();
         frame["id"] = id.into();
         self.send(&frame).await;
@@ -206,7 +207,7 @@ impl Client {
     }
 
     /// `frame` must be answered exactly `{"op":"ok","id":N}`.
-    async fn ok(&mut self, frame: Json) {
+    pub(crate) async fn ok(&mut self, frame: Json) {
         let id = self.next_id + 1;
         let reply = self.call(frame.clone()).await;
         assert_eq!(
@@ -218,7 +219,7 @@ impl Client {
     }
 
     /// `frame` must be answered with an error `code` carrying the id.
-    async fn error(&mut self, frame: Json, code: &str) -> Json {
+    pub(crate) async fn error(&mut self, frame: Json, code: &str) -> Json {
         let id = self.next_id + 1;
         let reply = self.call(frame.clone()).await;
         assert_eq!(
@@ -236,12 +237,12 @@ impl Client {
         reply
     }
 
-    async fn subscribe(&mut self, channel: &str) {
+    pub(crate) async fn subscribe(&mut self, channel: &str) {
         self.ok(json!({"op": "subscribe", "channel": channel}))
             .await;
     }
 
-    async fn publish(&mut self, channel: &str, data: Json) {
+    pub(crate) async fn publish(&mut self, channel: &str, data: Json) {
         self.ok(json!({"op": "publish", "channel": channel, "data": data}))
             .await;
     }

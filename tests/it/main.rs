@@ -5,6 +5,7 @@ mod admission;
 mod bench;
 mod certs_token;
 mod channels;
+mod cluster;
 mod harness;
 mod limits;
 mod logs;

@@ -1,0 +1,610 @@
+//! The broker seam: how a publication reaches subscribers on every
+//! replica. [`LocalBroker`] (the default) hands it straight to this
+//! process's [`Hub`]. [`RedisBroker`] (with `[cluster] redis_url`) sends it
+//! through Redis, where one atomic script per publication takes the
+//! channel's next `seq`, appends the message to the channel's bounded
+//! history stream and publishes it; every replica subscribes in Redis only
+//! to the channels its own sessions subscribe to (counted, unsubscribed
+//! when the last local subscriber leaves) and fans each message out
+//! locally. Redis is the one authority for `seq`, so it is consecutive per
+//! channel across replicas.
+//!
+//! While the subscription connection is down the gateway is not ready,
+//! publishes fail with `internal`, and on reconnection every channel that
+//! still has local subscribers is subscribed again and its subscribers are
+//! told that they may have missed messages (an `error` naming the channel).
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::value::RawValue;
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::channel::ChannelName;
+use crate::config::ClusterConfig;
+use crate::hub::{Hub, Published};
+use crate::metrics::Metrics;
+use crate::protocol::MessageTemplate;
+use crate::session::Services;
+
+/// Why the broker could not do what was asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BrokerError {
+    #[error("the message broker is unavailable")]
+    Unavailable,
+}
+
+/// How publications travel between sessions (and replicas).
+pub trait Broker {
+    /// Publishes `message` on `channel`. `Ok` means it was accepted and
+    /// numbered; nothing is reported as sent that was not.
+    fn publish(
+        &self,
+        channel: &ChannelName,
+        from: &str,
+        data: &RawValue,
+    ) -> impl Future<Output = Result<Published, BrokerError>> + Send;
+
+    /// Makes sure messages of `channel` reach this process; returns once
+    /// they will. Every successful call is paired with one [`Broker::release`].
+    fn subscribe(
+        &self,
+        channel: &ChannelName,
+    ) -> impl Future<Output = Result<(), BrokerError>> + Send;
+
+    /// One local subscriber of `channel` is gone.
+    fn release(&self, channel: &ChannelName);
+
+    /// Whether publications can flow (for `/readyz`).
+    fn ready(&self) -> bool;
+}
+
+/// The in-process broker: one node, nothing to install.
+#[derive(Debug)]
+pub struct LocalBroker {
+    hub: Arc<Hub>,
+}
+
+impl Broker for LocalBroker {
+    async fn publish(
+        &self,
+        channel: &ChannelName,
+        from: &str,
+        data: &RawValue,
+    ) -> Result<Published, BrokerError> {
+        Ok(self
+            .hub
+            .publish(channel, &MessageTemplate::new(channel, from, data)))
+    }
+
+    async fn subscribe(&self, _channel: &ChannelName) -> Result<(), BrokerError> {
+        Ok(())
+    }
+
+    fn release(&self, _channel: &ChannelName) {}
+
+    fn ready(&self) -> bool {
+        true
+    }
+}
+
+/// The broker the server runs with, chosen by `[cluster] redis_url`.
+#[derive(Debug)]
+pub enum AnyBroker {
+    Local(LocalBroker),
+    Redis(RedisBroker),
+}
+
+impl AnyBroker {
+    /// The broker for `cfg`, and for Redis the worker that must be run
+    /// (see [`RedisWorker::run`]).
+    ///
+    /// # Errors
+    /// A `redis_url` that does not parse.
+    pub fn new(
+        cfg: &ClusterConfig,
+        hub: Arc<Hub>,
+    ) -> Result<(Self, Option<RedisWorker>), redis::RedisError> {
+        match &cfg.redis_url {
+            None => Ok((Self::Local(LocalBroker { hub }), None)),
+            Some(url) => {
+                let (broker, worker) = RedisBroker::new(url, cfg, hub)?;
+                Ok((Self::Redis(broker), Some(worker)))
+            }
+        }
+    }
+}
+
+impl Broker for AnyBroker {
+    async fn publish(
+        &self,
+        channel: &ChannelName,
+        from: &str,
+        data: &RawValue,
+    ) -> Result<Published, BrokerError> {
+        match self {
+            Self::Local(b) => b.publish(channel, from, data).await,
+            Self::Redis(b) => b.publish(channel, from, data).await,
+        }
+    }
+
+    async fn subscribe(&self, channel: &ChannelName) -> Result<(), BrokerError> {
+        match self {
+            Self::Local(b) => b.subscribe(channel).await,
+            Self::Redis(b) => b.subscribe(channel).await,
+        }
+    }
+
+    fn release(&self, channel: &ChannelName) {
+        match self {
+            Self::Local(b) => b.release(channel),
+            Self::Redis(b) => b.release(channel),
+        }
+    }
+
+    fn ready(&self) -> bool {
+        match self {
+            Self::Local(b) => b.ready(),
+            Self::Redis(b) => b.ready(),
+        }
+    }
+}
+
+/// Takes the channel's next `seq`, appends to its history stream (trimmed
+/// by length and, when set, by age), refreshes both keys' expiry and
+/// publishes `seq` and the payload, all atomically.
+const PUBLISH_SCRIPT: &str = r"
+local seq = redis.call('INCR', KEYS[1])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'seq', seq, 'msg', ARGV[5])
+local age = tonumber(ARGV[3])
+if age > 0 then
+  local t = redis.call('TIME')
+  local min = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - age
+  redis.call('XTRIM', KEYS[2], 'MINID', '~', min)
+end
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+redis.call('PUBLISH', ARGV[1], seq .. ' ' .. ARGV[5])
+return seq
+";
+
+/// Subscription bookkeeping shared by sessions and the worker.
+#[derive(Debug, Default)]
+struct Subscriptions {
+    /// Local subscribers per channel.
+    refs: HashMap<ChannelName, usize>,
+    /// Channels Redis has confirmed a SUBSCRIBE for on the live connection.
+    confirmed: HashSet<ChannelName>,
+}
+
+/// A request to the worker, which owns the subscription connection.
+#[derive(Debug)]
+struct SubscribeRequest {
+    channel: ChannelName,
+    done: oneshot::Sender<Result<(), BrokerError>>,
+}
+
+/// Publishes through Redis; see the module documentation.
+pub struct RedisBroker {
+    prefix: String,
+    history_max_len: u64,
+    history_max_age_ms: u64,
+    ttl_s: u64,
+    timeout: Duration,
+    script: redis::Script,
+    /// The command connection, once the worker has made it.
+    commands: Arc<Mutex<Option<redis::aio::ConnectionManager>>>,
+    subs: Arc<Mutex<Subscriptions>>,
+    requests: mpsc::Sender<SubscribeRequest>,
+    released: Arc<Notify>,
+    ready: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for RedisBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Not the URL: it may carry a password.
+        f.debug_struct("RedisBroker")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Keys and the pub/sub channel of a wsgate channel. The `{…}` hash tag
+/// keeps a channel's keys in one Redis Cluster slot.
+fn seq_key(prefix: &str, channel: &ChannelName) -> String {
+    format!("{prefix}:{{{}}}:seq", channel.as_str())
+}
+
+fn history_key(prefix: &str, channel: &ChannelName) -> String {
+    format!("{prefix}:{{{}}}:history", channel.as_str())
+}
+
+fn topic(prefix: &str, channel: &ChannelName) -> String {
+    format!("{prefix}:msg:{}", channel.as_str())
+}
+
+/// `"<from length> <from><data>"`: the user id may hold any character.
+fn payload(from: &str, data: &RawValue) -> String {
+    format!("{} {from}{}", from.len(), data.get())
+}
+
+/// Splits `"<seq> <from length> <from><data>"`.
+fn parse_message(bytes: &[u8]) -> Option<(u64, &str, &str)> {
+    let text = std::str::from_utf8(bytes).ok()?;
+    let (seq, rest) = text.split_once(' ')?;
+    let (len, rest) = rest.split_once(' ')?;
+    let len: usize = len.parse().ok()?;
+    let from = rest.get(..len)?;
+    let data = rest.get(len..)?;
+    Some((seq.parse().ok()?, from, data))
+}
+
+impl RedisBroker {
+    fn new(
+        url: &str,
+        cfg: &ClusterConfig,
+        hub: Arc<Hub>,
+    ) -> Result<(Self, RedisWorker), redis::RedisError> {
+        let client = redis::Client::open(url)?;
+        let (tx, rx) = mpsc::channel(1024);
+        let commands = Arc::new(Mutex::new(None));
+        let subs = Arc::new(Mutex::new(Subscriptions::default()));
+        let released = Arc::new(Notify::new());
+        let ready = Arc::new(AtomicBool::new(false));
+        let timeout = Duration::from_millis(cfg.command_timeout_ms);
+        let broker = Self {
+            prefix: cfg.prefix.clone(),
+            history_max_len: cfg.history_max_len,
+            history_max_age_ms: cfg.history_max_age_s.saturating_mul(1000),
+            ttl_s: cfg.channel_ttl_s,
+            timeout,
+            script: redis::Script::new(PUBLISH_SCRIPT),
+            commands: Arc::clone(&commands),
+            subs: Arc::clone(&subs),
+            requests: tx,
+            released: Arc::clone(&released),
+            ready: Arc::clone(&ready),
+        };
+        let worker = RedisWorker {
+            client,
+            prefix: cfg.prefix.clone(),
+            timeout,
+            reconnect_max: Duration::from_millis(cfg.reconnect_max_ms),
+            commands,
+            subs,
+            requests: rx,
+            released,
+            ready,
+            hub,
+        };
+        Ok((broker, worker))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Subscriptions> {
+        self.subs.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    async fn publish(
+        &self,
+        channel: &ChannelName,
+        from: &str,
+        data: &RawValue,
+    ) -> Result<Published, BrokerError> {
+        let conn = self
+            .commands
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let Some(mut conn) = conn else {
+            return Err(BrokerError::Unavailable);
+        };
+        let mut invocation = self.script.key(seq_key(&self.prefix, channel));
+        invocation
+            .key(history_key(&self.prefix, channel))
+            .arg(topic(&self.prefix, channel))
+            .arg(self.history_max_len)
+            .arg(self.history_max_age_ms)
+            .arg(self.ttl_s)
+            .arg(payload(from, data));
+        // A timeout may hide a publication that did happen; it is still
+        // reported as failed, never the other way round.
+        match tokio::time::timeout(self.timeout, invocation.invoke_async::<u64>(&mut conn)).await {
+            Ok(Ok(seq)) => Ok(Published {
+                seq,
+                ..Published::default()
+            }),
+            Ok(Err(e)) => {
+                debug!(error = %e, "publish through redis failed");
+                Err(BrokerError::Unavailable)
+            }
+            Err(_) => Err(BrokerError::Unavailable),
+        }
+    }
+
+    async fn subscribe(&self, channel: &ChannelName) -> Result<(), BrokerError> {
+        if !self.ready() {
+            // Fail now rather than wait out the worker's reconnect pause.
+            return Err(BrokerError::Unavailable);
+        }
+        {
+            let mut subs = self.lock();
+            *subs.refs.entry(channel.clone()).or_insert(0) += 1;
+            if subs.confirmed.contains(channel) {
+                return Ok(());
+            }
+        }
+        let (done, confirmed) = oneshot::channel();
+        let request = SubscribeRequest {
+            channel: channel.clone(),
+            done,
+        };
+        let result = match self.requests.send(request).await {
+            Ok(()) => confirmed.await.unwrap_or(Err(BrokerError::Unavailable)),
+            Err(_) => Err(BrokerError::Unavailable),
+        };
+        if result.is_err() {
+            self.release(channel);
+        }
+        result
+    }
+
+    fn release(&self, channel: &ChannelName) {
+        let mut subs = self.lock();
+        if let Some(n) = subs.refs.get_mut(channel) {
+            *n -= 1;
+            if *n == 0 {
+                subs.refs.remove(channel);
+                drop(subs);
+                self.released.notify_one();
+            }
+        }
+    }
+
+    fn ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+}
+
+/// Owns the Redis connections: (re)connects with jittered back-off,
+/// subscribes and unsubscribes as sessions come and go, and fans each
+/// message out to the local hub.
+pub struct RedisWorker {
+    client: redis::Client,
+    prefix: String,
+    timeout: Duration,
+    reconnect_max: Duration,
+    commands: Arc<Mutex<Option<redis::aio::ConnectionManager>>>,
+    subs: Arc<Mutex<Subscriptions>>,
+    requests: mpsc::Receiver<SubscribeRequest>,
+    released: Arc<Notify>,
+    ready: Arc<AtomicBool>,
+    hub: Arc<Hub>,
+}
+
+impl std::fmt::Debug for RedisWorker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisWorker").finish_non_exhaustive()
+    }
+}
+
+/// Why one connected period ended.
+enum Ended {
+    Stopped,
+    Lost,
+}
+
+impl RedisWorker {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Subscriptions> {
+        self.subs.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs until `stop`.
+    pub async fn run(mut self, services: Arc<Services>, stop: CancellationToken) {
+        let metrics = &services.metrics;
+        let mut delay = Duration::from_millis(50);
+        let mut first = true;
+        loop {
+            match self.connect().await {
+                Ok((sink, stream)) => {
+                    delay = Duration::from_millis(50);
+                    let resumed = !first;
+                    first = false;
+                    match self.connected(sink, stream, resumed, metrics, &stop).await {
+                        Ended::Stopped => return,
+                        Ended::Lost => warn!("lost the connection to redis; reconnecting"),
+                    }
+                }
+                Err(e) => debug!(error = %e, "cannot connect to redis"),
+            }
+            self.ready.store(false, Ordering::Relaxed);
+            // Requests that arrive while down fail at once rather than wait.
+            while let Ok(request) = self.requests.try_recv() {
+                let _ = request.done.send(Err(BrokerError::Unavailable));
+            }
+            // Jitter keeps replicas from reconnecting in lockstep.
+            let jitter =
+                Duration::from_millis(u64::from(rand_u16()) % (delay.as_millis() as u64 + 1));
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(delay / 2 + jitter / 2) => {}
+            }
+            delay = (delay * 2).min(self.reconnect_max);
+        }
+    }
+
+    async fn connect(
+        &self,
+    ) -> redis::RedisResult<(redis::aio::PubSubSink, redis::aio::PubSubStream)> {
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(self.reconnect_max);
+        let manager = tokio::time::timeout(
+            self.timeout,
+            self.client.get_connection_manager_with_config(config),
+        )
+        .await
+        .map_err(|_| {
+            redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
+        })??;
+        let pubsub = tokio::time::timeout(self.timeout, self.client.get_async_pubsub())
+            .await
+            .map_err(|_| {
+                redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
+            })??;
+        *self.commands.lock().unwrap_or_else(PoisonError::into_inner) = Some(manager);
+        Ok(pubsub.split())
+    }
+
+    /// One connected period: subscribe what is wanted, then serve requests
+    /// and messages until the connection or the server ends.
+    async fn connected(
+        &mut self,
+        mut sink: redis::aio::PubSubSink,
+        mut stream: redis::aio::PubSubStream,
+        resumed: bool,
+        metrics: &Metrics,
+        stop: &CancellationToken,
+    ) -> Ended {
+        let wanted: Vec<ChannelName> = self.lock().refs.keys().cloned().collect();
+        for channel in &wanted {
+            if sink.subscribe(topic(&self.prefix, channel)).await.is_err() {
+                return Ended::Lost;
+            }
+        }
+        self.lock().confirmed.extend(wanted.iter().cloned());
+        if resumed {
+            // Whatever was published while we were away never reached us.
+            let notified = self.hub.notify_gap(&wanted);
+            info!(
+                channels = wanted.len(),
+                subscribers = notified,
+                "resubscribed after reconnecting to redis; subscribers told they may have missed messages"
+            );
+        } else {
+            info!("connected to redis");
+        }
+        self.ready.store(true, Ordering::Relaxed);
+        let released = Arc::clone(&self.released);
+        let ended = loop {
+            tokio::select! {
+                () = stop.cancelled() => break Ended::Stopped,
+                request = self.requests.recv() => {
+                    let Some(request) = request else { break Ended::Stopped };
+                    let result = sink.subscribe(topic(&self.prefix, &request.channel)).await;
+                    let ok = result.is_ok();
+                    if ok {
+                        self.lock().confirmed.insert(request.channel.clone());
+                    }
+                    let _ = request.done.send(result.map_err(|_| BrokerError::Unavailable));
+                    if !ok {
+                        break Ended::Lost;
+                    }
+                }
+                () = released.notified() => {
+                    if self.unsubscribe_unwanted(&mut sink).await.is_err() {
+                        break Ended::Lost;
+                    }
+                }
+                message = stream.next() => {
+                    let Some(message) = message else { break Ended::Lost };
+                    self.deliver(&message, metrics);
+                }
+            }
+        };
+        self.lock().confirmed.clear();
+        *self.commands.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        ended
+    }
+
+    /// Unsubscribes confirmed channels that no local session wants now.
+    async fn unsubscribe_unwanted(
+        &self,
+        sink: &mut redis::aio::PubSubSink,
+    ) -> redis::RedisResult<()> {
+        let unwanted: Vec<ChannelName> = {
+            let mut subs = self.lock();
+            let gone: Vec<ChannelName> = subs
+                .confirmed
+                .iter()
+                .filter(|c| !subs.refs.contains_key(*c))
+                .cloned()
+                .collect();
+            for c in &gone {
+                subs.confirmed.remove(c);
+            }
+            gone
+        };
+        for channel in unwanted {
+            sink.unsubscribe(topic(&self.prefix, &channel)).await?;
+        }
+        Ok(())
+    }
+
+    fn deliver(&self, message: &redis::Msg, metrics: &Metrics) {
+        let name = message.get_channel_name();
+        let channel = name
+            .strip_prefix(&self.prefix)
+            .and_then(|rest| rest.strip_prefix(":msg:"))
+            .and_then(|c| ChannelName::parse(c).ok());
+        let parsed = parse_message(message.get_payload_bytes()).and_then(|(seq, from, data)| {
+            let data: &RawValue = serde_json::from_str(data).ok()?;
+            Some((seq, from, data))
+        });
+        let (Some(channel), Some((seq, from, data))) = (channel, parsed) else {
+            warn!("ignored a malformed message from redis");
+            return;
+        };
+        let template = MessageTemplate::new(&channel, from, data);
+        let published = self.hub.deliver(&channel, seq, &template);
+        metrics
+            .messages_delivered
+            .fetch_add(published.delivered as u64, Ordering::Relaxed);
+    }
+}
+
+/// A few bits of randomness for jitter, without a dependency.
+fn rand_u16() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64),
+    );
+    h.finish() as u16
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_round_trips_any_user_id() {
+        let data = RawValue::from_string(r#"{"t":"a b"}"#.into()).unwrap();
+        for from in ["alice", "a b", "x 3 y", "ünï", ""] {
+            let wire = format!("42 {}", payload(from, &data));
+            assert_eq!(
+                parse_message(wire.as_bytes()),
+                Some((42, from, r#"{"t":"a b"}"#))
+            );
+        }
+        assert_eq!(parse_message(b"x 1 a{}"), None);
+        assert_eq!(parse_message(b"1 9 a{}"), None);
+    }
+
+    #[test]
+    fn keys_share_a_cluster_slot() {
+        let ch = ChannelName::parse("chat:lobby").unwrap();
+        assert_eq!(seq_key("wsgate", &ch), "wsgate:{chat:lobby}:seq");
+        assert_eq!(history_key("wsgate", &ch), "wsgate:{chat:lobby}:history");
+        assert_eq!(topic("wsgate", &ch), "wsgate:msg:chat:lobby");
+    }
+}

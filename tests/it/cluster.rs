@@ -1,0 +1,204 @@
+//! Several replicas on a Redis backplane: a `redis-server` started by the
+//! test on a free port (never the shared one), two gateways in this
+//! process sharing it. Publications from either replica reach subscribers
+//! on both, in order, with one consecutive `seq`; policies hold on both;
+//! and a Redis outage is visible (readiness, `internal` errors, a gap
+//! notice) and recovered from without restarting the gateways.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value as Json, json};
+
+use crate::channels::{Client, try_read_json};
+use crate::harness::{Gateway, WAIT, start};
+
+/// A private `redis-server` on 127.0.0.1, without persistence.
+pub(crate) struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    pub fn start() -> Self {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let mut server = Self { port, child: None };
+        server.restart();
+        server
+    }
+
+    /// Starts (again) on the same port.
+    pub fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is not installed: run scripts/test-deps.sh");
+        self.child = Some(child);
+        let deadline = Instant::now() + WAIT;
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Two replicas on `redis`, sharing one HMAC secret so a token works on both.
+async fn replicas(redis: &RedisServer) -> (Gateway, Gateway) {
+    let url = redis.url();
+    let a = start(|c, _| {
+        c.cluster.redis_url = Some(url.clone());
+        c.cluster.reconnect_max_ms = 200;
+    })
+    .await;
+    let secret = a.config.auth.hmac_secret_file.clone();
+    let b = start(|c, _| {
+        c.cluster.redis_url = Some(url.clone());
+        c.cluster.reconnect_max_ms = 200;
+        c.auth.hmac_secret_file = secret;
+    })
+    .await;
+    wait_ready(&a, 200).await;
+    wait_ready(&b, 200).await;
+    (a, b)
+}
+
+async fn wait_ready(gw: &Gateway, status: u16) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let now = gw.get("/readyz").await.status;
+        if now == status {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz stayed {now}, wanted {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The next `n` messages (skipping nothing else: any other frame fails).
+async fn messages(client: &mut Client, n: usize) -> Vec<Json> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let frame = client.next().await;
+        assert_eq!(frame["op"], "message", "{frame}");
+        out.push(frame);
+    }
+    out
+}
+
+#[tokio::test]
+async fn publications_from_both_replicas_reach_both_in_order_with_one_seq() {
+    let redis = RedisServer::start();
+    let (a, b) = replicas(&redis).await;
+    let mut sub_b = Client::join(&b, "bob", &["member"]).await;
+    let mut sub_a = Client::join(&a, "amy", &["member"]).await;
+    sub_b.subscribe("chat:x").await;
+    sub_a.subscribe("chat:x").await;
+    let mut pub_a = Client::join(&a, "alice", &["member"]).await;
+    let mut pub_b = Client::join(&b, "brian", &["member"]).await;
+    for i in 0..20 {
+        pub_a.publish("chat:x", json!({"n": i, "via": "a"})).await;
+        pub_b.publish("chat:x", json!({"n": i, "via": "b"})).await;
+    }
+    for sub in [&mut sub_b, &mut sub_a] {
+        let got = messages(sub, 40).await;
+        let first = got[0]["seq"].as_u64().expect("seq");
+        for (k, m) in got.iter().enumerate() {
+            assert_eq!(m["seq"].as_u64(), Some(first + k as u64), "{m}");
+            let (via, from) = if k % 2 == 0 {
+                ("a", "alice")
+            } else {
+                ("b", "brian")
+            };
+            assert_eq!(m["data"], json!({"n": k / 2, "via": via}), "{m}");
+            assert_eq!(m["from"], from);
+            assert_eq!(m["channel"], "chat:x");
+        }
+    }
+    // Policies hold on both replicas.
+    let mut guest_a = Client::join(&a, "guest", &[]).await;
+    guest_a
+        .error(
+            json!({"op": "publish", "channel": "chat:x", "data": 1}),
+            "forbidden",
+        )
+        .await;
+    let mut guest_b = Client::join(&b, "guest", &[]).await;
+    guest_b
+        .error(json!({"op": "subscribe", "channel": "chat:x"}), "forbidden")
+        .await;
+    // Nothing leaked to the guests or crossed to channels nobody asked for.
+    assert_eq!(
+        try_read_json(&mut sub_b.ws, Duration::from_millis(200)).await,
+        None
+    );
+}
+
+#[tokio::test]
+async fn redis_outage_is_reported_and_recovered_without_a_restart() {
+    let mut redis = RedisServer::start();
+    let (a, b) = replicas(&redis).await;
+    let mut sub = Client::join(&b, "bob", &["member"]).await;
+    sub.subscribe("chat:y").await;
+    let mut publisher = Client::join(&a, "alice", &["member"]).await;
+    publisher.publish("chat:y", json!("before")).await;
+    assert_eq!(messages(&mut sub, 1).await[0]["data"], "before");
+
+    redis.stop();
+    wait_ready(&a, 503).await;
+    wait_ready(&b, 503).await;
+    // Nothing is reported as sent that was not.
+    let err = publisher
+        .error(
+            json!({"op": "publish", "channel": "chat:y", "data": "lost"}),
+            "internal",
+        )
+        .await;
+    assert_eq!(err["channel"], "chat:y");
+    // A new subscription cannot be made either.
+    let mut late = Client::join(&b, "carl", &["member"]).await;
+    late.error(json!({"op": "subscribe", "channel": "chat:z"}), "internal")
+        .await;
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    redis.restart();
+    wait_ready(&a, 200).await;
+    wait_ready(&b, 200).await;
+    // The subscriber is told its channel may have missed messages, and
+    // keeps its subscription.
+    let notice = sub.next().await;
+    assert_eq!(notice["op"], "error", "{notice}");
+    assert_eq!(notice["code"], "internal");
+    assert_eq!(notice["channel"], "chat:y");
+    assert!(notice.get("id").is_none());
+    publisher.publish("chat:y", json!("after")).await;
+    let after = messages(&mut sub, 1).await;
+    assert_eq!(after[0]["data"], "after");
+    late.subscribe("chat:z").await;
+}
