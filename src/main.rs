@@ -289,7 +289,9 @@ fn check_config(args: &ConfigArgs) -> Result<(), BoxError> {
     for name in ignored {
         println!("note: {name} names no configuration section; ignored");
     }
-    wsgate::auth::Verifier::from_config(&config)?;
+    let verifier = wsgate::auth::Verifier::from_config(&config)?;
+    // A JWKS URL is fetched as `serve` would, so an unreachable one shows here.
+    block_on(verifier.prime())??;
     wsgate::server::tls::server_config(&config.tls)?;
     let policies = wsgate::policy::PolicySet::load_dir(&config.policy.dir)?;
     println!(
@@ -298,6 +300,15 @@ fn check_config(args: &ConfigArgs) -> Result<(), BoxError> {
         config.policy.dir.display()
     );
     Ok(())
+}
+
+/// Runs one future to completion on a small runtime, for the commands
+/// that are otherwise synchronous (a JWKS fetch needs I/O and timers).
+fn block_on<F: std::future::Future>(future: F) -> Result<F::Output, BoxError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    Ok(runtime.block_on(future))
 }
 
 fn bench(command: BenchCommand) -> Result<(), BoxError> {
@@ -431,7 +442,9 @@ fn policy_explain(args: ExplainArgs) -> Result<bool, BoxError> {
                 token
             };
             config.validate()?;
-            wsgate::auth::Verifier::from_config(&config)?
+            let verifier = wsgate::auth::Verifier::from_config(&config)?;
+            block_on(verifier.prime())??;
+            verifier
                 .verify(&token)
                 .map_err(|e| format!("token refused: {e}"))?
         }
@@ -632,17 +645,19 @@ fn print_dev_banner(config: &Config, addr: std::net::SocketAddr) -> Result<(), B
     Ok(())
 }
 
-/// SIGHUP re-reads the policies (errors are logged; the old set stays).
+/// SIGHUP re-reads the policies and the verification keys (errors are
+/// logged; what was in force stays).
 async fn reload_on_sighup(handle: wsgate::server::ServerHandle) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
         let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            warn!("cannot listen for SIGHUP; policies reload on file changes only");
+            warn!("cannot listen for SIGHUP; policies and keys reload on file changes only");
             return;
         };
         while hup.recv().await.is_some() {
             let _ = handle.reload_policies();
+            let _ = handle.reload_keys().await;
         }
     }
     #[cfg(not(unix))]

@@ -21,7 +21,7 @@ use crate::upgrade::{self, Refusal};
 
 type Body = Full<Bytes>;
 
-pub(super) fn handle(
+pub(super) async fn handle(
     req: Request<Incoming>,
     shared: &Arc<Shared>,
     permit: Arc<ConnSlot>,
@@ -30,7 +30,7 @@ pub(super) fn handle(
     let draining = shared.draining.load(Ordering::Relaxed);
     let mut res = match req.uri().path() {
         "/ws" if overloaded => refuse(Refusal::Overloaded, shared),
-        "/ws" => return upgrade_ws(req, shared, permit, draining),
+        "/ws" => return upgrade_ws(req, shared, permit, draining).await,
         // Liveness stays up under overload and while draining.
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" if draining => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
@@ -50,14 +50,20 @@ pub(super) fn handle(
     res
 }
 
-fn upgrade_ws(
+async fn upgrade_ws(
     mut req: Request<Incoming>,
     shared: &Arc<Shared>,
     permit: Arc<ConnSlot>,
     draining: bool,
 ) -> Response<Body> {
     let services = &shared.services;
-    let accepted = match upgrade::authorize(&req, &shared.upgrade, &services.verifier, draining) {
+    // The cheap checks first, synchronously; only the token's verification
+    // may wait (for a JWKS refresh on an unknown kid).
+    let pending = match upgrade::check(&req, &shared.upgrade, draining) {
+        Ok(pending) => pending,
+        Err(refusal) => return refuse(refusal, shared),
+    };
+    let accepted = match pending.verify(&services.verifier).await {
         Ok(accepted) => accepted,
         Err(refusal) => return refuse(refusal, shared),
     };
