@@ -44,23 +44,7 @@ pub async fn start(tweak: impl FnOnce(&mut Config, &std::path::Path)) -> Gateway
     capture_logs();
     let dir = tempfile::tempdir().expect("tempdir");
     let paths = CertPaths::in_dir(dir.path());
-    certs::generate(&paths, &[], certs::Replace::Nothing).expect("generate certs");
-    let secret = dir.path().join("hmac.secret");
-    mint::ensure_dev_secret(&secret).expect("secret");
-
-    let mut config = Config::default();
-    config.server.listen = "127.0.0.1:0".parse().expect("addr");
-    config.tls.cert_file = paths.server_cert.clone();
-    config.tls.key_file = paths.server_key.clone();
-    config.auth.hmac_secret_file = secret;
-    let policies = dir.path().join("policies");
-    std::fs::create_dir_all(&policies).expect("policy dir");
-    std::fs::write(
-        policies.join("default.toml"),
-        wsgate::policy::DEFAULT_POLICY,
-    )
-    .expect("policy");
-    config.policy.dir = policies;
+    let mut config = test_config(dir.path());
     tweak(&mut config, dir.path());
 
     let server = Server::bind(config.clone()).await.expect("bind");
@@ -77,6 +61,30 @@ pub async fn start(tweak: impl FnOnce(&mut Config, &std::path::Path)) -> Gateway
         stop,
         task: Some(task),
     }
+}
+
+/// The test defaults, with a fresh CA, server certificate, HMAC secret
+/// and the default policy written into `dir`; listens on 127.0.0.1:0.
+pub fn test_config(dir: &std::path::Path) -> Config {
+    let paths = CertPaths::in_dir(dir);
+    certs::generate(&paths, &[], certs::Replace::Nothing).expect("generate certs");
+    let secret = dir.join("hmac.secret");
+    mint::ensure_dev_secret(&secret).expect("secret");
+
+    let mut config = Config::default();
+    config.server.listen = "127.0.0.1:0".parse().expect("addr");
+    config.tls.cert_file = paths.server_cert.clone();
+    config.tls.key_file = paths.server_key.clone();
+    config.auth.hmac_secret_file = secret;
+    let policies = dir.join("policies");
+    std::fs::create_dir_all(&policies).expect("policy dir");
+    std::fs::write(
+        policies.join("default.toml"),
+        wsgate::policy::DEFAULT_POLICY,
+    )
+    .expect("policy");
+    config.policy.dir = policies;
+    config
 }
 
 /// A rustls client config that trusts only the CA at `ca`.
@@ -131,6 +139,9 @@ impl Gateway {
         }
         bytes.extend_from_slice(&masked_text_frame(r#"{"op":"ping","id":99}"#));
         tls.write_all(&bytes).await.expect("write");
+        // A TLS stream may keep records buffered after `write_all` when the
+        // socket is briefly full (many connections at once): flush them.
+        tls.flush().await.expect("flush");
         let mut out = Vec::new();
         let read = tokio::time::timeout(WAIT, tls.read_to_end(&mut out)).await;
         let closed = match read {
@@ -195,6 +206,7 @@ impl Gateway {
         let mut tls = self.tls().await;
         let head = format!("{}\n", self.upgrade_head("/ws", extra)).replace('\n', "\r\n");
         tls.write_all(head.as_bytes()).await.expect("write");
+        tls.flush().await.expect("flush");
         let mut response = Vec::new();
         let read_head = async {
             let mut byte = [0u8; 1];
