@@ -5,6 +5,7 @@ mod bench;
 mod certs_token;
 mod channels;
 mod harness;
+mod jwks;
 mod limits;
 mod logs;
 mod metrics;
