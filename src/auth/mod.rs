@@ -436,7 +436,8 @@ impl Verifier {
             Ok(fetched) => fetched,
             Err(e) => {
                 metrics.fetches.inc("failed");
-                warn!(url, error = %e, "JWKS fetch failed; the keys in force stay");
+                let kept = self.key_count();
+                warn!(url, error = %e, keys_kept = kept, "JWKS fetch failed");
                 return Err(KeyError::Fetch {
                     url: url.to_owned(),
                     message: e.to_string(),
@@ -463,7 +464,8 @@ impl Verifier {
             }
             Err(e) => {
                 metrics.fetches.inc("failed");
-                warn!(url, error = %e, "JWKS refused; the keys in force stay");
+                let kept = self.key_count();
+                warn!(url, error = %e, keys_kept = kept, "JWKS refused");
                 Err(e)
             }
         }
