@@ -146,8 +146,31 @@ pub struct AuthConfig {
     pub algorithms: Vec<String>,
     /// File holding the HMAC secret (HS*): its bytes, less a trailing newline.
     pub hmac_secret_file: PathBuf,
-    /// PEM public key for RS*/PS*/ES*/EdDSA.
+    /// PEM public key for RS*/PS*/ES*/EdDSA: one key, serving any `kid`.
+    /// Excludes `jwks_file` and `jwks_url`.
     pub public_key_file: Option<PathBuf>,
+    /// JWK set file (RFC 7517 `{"keys":[...]}`) holding the verification
+    /// keys, chosen by the token's `kid`; re-read on SIGHUP and when it
+    /// changes. Asymmetric algorithms only. Excludes `public_key_file` and
+    /// `jwks_url`.
+    pub jwks_file: Option<PathBuf>,
+    /// How often `jwks_file` is checked for changes, in milliseconds
+    /// (following symlinks); 0: only on SIGHUP.
+    pub jwks_watch_interval_ms: u64,
+    /// `https://` URL of the issuer's JWK set: fetched at start (the gateway
+    /// does not start without it), every `jwks_refresh_interval_ms`, and on
+    /// a token with an unknown `kid`. Excludes `public_key_file` and `jwks_file`.
+    pub jwks_url: Option<String>,
+    /// PEM CA certificates trusted for `jwks_url` besides the built-in
+    /// webpki roots.
+    pub jwks_ca_file: Option<PathBuf>,
+    /// Deadline for one whole JWKS fetch (connect, TLS, answer), in milliseconds.
+    pub jwks_timeout_ms: u64,
+    /// Interval between scheduled JWKS fetches, in milliseconds.
+    pub jwks_refresh_interval_ms: u64,
+    /// Least time between two fetches caused by unknown `kid`s, in
+    /// milliseconds; also the retry delay after a failed scheduled fetch.
+    pub jwks_min_refresh_interval_ms: u64,
     /// PEM private key that `wsgate token` signs with for asymmetric algorithms.
     pub private_key_file: Option<PathBuf>,
     /// Required `iss` values; empty: `iss` not checked.
@@ -170,6 +193,13 @@ impl Default for AuthConfig {
             algorithms: vec!["HS256".to_owned()],
             hmac_secret_file: PathBuf::from("certs/dev-hmac.secret"),
             public_key_file: None,
+            jwks_file: None,
+            jwks_watch_interval_ms: 2_000,
+            jwks_url: None,
+            jwks_ca_file: None,
+            jwks_timeout_ms: 5_000,
+            jwks_refresh_interval_ms: 300_000,
+            jwks_min_refresh_interval_ms: 30_000,
             private_key_file: None,
             issuers: Vec::new(),
             audiences: Vec::new(),
@@ -488,8 +518,40 @@ impl Config {
                 a.max_token_bytes, s.max_header_bytes
             ));
         }
-        if algs[0].family() != AlgorithmFamily::Hmac && a.public_key_file.is_none() {
-            return bad("auth.public_key_file is required for asymmetric algorithms".into());
+        let jwks = a.jwks_file.is_some() || a.jwks_url.is_some();
+        if a.jwks_file.is_some() && a.jwks_url.is_some() {
+            return bad("auth.jwks_file and auth.jwks_url are mutually exclusive".into());
+        }
+        if jwks && a.public_key_file.is_some() {
+            return bad(
+                "auth.public_key_file cannot be combined with auth.jwks_file or auth.jwks_url"
+                    .into(),
+            );
+        }
+        if jwks && algs[0].family() == AlgorithmFamily::Hmac {
+            return bad("auth.jwks_file and auth.jwks_url need asymmetric algorithms (RS*, PS256, ES*, EdDSA); HMAC keys are not taken from a JWK set".into());
+        }
+        if algs[0].family() != AlgorithmFamily::Hmac && a.public_key_file.is_none() && !jwks {
+            return bad("auth.public_key_file, auth.jwks_file or auth.jwks_url is required for asymmetric algorithms".into());
+        }
+        if let Some(url) = &a.jwks_url {
+            crate::auth::fetch::JwksUrl::parse(url)
+                .map_err(|e| ConfigError::Invalid(format!("auth.jwks_url: {e}")))?;
+        }
+        if a.jwks_ca_file.is_some() && a.jwks_url.is_none() {
+            return bad("auth.jwks_ca_file is only used with auth.jwks_url".into());
+        }
+        if a.jwks_timeout_ms == 0 {
+            return bad("auth.jwks_timeout_ms must be above 0".into());
+        }
+        if a.jwks_min_refresh_interval_ms < 1_000 {
+            return bad("auth.jwks_min_refresh_interval_ms must be at least 1000".into());
+        }
+        if a.jwks_refresh_interval_ms < a.jwks_min_refresh_interval_ms {
+            return bad(
+                "auth.jwks_refresh_interval_ms must not be below auth.jwks_min_refresh_interval_ms"
+                    .into(),
+            );
         }
         if a.roles_claim.is_empty()
             || ["sub", "exp", "iat", "nbf", "iss", "aud", "jti"].contains(&a.roles_claim.as_str())
@@ -803,5 +865,64 @@ mod tests {
         c = Config::default();
         c.auth.roles_claim = "sub".into();
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn jwks_sources_are_checked() {
+        let err = |c: &Config| c.validate().unwrap_err().to_string();
+        let mut c = Config::default();
+        c.auth.algorithms = vec!["ES256".into()];
+        c.auth.jwks_url = Some("https://id.example.com/jwks".into());
+        c.validate().unwrap();
+        c.auth.jwks_file = Some("jwks.json".into());
+        assert!(err(&c).contains("mutually exclusive"));
+        c.auth.jwks_url = None;
+        c.validate().unwrap();
+        c.auth.public_key_file = Some("k.pem".into());
+        assert!(err(&c).contains("cannot be combined"));
+        c.auth.public_key_file = None;
+        c.auth.algorithms = vec!["HS256".into()];
+        assert!(err(&c).contains("asymmetric"));
+
+        c = Config::default();
+        c.auth.algorithms = vec!["RS256".into()];
+        for bad in [
+            "http://id.example.com/jwks",
+            "https://u@id.example.com/",
+            "jwks.json",
+        ] {
+            c.auth.jwks_url = Some(bad.into());
+            assert!(err(&c).contains("auth.jwks_url"), "{bad}");
+        }
+        c.auth.jwks_url = None;
+        c.auth.public_key_file = Some("k.pem".into());
+        c.auth.jwks_ca_file = Some("ca.pem".into());
+        assert!(err(&c).contains("jwks_ca_file"));
+        c.auth.public_key_file = None;
+        c.auth.jwks_url = Some("https://127.0.0.1:9/jwks".into());
+        c.validate().unwrap();
+        c.auth.jwks_timeout_ms = 0;
+        assert!(err(&c).contains("jwks_timeout_ms"));
+        c.auth.jwks_timeout_ms = 1;
+        c.auth.jwks_min_refresh_interval_ms = 999;
+        assert!(err(&c).contains("jwks_min_refresh_interval_ms"));
+        c.auth.jwks_min_refresh_interval_ms = 60_000;
+        c.auth.jwks_refresh_interval_ms = 59_999;
+        assert!(err(&c).contains("jwks_refresh_interval_ms"));
+
+        // The environment reaches the new keys like any other.
+        let c = Config::load(
+            None,
+            env(&[
+                ("WSGATE_AUTH_JWKS_URL", "https://id.example.com/jwks"),
+                ("WSGATE_AUTH_JWKS_TIMEOUT_MS", "1500"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            c.auth.jwks_url.as_deref(),
+            Some("https://id.example.com/jwks")
+        );
+        assert_eq!(c.auth.jwks_timeout_ms, 1500);
     }
 }

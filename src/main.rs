@@ -289,7 +289,9 @@ fn check_config(args: &ConfigArgs) -> Result<(), BoxError> {
     for name in ignored {
         println!("note: {name} names no configuration section; ignored");
     }
-    wsgate::auth::Verifier::from_config(&config)?;
+    let verifier = wsgate::auth::Verifier::from_config(&config)?;
+    // A JWKS URL is fetched as `serve` would, so an unreachable one shows here.
+    block_on(verifier.prime())??;
     let certs = wsgate::server::tls::CertStore::load(&config.tls)?;
     wsgate::server::tls::server_config(&config.tls, certs)?;
     let policies = wsgate::policy::PolicySet::load_dir(&config.policy.dir)?;
@@ -299,6 +301,15 @@ fn check_config(args: &ConfigArgs) -> Result<(), BoxError> {
         config.policy.dir.display()
     );
     Ok(())
+}
+
+/// Runs one future to completion on a small runtime, for the commands
+/// that are otherwise synchronous (a JWKS fetch needs I/O and timers).
+fn block_on<F: std::future::Future>(future: F) -> Result<F::Output, BoxError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    Ok(runtime.block_on(future))
 }
 
 fn bench(command: BenchCommand) -> Result<(), BoxError> {
@@ -432,7 +443,9 @@ fn policy_explain(args: ExplainArgs) -> Result<bool, BoxError> {
                 token
             };
             config.validate()?;
-            wsgate::auth::Verifier::from_config(&config)?
+            let verifier = wsgate::auth::Verifier::from_config(&config)?;
+            block_on(verifier.prime())??;
+            verifier
                 .verify(&token)
                 .map_err(|e| format!("token refused: {e}"))?
         }
@@ -636,21 +649,22 @@ fn print_dev_banner(config: &Config, addr: std::net::SocketAddr) -> Result<(), B
     Ok(())
 }
 
-/// SIGHUP re-reads the policies and the certificate (errors are logged;
-/// what was loaded before stays in force).
+/// SIGHUP re-reads the policies, the certificate and the verification
+/// keys (errors are logged; what was in force stays).
 async fn reload_on_sighup(handle: wsgate::server::ServerHandle) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
         let Ok(mut hup) = signal(SignalKind::hangup()) else {
             warn!(
-                "cannot listen for SIGHUP; policies and certificates reload on file changes only"
+                "cannot listen for SIGHUP; policies, certificates and keys reload on file changes only"
             );
             return;
         };
         while hup.recv().await.is_some() {
             let _ = handle.reload_policies();
             let _ = handle.reload_certs();
+            let _ = handle.reload_keys().await;
         }
     }
     #[cfg(not(unix))]

@@ -4,6 +4,7 @@
 //! user id, a channel or a token, so cardinality is bounded by design.
 
 use std::fmt::Write as _;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -28,12 +29,13 @@ pub const UPGRADE_RESULTS: [&str; 16] = [
 ];
 
 /// Labels of `wsgate_auth_failures_total{reason}`.
-pub const AUTH_FAILURES: [&str; 12] = [
+pub const AUTH_FAILURES: [&str; 13] = [
     "no_token",
     "carrier",
     "malformed",
     "algorithm",
     "crit",
+    "unknown_kid",
     "signature",
     "expired",
     "not_yet_valid",
@@ -67,6 +69,10 @@ pub const CLOSE_CODES: [&str; 10] = [
 
 /// Labels of `wsgate_proxy_headers_total{result}`.
 pub const PROXY_RESULTS: [&str; 5] = ["ok", "local", "untrusted", "malformed", "timeout"];
+/// Labels of `wsgate_jwks_fetches_total{result}`: a fetch that loaded or
+/// confirmed a key set, one that failed, and an unknown-kid refresh turned
+/// away by `auth.jwks_min_refresh_interval_ms` (no fetch happened).
+pub const JWKS_FETCH_RESULTS: [&str; 3] = ["ok", "failed", "throttled"];
 
 /// A counter per label value of a fixed set.
 #[derive(Debug)]
@@ -169,7 +175,7 @@ pub struct Metrics {
     /// Upgraded WebSocket sessions.
     pub sessions_open: AtomicI64,
     pub upgrades: LabeledCounter<16>,
-    pub auth_failures: LabeledCounter<12>,
+    pub auth_failures: LabeledCounter<13>,
     pub sessions_closed: LabeledCounter<13>,
     /// Close frames the gateway sent, by code.
     pub close_codes: LabeledCounter<10>,
@@ -186,6 +192,8 @@ pub struct Metrics {
     /// Connections closed before TLS by an admission limit (their address
     /// had already been answered with a refusal within the second).
     pub admission_dropped: AtomicU64,
+    /// Verification keys; shared with the [`crate::auth::Verifier`].
+    pub keys: Arc<KeyMetrics>,
     /// TLS handshake durations.
     pub handshake: Histogram,
     /// From a decoded `publish` to its frames being in every outbox.
@@ -193,6 +201,35 @@ pub struct Metrics {
 }
 
 const RESULTS: [&str; 2] = ["ok", "failed"];
+
+/// What the verifier counts about its keys: it holds these itself, since
+/// a fetch finishes in its own task.
+#[derive(Debug)]
+pub struct KeyMetrics {
+    /// Keys in force.
+    pub keys: AtomicI64,
+    /// JWKS file reloads (SIGHUP or file change).
+    pub reloads: LabeledCounter<2>,
+    /// JWKS URL fetches, and throttled refreshes.
+    pub fetches: LabeledCounter<3>,
+}
+
+impl Default for KeyMetrics {
+    fn default() -> Self {
+        Self {
+            keys: AtomicI64::new(0),
+            reloads: LabeledCounter::new(&RESULTS),
+            fetches: LabeledCounter::new(&JWKS_FETCH_RESULTS),
+        }
+    }
+}
+
+impl KeyMetrics {
+    pub fn set_keys(&self, n: usize) {
+        self.keys
+            .store(i64::try_from(n).unwrap_or(i64::MAX), Ordering::Relaxed);
+    }
+}
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -210,6 +247,7 @@ impl Default for Metrics {
             cert_reloads: LabeledCounter::new(&RESULTS),
             proxy_headers: LabeledCounter::new(&PROXY_RESULTS),
             admission_dropped: AtomicU64::new(0),
+            keys: Arc::default(),
             handshake: Histogram::new(),
             publish: Histogram::new(),
         }
@@ -308,6 +346,24 @@ impl Metrics {
             "Connections closed before TLS by an admission limit.",
             self.admission_dropped.load(Ordering::Relaxed),
         );
+        gauge(
+            &mut out,
+            "wsgate_verification_keys",
+            "JWT verification keys in force.",
+            load(&self.keys.keys),
+        );
+        self.keys.reloads.render(
+            &mut out,
+            "wsgate_key_reloads_total",
+            "result",
+            "JWKS file reloads by result.",
+        );
+        self.keys.fetches.render(
+            &mut out,
+            "wsgate_jwks_fetches_total",
+            "result",
+            "JWKS URL fetches by result; throttled: an unknown-kid refresh refused without a fetch.",
+        );
         self.handshake.render(
             &mut out,
             "wsgate_tls_handshake_seconds",
@@ -357,6 +413,7 @@ mod tests {
             Malformed,
             Algorithm,
             Crit,
+            UnknownKid,
             Signature,
             Expired,
             NotYetValid,

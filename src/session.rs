@@ -644,7 +644,9 @@ impl Session<'_> {
         if token.len() > self.services.config.auth.max_token_bytes {
             return self.error(id, ErrorCode::InvalidToken, "token too large", None);
         }
-        let identity = match self.services.verifier.verify(token) {
+        // No waiting inside the session loop: an unknown kid starts a JWKS
+        // refresh in the background and the client may retry.
+        let identity = match self.services.verifier.verify_now(token) {
             Ok(identity) => identity,
             Err(failure) => {
                 return self.error(id, ErrorCode::InvalidToken, &failure.to_string(), None);

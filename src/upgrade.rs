@@ -1,8 +1,10 @@
 //! The upgrade decision for `/ws`, exactly as `protocol.md` §1 lists it:
 //! RFC 6455 §4.2.1 checks, the Origin allow-list, draining, the three token
-//! carriers, and JWT verification. Everything here is pure (no I/O), so each
-//! refusal row is a plain function result; the server turns a [`Refusal`]
-//! into the HTTP answer and an [`Accepted`] into the `101`.
+//! carriers, and JWT verification. The checks are pure (no I/O), so each
+//! refusal row is a plain function result; only [`Pending::verify`] may
+//! await, when a token names a `kid` that a JWKS URL may have gained. The
+//! server turns a [`Refusal`] into the HTTP answer and an [`Accepted`] into
+//! the `101`.
 //!
 //! Token values are never put into a [`Refusal`], an error, or a log line.
 
@@ -301,66 +303,32 @@ impl Accepted {
     }
 }
 
-/// Decides an upgrade request on `/ws`. The order is: the HTTP shape,
-/// Origin, draining, then the token (cheap carrier rules before any
-/// signature work).
-///
-/// # Errors
-/// The [`Refusal`] whose answer the client gets.
-pub fn authorize<B>(
-    req: &Request<B>,
-    policy: &UpgradePolicy,
-    verifier: &Verifier,
-    draining: bool,
-) -> Result<Accepted, Refusal> {
-    precheck(req, policy, draining)?.verify(verifier)
-}
-
-/// Everything but the signature: the HTTP shape, Origin, draining and the
-/// token carriers. The caller may refuse before [`Unverified::verify`]
-/// (an address over its failed-authentication limit).
-///
-/// # Errors
-/// The [`Refusal`] whose answer the client gets.
-pub fn precheck<B>(
-    req: &Request<B>,
-    policy: &UpgradePolicy,
-    draining: bool,
-) -> Result<Unverified, Refusal> {
-    let accept_key = check_handshake(req)?;
-    check_origin(req.headers(), policy)?;
-    if draining {
-        return Err(Refusal::Draining);
-    }
-    let (token, subprotocol) = extract_token(req, policy)?;
-    Ok(Unverified {
-        token,
-        accept_key,
-        subprotocol,
-    })
-}
-
-/// A well-formed upgrade whose token has not been verified yet.
-pub struct Unverified {
+/// A request that passed every check but the token's verification.
+pub struct Pending {
     token: String,
     accept_key: String,
     subprotocol: bool,
 }
 
-impl std::fmt::Debug for Unverified {
+impl std::fmt::Debug for Pending {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Unverified").finish_non_exhaustive()
+        // Never the token.
+        f.debug_struct("Pending")
+            .field("subprotocol", &self.subprotocol)
+            .finish_non_exhaustive()
     }
 }
 
-impl Unverified {
-    /// Verifies the token.
+impl Pending {
+    /// Verifies the token. An unknown `kid` with a JWKS URL as the key
+    /// source waits for one refresh, bounded by `auth.jwks_timeout_ms`.
     ///
     /// # Errors
     /// [`Refusal::InvalidToken`] with the reason.
-    pub fn verify(self, verifier: &Verifier) -> Result<Accepted, Refusal> {
+    pub async fn verify(self, verifier: &Verifier) -> Result<Accepted, Refusal> {
         let identity = verifier
-            .verify(&self.token)
+            .verify_fresh(&self.token)
+            .await
             .map_err(Refusal::InvalidToken)?;
         Ok(Accepted {
             identity,
@@ -368,6 +336,30 @@ impl Unverified {
             subprotocol: self.subprotocol,
         })
     }
+}
+
+/// Checks an upgrade request on `/ws` up to, not including, the token's
+/// verification. The order is: the HTTP shape, Origin, draining, then the
+/// token's carrier rules, all before any signature work or key fetch.
+///
+/// # Errors
+/// The [`Refusal`] whose answer the client gets.
+pub fn check<B>(
+    req: &Request<B>,
+    policy: &UpgradePolicy,
+    draining: bool,
+) -> Result<Pending, Refusal> {
+    let accept_key = check_handshake(req)?;
+    check_origin(req.headers(), policy)?;
+    if draining {
+        return Err(Refusal::Draining);
+    }
+    let (token, subprotocol) = extract_token(req, policy)?;
+    Ok(Pending {
+        token,
+        accept_key,
+        subprotocol,
+    })
 }
 
 /// RFC 6455 §4.2.1, items 1–6, in order. Returns `Sec-WebSocket-Accept`.

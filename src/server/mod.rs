@@ -28,7 +28,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::admission::{AddressGuard, Admission, Admit};
-use crate::auth::Verifier;
+use crate::auth::{KeyError, Verifier};
 use crate::broker::{AnyBroker, RedisWorker};
 use crate::config::{Config, ConfigError};
 use crate::hub::Hub;
@@ -48,6 +48,8 @@ pub enum StartError {
     Policy(#[from] PolicyError),
     #[error("cluster.redis_url: {0}")]
     Redis(String),
+    #[error("verification keys: {0}")]
+    Keys(#[from] KeyError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -105,14 +107,19 @@ pub struct Server {
 }
 
 impl Server {
-    /// Validates the config, loads keys and certificates, and binds the
-    /// listener (port 0 picks a free port; see [`Server::local_addr`]).
+    /// Validates the config, loads keys (fetching a JWKS URL, under its
+    /// timeout) and certificates, and binds the listener (port 0 picks a
+    /// free port; see [`Server::local_addr`]).
     ///
     /// # Errors
-    /// An invalid config, unreadable keys or certificates, or a failed bind.
+    /// An invalid config, unreadable keys or certificates, a JWKS URL that
+    /// gives no usable key, or a failed bind.
     pub async fn bind(config: Config) -> Result<Self, StartError> {
         config.validate()?;
-        let verifier = Verifier::from_config(&config)?;
+        let metrics = crate::metrics::Metrics::default();
+        let verifier = Verifier::with_metrics(&config, Arc::clone(&metrics.keys))?;
+        // Fail fast: a gateway without keys could only refuse everyone.
+        verifier.prime().await?;
         let certs = tls::CertStore::load(&config.tls)?;
         let acceptor = TlsAcceptor::from(tls::server_config(&config.tls, Arc::clone(&certs))?);
         let policies = PolicyStore::load(&config.policy.dir)?;
@@ -140,7 +147,7 @@ impl Server {
             forwarded: config.server.forwarded_header,
             certs,
             services: Arc::new(Services {
-                metrics: crate::metrics::Metrics::default(),
+                metrics,
                 verifier,
                 policies,
                 hub,
@@ -220,6 +227,7 @@ impl Server {
         tokio::spawn(watch_policies(Arc::clone(&shared), shared.shutdown.clone()));
         tokio::spawn(sweep_admission(Arc::clone(&shared)));
         tokio::spawn(watch_certs(Arc::clone(&shared), shared.shutdown.clone()));
+        tokio::spawn(watch_keys(Arc::clone(&shared), shared.shutdown.clone()));
         let permits = Arc::new(Semaphore::new(
             shared.services.config.server.max_connections,
         ));
@@ -420,6 +428,18 @@ impl ServerHandle {
         self.shared.certs.leaf().map(|c| c.to_vec())
     }
 
+    /// Reloads the verification keys: re-reads `auth.jwks_file`, or fetches
+    /// `auth.jwks_url` now (bounded by `auth.jwks_timeout_ms`). Returns the
+    /// number of keys in force, or `None` when the key comes from
+    /// `public_key_file` or `hmac_secret_file` (read at start only). On
+    /// error the keys in force stay.
+    ///
+    /// # Errors
+    /// Why the new key set was refused.
+    pub async fn reload_keys(&self) -> Result<Option<usize>, KeyError> {
+        reload_keys(&self.shared.services, "signal").await
+    }
+
     /// Skips what is left of the drain grace and window: every session
     /// closes with 1001 now (a second SIGTERM or Ctrl-C).
     pub fn hurry(&self) {
@@ -440,6 +460,80 @@ fn reload_policies(services: &Services, trigger: &'static str) -> Result<usize, 
             Err(e)
         }
     }
+}
+
+async fn reload_keys(
+    services: &Services,
+    trigger: &'static str,
+) -> Result<Option<usize>, KeyError> {
+    let result = services.verifier.reload().await;
+    match &result {
+        Ok(Some(keys)) => info!(trigger, keys, "verification keys reloaded"),
+        Ok(None) => debug!(
+            trigger,
+            "verification key comes from the config; it is read at start only"
+        ),
+        // A fetch logs its own failure; a file's is logged here.
+        Err(KeyError::Fetch { .. }) => {}
+        Err(e) => warn!(trigger, error = %e, "key reload refused; the keys in force stay"),
+    }
+    result
+}
+
+/// Keeps the verification keys current: polls `auth.jwks_file` and reloads
+/// it when it changes, or fetches `auth.jwks_url` on its schedule.
+async fn watch_keys(shared: Arc<Shared>, stop: CancellationToken) {
+    let auth = &shared.services.config.auth;
+    if auth.jwks_url.is_some() {
+        let every = Duration::from_millis(auth.jwks_refresh_interval_ms);
+        let retry = Duration::from_millis(auth.jwks_min_refresh_interval_ms);
+        shared
+            .services
+            .verifier
+            .refresh_periodically(every, retry, stop)
+            .await;
+        return;
+    }
+    let (Some(path), interval_ms) = (&auth.jwks_file, auth.jwks_watch_interval_ms) else {
+        return;
+    };
+    if interval_ms == 0 {
+        return;
+    }
+    let mut loaded = file_fingerprint(path);
+    // As for policies: act once two polls in a row see the same new state,
+    // so a file caught half-written is not loaded.
+    let mut settling = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(interval_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = file_fingerprint(path);
+        if now == loaded {
+            settling = None;
+        } else if settling.as_ref() == Some(&now) {
+            loaded = now;
+            settling = None;
+            let _ = reload_keys(&shared.services, "file change").await;
+        } else {
+            settling = Some(now);
+        }
+    }
+}
+
+/// Size, modification time and inode of the file `path` leads to,
+/// following symlinks: a Kubernetes Secret update swaps a symlink to a new
+/// file, which changes the inode even when size and time look alike.
+fn file_fingerprint(path: &std::path::Path) -> Option<(u64, Option<std::time::SystemTime>, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    #[cfg(unix)]
+    let inode = std::os::unix::fs::MetadataExt::ino(&meta);
+    #[cfg(not(unix))]
+    let inode = 0;
+    Some((meta.len(), meta.modified().ok(), inode))
 }
 
 /// Polls the policy directory and reloads when a file changes.
@@ -617,8 +711,11 @@ async fn serve_connection(
     let service = {
         let shared = Arc::clone(&shared);
         service_fn(move |req| {
-            let response = routes::handle(req, &shared, Arc::clone(&permit), refusal);
-            std::future::ready(Ok::<_, std::convert::Infallible>(response))
+            let (shared, permit) = (Arc::clone(&shared), Arc::clone(&permit));
+            async move {
+                let response = routes::handle(req, &shared, permit, refusal).await;
+                Ok::<_, std::convert::Infallible>(response)
+            }
         })
     };
     let conn = builder

@@ -25,7 +25,7 @@ use crate::upgrade::{self, Refusal};
 
 type Body = Full<Bytes>;
 
-pub(super) fn handle(
+pub(super) async fn handle(
     req: Request<Incoming>,
     shared: &Arc<Shared>,
     permit: Arc<ConnSlot>,
@@ -36,7 +36,7 @@ pub(super) fn handle(
     let mut res = match req.uri().path() {
         "/ws" => match refusal {
             Some(refusal) => refuse(refusal, shared),
-            None => return upgrade_ws(req, shared, permit, draining),
+            None => return upgrade_ws(req, shared, permit, draining).await,
         },
         // Liveness stays up under overload and while draining.
         "/healthz" => text(StatusCode::OK, "ok\n"),
@@ -62,7 +62,7 @@ pub(super) fn handle(
     res
 }
 
-fn upgrade_ws(
+async fn upgrade_ws(
     mut req: Request<Incoming>,
     shared: &Arc<Shared>,
     permit: Arc<ConnSlot>,
@@ -90,24 +90,27 @@ fn upgrade_ws(
     let address = forwarded_slot
         .as_ref()
         .map_or(permit.address.key(), |g| g.key());
-    let verified = upgrade::precheck(&req, &shared.upgrade, draining).and_then(|unverified| {
-        // Cheap before costly: an address that keeps failing is refused
-        // before its next signature check.
-        if let Some(address) = address {
-            admission
-                .check_auth(address, now)
-                .map_err(Refusal::Admission)?;
+    let failed = |refusal: Refusal| {
+        if let (Some(address), Some(_)) = (address, refusal.auth_failure()) {
+            admission.auth_failed(address, Instant::now());
         }
-        unverified.verify(&services.verifier)
-    });
-    let accepted = match verified {
+        refuse(refusal, shared)
+    };
+    // The cheap checks first, synchronously; then, before any signature
+    // work, an address that keeps failing is refused; only the token's
+    // verification may wait (for a JWKS refresh on an unknown kid).
+    let pending = match upgrade::check(&req, &shared.upgrade, draining) {
+        Ok(pending) => pending,
+        Err(refusal) => return failed(refusal),
+    };
+    if let Some(address) = address
+        && let Err(limited) = admission.check_auth(address, now)
+    {
+        return refuse(Refusal::Admission(limited), shared);
+    }
+    let accepted = match pending.verify(&services.verifier).await {
         Ok(accepted) => accepted,
-        Err(refusal) => {
-            if let (Some(address), Some(_)) = (address, refusal.auth_failure()) {
-                admission.auth_failed(address, Instant::now());
-            }
-            return refuse(refusal, shared);
-        }
+        Err(refusal) => return failed(refusal),
     };
     let Some(slot) = UserSlot::take(shared, &accepted.identity.user) else {
         return refuse(Refusal::UserLimit, shared);

@@ -91,8 +91,18 @@ pub fn test_config(
 ) -> (tempfile::TempDir, Config) {
     let dir = tempfile::tempdir().expect("tempdir");
     let paths = CertPaths::in_dir(dir.path());
+    let _ = paths;
+    let mut config = base_config(dir.path());
+    tweak(&mut config, dir.path());
+    (dir, config)
+}
+
+/// The test defaults, with a fresh CA, server certificate, HMAC secret
+/// and the default policy written into `dir`; listens on 127.0.0.1:0.
+pub fn base_config(dir: &std::path::Path) -> Config {
+    let paths = CertPaths::in_dir(dir);
     certs::generate(&paths, &[], certs::Replace::Nothing).expect("generate certs");
-    let secret = dir.path().join("hmac.secret");
+    let secret = dir.join("hmac.secret");
     mint::ensure_dev_secret(&secret).expect("secret");
 
     let mut config = Config::default();
@@ -100,7 +110,7 @@ pub fn test_config(
     config.tls.cert_file = paths.server_cert.clone();
     config.tls.key_file = paths.server_key.clone();
     config.auth.hmac_secret_file = secret;
-    let policies = dir.path().join("policies");
+    let policies = dir.join("policies");
     std::fs::create_dir_all(&policies).expect("policy dir");
     std::fs::write(
         policies.join("default.toml"),
@@ -113,8 +123,7 @@ pub fn test_config(
     config.admission.address_new_connections_per_s = 0;
     config.admission.max_connections_per_address = 0;
     config.admission.address_failed_auths_per_min = 0;
-    tweak(&mut config, dir.path());
-    (dir, config)
+    config
 }
 
 /// A rustls client config that trusts only the CA at `ca`.
@@ -182,6 +191,9 @@ impl Endpoint {
         }
         bytes.extend_from_slice(&masked_text_frame(r#"{"op":"ping","id":99}"#));
         tls.write_all(&bytes).await.expect("write");
+        // A TLS stream may keep records buffered after `write_all` when the
+        // socket is briefly full (many connections at once): flush them.
+        tls.flush().await.expect("flush");
         let mut out = Vec::new();
         let read = tokio::time::timeout(WAIT, tls.read_to_end(&mut out)).await;
         let closed = match read {
@@ -260,6 +272,7 @@ impl Endpoint {
         let mut tls = self.tls().await;
         let head = format!("{}\n", self.upgrade_head("/ws", extra)).replace('\n', "\r\n");
         tls.write_all(head.as_bytes()).await.expect("write");
+        tls.flush().await.expect("flush");
         let mut response = Vec::new();
         let read_head = async {
             let mut byte = [0u8; 1];

@@ -7,6 +7,7 @@ mod certs_token;
 mod channels;
 mod cluster;
 mod harness;
+mod jwks;
 mod limits;
 mod logs;
 mod metrics;
