@@ -4,6 +4,8 @@
 mod bench;
 mod certs_token;
 mod channels;
+mod deploy;
+mod haproxy;
 mod harness;
 mod limits;
 mod logs;
