@@ -18,13 +18,15 @@
 //! [`config`] is the one configuration tree; [`metrics`] counts what
 //! happens (labels from fixed sets only); [`certs`] makes development
 //! certificates; [`auth::mint`] makes development tokens; [`bench`](mod@bench) is the
-//! load generator behind `wsgate bench`.
+//! load generator behind `wsgate bench`; [`doctor`] reviews a configuration
+//! for `wsgate doctor`.
 
 pub mod auth;
 pub mod bench;
 pub mod certs;
 pub mod channel;
 pub mod config;
+pub mod doctor;
 pub mod hub;
 pub mod metrics;
 pub mod policy;

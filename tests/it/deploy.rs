@@ -13,7 +13,7 @@ use wsgate::certs::{self, CertPaths};
 
 use crate::harness::{python_with, repo_root, require_tool, substitute};
 
-fn deploy(path: &str) -> PathBuf {
+pub fn deploy(path: &str) -> PathBuf {
     repo_root().join("deploy").join(path)
 }
 
@@ -65,12 +65,12 @@ fn values<'a>(text: &'a str, key: &str) -> Vec<&'a str> {
 
 /// Files for every path the shipped config reads, as the systemd unit and
 /// the Kubernetes pod provide them: certificate, key, issuer key, policies.
-struct Provided {
+pub struct Provided {
     dir: tempfile::TempDir,
 }
 
 impl Provided {
-    fn new() -> Self {
+    pub fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let paths = CertPaths::in_dir(dir.path());
         certs::generate(
@@ -96,7 +96,7 @@ impl Provided {
     }
 
     /// The `WSGATE_*` overrides that point the shipped config at these files.
-    fn env(&self) -> Vec<(&'static str, String)> {
+    pub fn env(&self) -> Vec<(&'static str, String)> {
         vec![
             ("WSGATE_TLS_CERT_FILE", self.path("server.pem")),
             ("WSGATE_TLS_KEY_FILE", self.path("server.key")),
@@ -109,7 +109,7 @@ impl Provided {
     }
 }
 
-fn wsgate(args: &[&str], env: &[(&str, String)]) -> Output {
+pub fn wsgate(args: &[&str], env: &[(&str, String)]) -> Output {
     let mut command = Command::new(env!("CARGO_BIN_EXE_wsgate"));
     command.args(args).env_remove("WSGATE_CONFIG");
     // Only the variables under test: a developer's own WSGATE_* must not leak in.

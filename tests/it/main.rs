@@ -5,6 +5,7 @@ mod bench;
 mod certs_token;
 mod channels;
 mod deploy;
+mod doctor;
 mod haproxy;
 mod harness;
 mod limits;
