@@ -13,7 +13,8 @@ use rcgen::{
 };
 use time::{Duration, OffsetDateTime};
 
-const CA_NAME: &str = "wsgate development CA";
+/// Common name of the development CA; `wsgate doctor` recognises dev certificates by it.
+pub const CA_NAME: &str = "wsgate development CA";
 /// Browsers refuse leaf certificates valid for more than 398 days.
 const SERVER_DAYS: i64 = 397;
 const CA_DAYS: i64 = 5 * 365;

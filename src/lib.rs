@@ -21,7 +21,8 @@
 //! [`config`] is the one configuration tree; [`metrics`] counts what
 //! happens (labels from fixed sets only); [`certs`] makes development
 //! certificates; [`auth::mint`] makes development tokens; [`bench`](mod@bench) is the
-//! load generator behind `wsgate bench`.
+//! load generator behind `wsgate bench`; [`doctor`] reviews a configuration
+//! for `wsgate doctor`.
 
 pub mod admission;
 pub mod auth;
@@ -30,6 +31,7 @@ pub mod broker;
 pub mod certs;
 pub mod channel;
 pub mod config;
+pub mod doctor;
 pub mod hub;
 pub mod metrics;
 pub mod policy;

@@ -1,4 +1,5 @@
-//! The `wsgate` command line: `serve`, `certs`, `token`, `check-config`.
+//! The `wsgate` command line: `serve`, `certs`, `token`, `check-config`,
+//! `doctor`, `policy`, `bench`.
 //! Errors are boxed here and only here; every leaf error is typed.
 
 use std::io::IsTerminal;
@@ -41,6 +42,9 @@ enum Command {
     Token(TokenArgs),
     /// Validate the configuration (and its key and certificate files) without binding.
     CheckConfig(ConfigArgs),
+    /// Review the configuration for risky settings, certificate expiry and
+    /// limits (exit 1 on errors; warnings alone exit 0).
+    Doctor(ConfigArgs),
     /// Check policy files, or explain a decision.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -247,6 +251,16 @@ fn main() -> ExitCode {
         Command::Certs(args) => run_certs(&args),
         Command::Token(args) => token(args),
         Command::CheckConfig(args) => check_config(&args),
+        Command::Doctor(args) => {
+            return match doctor(&args) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("wsgate: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Command::Policy(PolicyCommand::Check(args)) => policy_check(&args),
         Command::Bench(command) => bench(command),
         Command::Policy(PolicyCommand::Explain(args)) => {
@@ -310,6 +324,23 @@ fn block_on<F: std::future::Future>(future: F) -> Result<F::Output, BoxError> {
         .enable_all()
         .build()?;
     Ok(runtime.block_on(future))
+}
+
+/// Prints one line per finding and a count; `Ok(false)` when any is an error.
+fn doctor(args: &ConfigArgs) -> Result<bool, BoxError> {
+    use wsgate::doctor::{self, Level};
+    let (config, ignored) = load_config(args)?;
+    for name in ignored {
+        println!("note: {name} names no configuration section; ignored");
+    }
+    let findings = doctor::diagnose(&config, &doctor::Environment::current());
+    for finding in &findings {
+        println!("{finding}");
+    }
+    let count = |level| findings.iter().filter(|f| f.level == level).count();
+    let (errors, warnings) = (count(Level::Error), count(Level::Warning));
+    println!("{errors} error(s), {warnings} warning(s)");
+    Ok(errors == 0)
 }
 
 fn bench(command: BenchCommand) -> Result<(), BoxError> {

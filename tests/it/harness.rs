@@ -58,6 +58,12 @@ impl std::ops::Deref for Gateway {
     }
 }
 
+impl std::ops::DerefMut for Gateway {
+    fn deref_mut(&mut self) -> &mut Endpoint {
+        &mut self.endpoint
+    }
+}
+
 /// A gateway with the test defaults and `tweak` applied.
 pub async fn start(tweak: impl FnOnce(&mut Config, &std::path::Path)) -> Gateway {
     capture_logs();
@@ -536,4 +542,64 @@ pub fn captured_logs() -> String {
                 .map(|l| String::from_utf8_lossy(&l).into_owned())
         })
         .unwrap_or_default()
+}
+
+// ---- outside tools and shipped files ---------------------------------------
+
+/// The repository root, where `deploy/` and `policies/` live.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The path of an outside program the tests need. Missing is a failure,
+/// not a skip: `scripts/test-deps.sh` installs every one of them.
+pub fn require_tool(name: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    // Debian puts haproxy and nginx in sbin, which a non-root PATH may lack.
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!("`{name}` is not installed: run `bash scripts/test-deps.sh` (it installs what the tests need)")
+        })
+}
+
+/// Python with the packages `scripts/test-deps.sh` puts in `.ci/cache/python`;
+/// fails with a pointer to that script when `module` is not there.
+pub fn python_with(module: &str) -> std::process::Command {
+    let cache = repo_root().join(".ci/cache/python");
+    let probe = std::process::Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .env("PYTHONPATH", &cache)
+        .output();
+    match probe {
+        Ok(out) if out.status.success() => {}
+        other => panic!(
+            "python3 cannot import {module} from .ci/cache/python: run `bash scripts/test-deps.sh` ({other:?})"
+        ),
+    }
+    let mut command = std::process::Command::new("python3");
+    command.env("PYTHONPATH", cache);
+    command
+}
+
+/// A loopback port that was free a moment ago, for programs that cannot
+/// bind port 0 and report it (HAProxy).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// `text` with each `(from, to)` replaced; every `from` must occur, so a
+/// shipped file that drifts from what a test expects fails the test.
+pub fn substitute(text: &str, pairs: &[(&str, &str)]) -> String {
+    let mut out = text.to_owned();
+    for (from, to) in pairs {
+        assert!(out.contains(from), "{from:?} not found in:\n{text}");
+        out = out.replace(from, to);
+    }
+    out
 }

@@ -1,0 +1,407 @@
+//! wsgate behind a real HAProxy, configured from the shipped TLS
+//! passthrough file (`deploy/haproxy/wsgate-passthrough.cfg`) with only
+//! addresses, paths and timings changed: heartbeats keep an idle tunnel
+//! open past HAProxy's `timeout tunnel`, and a draining gateway leaves
+//! rotation through its `/readyz` health check. HAProxy is required:
+//! `scripts/test-deps.sh` installs it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use rustls::ClientConfig;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixStream};
+use tokio::time::Instant;
+use tokio_rustls::TlsConnector;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::{HeaderValue, header};
+
+use crate::harness::{Gateway, WAIT, Ws, free_port, repo_root, require_tool, start, substitute};
+
+/// HAProxy's tunnel timeout in these tests; the gateway pings 3x as often.
+const TUNNEL: Duration = Duration::from_secs(1);
+const HEARTBEAT_MS: u64 = 300;
+
+fn shipped(name: &str) -> String {
+    let path = repo_root().join("deploy/haproxy").join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// A running `haproxy -db`, killed on drop.
+struct Haproxy {
+    child: Child,
+    addr: SocketAddr,
+    socket: PathBuf,
+    stderr: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Haproxy {
+    /// HAProxy with the shipped passthrough configuration in front of
+    /// `servers` (named `gw0`, `gw1`, …), their certificates checked
+    /// against `ca`; returns once every server passed a health check.
+    async fn start(ca: &Path, servers: &[SocketAddr]) -> Self {
+        let haproxy = require_tool("haproxy");
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let socket = dir.path().join("admin.sock");
+        let server_lines: Vec<String> = servers
+            .iter()
+            .enumerate()
+            .map(|(i, addr)| format!("    server gw{i} {addr}"))
+            .collect();
+        let ca = ca.display().to_string();
+        let text = substitute(
+            &shipped("wsgate-passthrough.cfg"),
+            &[
+                ("bind :443", &format!("bind 127.0.0.1:{port}")),
+                (
+                    "timeout tunnel 60s",
+                    &format!("timeout tunnel {}ms", TUNNEL.as_millis()),
+                ),
+                (
+                    "ca-file /etc/haproxy/wsgate-ca.pem",
+                    &format!("ca-file {ca}"),
+                ),
+                // The harness certificates name localhost.
+                ("wsgate.internal", "localhost"),
+                ("inter 2s", "inter 200ms"),
+                (
+                    "    server wsgate-1 10.0.0.11:8443\n    server wsgate-2 10.0.0.12:8443",
+                    &server_lines.join("\n"),
+                ),
+                (
+                    "stats socket /run/haproxy/admin.sock mode 660",
+                    &format!("stats socket {} mode 600", socket.display()),
+                ),
+            ],
+        );
+        // Unprivileged and in the foreground: no chroot, user switch,
+        // daemon mode or syslog.
+        let text: String = text
+            .lines()
+            .filter(|l| {
+                let word = l.split_whitespace().next().unwrap_or("");
+                !(["chroot", "user", "group", "daemon"].contains(&word)
+                    || l.starts_with("    log /"))
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let cfg = dir.path().join("haproxy.cfg");
+        std::fs::write(&cfg, &text).unwrap();
+        let stderr = dir.path().join("haproxy.log");
+        let child = Command::new(haproxy)
+            .arg("-db")
+            .arg("-f")
+            .arg(&cfg)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .expect("start haproxy");
+        let proxy = Self {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            socket,
+            stderr,
+            _dir: dir,
+        };
+        let names: Vec<String> = (0..servers.len()).map(|i| format!("gw{i}")).collect();
+        proxy
+            .wait_for("every server checked UP", |stat| {
+                names.iter().all(|n| {
+                    stat.iter()
+                        .any(|s| &s.name == n && s.status == "UP" && s.check == "L7OK")
+                })
+            })
+            .await;
+        proxy
+    }
+
+    /// The backend's servers as `show stat` reports them.
+    async fn stat(&self) -> std::io::Result<Vec<ServerStat>> {
+        let mut sock = UnixStream::connect(&self.socket).await?;
+        sock.write_all(b"show stat\n").await?;
+        let mut csv = String::new();
+        sock.read_to_string(&mut csv).await?;
+        Ok(parse_stat(&csv))
+    }
+
+    /// Polls the stats socket until `done` holds; fails after `WAIT`.
+    async fn wait_for(&self, what: &str, done: impl Fn(&[ServerStat]) -> bool) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let last = match self.stat().await {
+                Ok(stat) if done(&stat) => return,
+                other => other,
+            };
+            assert!(
+                Instant::now() < deadline,
+                "haproxy: not {what} in {WAIT:?}; last: {last:?}\nhaproxy stderr:\n{}",
+                std::fs::read_to_string(&self.stderr).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A WebSocket through HAProxy to whichever gateway it picks; the
+    /// client trusts `client`'s roots and sends `token` as a bearer header.
+    async fn connect(&self, client: &Arc<ClientConfig>, token: &str) -> Ws {
+        let tcp = TcpStream::connect(self.addr)
+            .await
+            .expect("connect haproxy");
+        let tls = TlsConnector::from(Arc::clone(client))
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .expect("tls through haproxy");
+        let url = format!("wss://localhost:{}/ws", self.addr.port());
+        let mut req = url.into_client_request().unwrap();
+        req.headers_mut().insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
+        );
+        let (ws, res) = tokio::time::timeout(WAIT, tokio_tungstenite::client_async(req, tls))
+            .await
+            .expect("upgrade through haproxy timed out")
+            .expect("upgrade through haproxy");
+        assert_eq!(res.status(), 101);
+        ws
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Debug)]
+struct ServerStat {
+    name: String,
+    status: String,
+    check: String,
+}
+
+/// The servers of backend `wsgate` in `show stat` CSV.
+fn parse_stat(csv: &str) -> Vec<ServerStat> {
+    let mut lines = csv.lines();
+    let header: Vec<&str> = lines
+        .next()
+        .unwrap_or("")
+        .trim_start_matches("# ")
+        .split(',')
+        .collect();
+    let col = |name: &str| header.iter().position(|h| *h == name);
+    let (Some(px), Some(sv), Some(st), Some(ck)) = (
+        col("pxname"),
+        col("svname"),
+        col("status"),
+        col("check_status"),
+    ) else {
+        return Vec::new();
+    };
+    lines
+        .map(|l| l.split(',').collect::<Vec<_>>())
+        .filter(|f| f.len() > ck.max(st) && f[px] == "wsgate" && f[sv] != "BACKEND")
+        .map(|f| ServerStat {
+            name: f[sv].to_owned(),
+            status: f[st].to_owned(),
+            check: f[ck].to_owned(),
+        })
+        .collect()
+}
+
+async fn next_text(ws: &mut Ws) -> serde_json::Value {
+    loop {
+        match tokio::time::timeout(WAIT, ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => return serde_json::from_str(&t).unwrap(),
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+}
+
+/// `wsgate_sessions_open` as the gateway itself reports it (not via HAProxy).
+async fn sessions_open(gw: &Gateway) -> u64 {
+    let res = gw.get("/metrics").await;
+    metric(&res.body, "wsgate_sessions_open")
+}
+
+fn metric(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+}
+
+#[tokio::test]
+async fn heartbeats_keep_an_idle_session_open_through_haproxy() {
+    let gw = start(|c, _| c.websocket.heartbeat_ms = HEARTBEAT_MS).await;
+    let proxy = Haproxy::start(&gw.path("ca.pem"), &[gw.addr]).await;
+    let mut ws = proxy
+        .connect(&gw.client, &gw.token("idle", &["member"]))
+        .await;
+    let welcome = next_text(&mut ws).await;
+    assert_eq!(welcome["op"], "welcome");
+    assert_eq!(welcome["heartbeat_ms"], HEARTBEAT_MS);
+
+    // The client sends nothing of its own for 3 tunnel timeouts; only the
+    // gateway's pings (and the pongs tungstenite answers with) cross HAProxy.
+    let idle_until = Instant::now() + TUNNEL * 3;
+    let mut pings = 0;
+    loop {
+        match tokio::time::timeout_at(idle_until, ws.next()).await {
+            Err(_) => break,
+            Ok(Some(Ok(Message::Ping(_)))) => pings += 1,
+            Ok(other) => panic!("the idle session ended after {pings} pings: {other:?}"),
+        }
+    }
+    assert!(pings >= 5, "only {pings} pings in {:?}", TUNNEL * 3);
+
+    ws.send(Message::text(
+        r#"{"op":"subscribe","id":1,"channel":"chat:haproxy"}"#,
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        next_text(&mut ws).await,
+        serde_json::json!({"op": "ok", "id": 1})
+    );
+    ws.send(Message::text(
+        r#"{"op":"publish","id":2,"channel":"chat:haproxy","data":{"text":"still here"}}"#,
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        next_text(&mut ws).await,
+        serde_json::json!({"op": "ok", "id": 2})
+    );
+    let message = next_text(&mut ws).await;
+    assert_eq!(message["op"], "message");
+    assert_eq!(message["from"], "idle");
+    assert_eq!(message["data"]["text"], "still here");
+}
+
+#[tokio::test]
+async fn a_draining_gateway_leaves_rotation_and_new_clients_land_on_the_other() {
+    let gw0 = start(|c, _| c.server.drain_grace_ms = 30_000).await;
+    // The same certificate and secret, so one client config and one token
+    // work on either gateway.
+    let (cert, key, secret) = (
+        gw0.config.tls.cert_file.clone(),
+        gw0.config.tls.key_file.clone(),
+        gw0.config.auth.hmac_secret_file.clone(),
+    );
+    let mut gw1 = start(move |c, _| {
+        c.tls.cert_file = cert;
+        c.tls.key_file = key;
+        c.auth.hmac_secret_file = secret;
+    })
+    .await;
+    gw1.client = Arc::clone(&gw0.client);
+    let proxy = Haproxy::start(&gw0.path("ca.pem"), &[gw0.addr, gw1.addr]).await;
+    let token = gw0.token("mover", &["member"]);
+
+    // In rotation, both gateways take clients.
+    let mut before = Vec::new();
+    for _ in 0..4 {
+        let mut ws = proxy.connect(&gw0.client, &token).await;
+        assert_eq!(next_text(&mut ws).await["op"], "welcome");
+        before.push(ws);
+    }
+    let (on0, on1) = (sessions_open(&gw0).await, sessions_open(&gw1).await);
+    assert_eq!(on0 + on1, 4);
+    assert!(on0 >= 1 && on1 >= 1, "not balanced: {on0} and {on1}");
+
+    gw0.begin_stop();
+    proxy
+        .wait_for("gw0 DOWN with gw1 UP", |stat| {
+            let status = |n: &str| stat.iter().find(|s| s.name == n).map(|s| s.status.clone());
+            status("gw0").is_some_and(|s| s.starts_with("DOWN"))
+                && status("gw1").as_deref() == Some("UP")
+        })
+        .await;
+
+    // gw0 still accepts during its grace but would refuse upgrades with
+    // 503; every new client gets a session, all of them on gw1.
+    let mut after = Vec::new();
+    for _ in 0..6 {
+        let mut ws = proxy.connect(&gw0.client, &token).await;
+        assert_eq!(next_text(&mut ws).await["op"], "welcome");
+        after.push(ws);
+    }
+    assert_eq!(sessions_open(&gw1).await, on1 + 6);
+    assert_eq!(
+        sessions_open(&gw0).await,
+        on0,
+        "a new session landed on gw0"
+    );
+    let metrics = gw0.get("/metrics").await.body;
+    assert_eq!(
+        metric(&metrics, "wsgate_upgrades_total{result=\"draining\"}"),
+        0,
+        "HAProxy sent an upgrade to the draining gateway"
+    );
+}
+
+#[test]
+fn shipped_haproxy_configs_pass_haproxy_c() {
+    let haproxy = require_tool("haproxy");
+    let dir = tempfile::tempdir().unwrap();
+    let paths = wsgate::certs::CertPaths::in_dir(dir.path());
+    wsgate::certs::generate(
+        &paths,
+        &["wsgate.internal".to_owned()],
+        wsgate::certs::Replace::Nothing,
+    )
+    .unwrap();
+    // HAProxy's crt: the certificate and its key in one file.
+    let combined = dir.path().join("combined.pem");
+    let mut pem = std::fs::read(&paths.server_cert).unwrap();
+    pem.extend(std::fs::read(&paths.server_key).unwrap());
+    std::fs::write(&combined, pem).unwrap();
+    let ca = paths.ca_cert.display().to_string();
+    let crt = combined.display().to_string();
+
+    let mut names: Vec<String> = std::fs::read_dir(repo_root().join("deploy/haproxy"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".cfg"))
+        .collect();
+    names.sort();
+    assert_eq!(names, ["wsgate-passthrough.cfg", "wsgate-reencrypt.cfg"]);
+    for name in names {
+        // -c loads the CA and certificate files: point them at real ones.
+        let mut text = substitute(
+            &shipped(&name),
+            &[("/etc/haproxy/wsgate-ca.pem", ca.as_str())],
+        );
+        if text.contains("/etc/haproxy/certs/wsgate.pem") {
+            text = substitute(&text, &[("/etc/haproxy/certs/wsgate.pem", crt.as_str())]);
+        }
+        let cfg = dir.path().join(&name);
+        std::fs::write(&cfg, text).unwrap();
+        let out = Command::new(&haproxy)
+            .arg("-c")
+            .arg("-f")
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{name}:\n{all}");
+        assert!(
+            !all.contains("[WARNING]") && !all.contains("[ALERT]"),
+            "{name}:\n{all}"
+        );
+    }
+}
