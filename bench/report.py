@@ -553,6 +553,34 @@ def render_md(runs, mach, rows, quick, svg_name, notes=None):
     add("")
     add(f"![ratios against the targets]({svg_name})")
     add("")
+    cluster = [(w, get(runs, f"cluster-w{w}", "wsgate-redis"), get(runs, f"fanout-w{w}", W)) for w in (100, 1)]
+    if any(c for _, c, _ in cluster):
+        add("## Two replicas through Redis")
+        add("")
+        add(
+            "Two wsgate replicas share a private `redis-server` (`[cluster] redis_url`); the "
+            f"{fmt(res(cluster[0][1] or cluster[1][1], 'subscribers'), nd=0)} subscribers are on replica B, the "
+            "publisher on replica A (`wsgate bench fanout --url B --publish-url A`), so every message "
+            "goes through the publish script in Redis and back out through B's subscription. Redis and "
+            "both replicas share CPU 0, as one server does in the other scenarios; the load generator is "
+            "on CPU 1. Beside it, the single-node figure of the same scenario."
+        )
+        add("")
+        table = []
+        for w, c, one in cluster:
+            if not c:
+                continue
+            for label, path, unit, nd, scale in (
+                ("deliveries/s", ("deliveries_per_s",), "", 0, 1),
+                ("latency p50", ("latency_us", "p50"), " ms", 2, 1e-3),
+                ("latency p99", ("latency_us", "p99"), " ms", 2, 1e-3),
+            ):
+                a, b = res(one, *path), res(c, *path)
+                a = None if a is None else a * scale
+                b = None if b is None else b * scale
+                table.append((f"window {w}: {label}", fmt(a, unit, nd), fmt(b, unit, nd), fmt(ratio(b, a), "×", 2)))
+        add(md_table(("figure", "one node", "two replicas via Redis", "Redis / one node"), table))
+        add("")
     if notes:
         add("## Notes")
         add("")

@@ -20,7 +20,9 @@
 #   BENCH_SOAK=0  (seconds: hold wsgate's 10,000 idle connections that long
 #                  instead of BENCH_HOLD, e.g. 600 for the 10-minute
 #                  heartbeat soak, which then adds 9 minutes to the run)
-#   BENCH_ONLY="idle idle-big fanout-w100 fanout-w1 connect"  (a subset)
+#   BENCH_ONLY="idle idle-big fanout-w100 fanout-w1 connect cluster-w100 cluster-w1"
+#              (a subset; cluster-*: two wsgate replicas on a private
+#              redis-server, subscribers on one, the publisher on the other)
 #   BENCH_SERVERS="wsgate node"   BENCH_PORT=9443 (wsgate; the peer uses +1)
 #   BENCH_DOCS=dir  where the report goes (default docs/, or the work dir
 #                   when BENCH_QUICK=1)   BENCH_KEEP=1  keep the work dir
@@ -50,7 +52,7 @@ SIZE=${BENCH_SIZE:-100}
 DURATION=${BENCH_DURATION:-$d_dur}
 WARMUP=${BENCH_WARMUP:-$d_warm}
 CONNECT_N=${BENCH_CONNECT_N:-$d_conn}
-ONLY=${BENCH_ONLY:-"idle idle-big fanout-w100 fanout-w1 connect"}
+ONLY=${BENCH_ONLY:-"idle idle-big fanout-w100 fanout-w1 connect cluster-w100 cluster-w1"}
 SERVERS=${BENCH_SERVERS:-"wsgate node"}
 WS_PORT=${BENCH_PORT:-9443}
 NODE_PORT=$((WS_PORT + 1))
@@ -75,6 +77,7 @@ need_cmd openssl || apt_install openssl
 need_cmd python3 || apt_install python3
 need_cmd node || apt_install nodejs
 need_cmd npm || apt_install npm
+need_cmd redis-server || apt_install redis-server
 need_cmd cargo || die "cargo is missing: install a Rust toolchain (1.88 or newer)"
 [[ $(nproc) -ge 2 ]] || die "needs at least 2 CPUs (server on CPU $SERVER_CPU, load on CPU $CLIENT_CPU)"
 
@@ -321,6 +324,73 @@ for cert in rsa ecdsa; do
     fi
   done
 done
+
+# Two replicas on one Redis: subscribers on replica B, the publisher on
+# replica A, so every delivery crosses Redis. Redis and both replicas share
+# CPU 0, as one server does in the other scenarios.
+REDIS_PORT=$((WS_PORT + 10))
+B_PORT=$((WS_PORT + 2))
+run_cluster_bench() { # scenario window
+  local scenario=$1 window=$2 rpid apid bpid logd=$WORK/logs i
+  for port in "$REDIS_PORT" "$WS_PORT" "$B_PORT"; do
+    ! listening "$port" || die "port $port is already in use; choose others with BENCH_PORT"
+  done
+  taskset -c "$SERVER_CPU" redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save "" \
+    --appendonly no >"$logd/redis-$scenario.log" 2>&1 &
+  rpid=$!
+  for cfg in a b; do
+    sed -e "s|^listen = .*|listen = \"127.0.0.1:$([[ $cfg == a ]] && echo "$WS_PORT" || echo "$B_PORT")\"|" \
+      "$WORK/wsgate-ecdsa.toml" >"$WORK/wsgate-cluster-$cfg.toml"
+    printf '\n[cluster]\nredis_url = "redis://127.0.0.1:%s/"\n' "$REDIS_PORT" >>"$WORK/wsgate-cluster-$cfg.toml"
+  done
+  for ((i = 0; i < 100; i++)); do listening "$REDIS_PORT" && break; sleep 0.1; done
+  taskset -c "$SERVER_CPU" "$BIN" serve --config "$WORK/wsgate-cluster-a.toml" >"$logd/$scenario-a.log" 2>&1 &
+  apid=$!
+  taskset -c "$SERVER_CPU" "$BIN" serve --config "$WORK/wsgate-cluster-b.toml" >"$logd/$scenario-b.log" 2>&1 &
+  bpid=$!
+  for ((i = 0; i < 300; i++)); do
+    listening "$WS_PORT" && listening "$B_PORT" && break
+    sleep 0.1
+  done
+  # Ready means connected to Redis.
+  for ((i = 0; i < 100; i++)); do
+    curl -skf --cacert "$(ca_file ecdsa)" "https://127.0.0.1:$WS_PORT/readyz" >/dev/null &&
+      curl -skf "https://127.0.0.1:$B_PORT/readyz" >/dev/null && break
+    sleep 0.1
+  done
+  local args=(fanout --url "wss://127.0.0.1:$B_PORT/ws" --publish-url "wss://127.0.0.1:$WS_PORT/ws"
+    --ca "$(ca_file ecdsa)" --secret "$WORK/hmac.secret" --subscribers "$SUBS" --size "$SIZE"
+    --window "$window" --duration "$DURATION" --warmup "$WARMUP")
+  local out=$logd/$scenario.out samples=$logd/$scenario.samples rc=0
+  log "$scenario: 2 replicas + redis: wsgate bench ${args[*]}"
+  taskset -c "$CLIENT_CPU" "$BIN" bench "${args[@]}" >"$out" 2> >(tee "$logd/$scenario.err" >&2) &
+  local bench=$!
+  sample "$bpid" "$bench" "$samples" &
+  local sampler=$!
+  wait "$bench" || rc=$?
+  kill "$sampler" 2>/dev/null || true
+  wait "$sampler" 2>/dev/null || true
+  kill -TERM "$apid" "$bpid" 2>/dev/null || true
+  wait "$apid" "$bpid" 2>/dev/null || true
+  kill -TERM "$rpid" 2>/dev/null || true
+  wait "$rpid" 2>/dev/null || true
+  for ((i = 0; i < 300; i++)); do
+    listening "$WS_PORT" || listening "$B_PORT" || listening "$REDIS_PORT" || break
+    sleep 0.1
+  done
+  ((rc == 0)) || { FAILED=$((FAILED + 1)); log "$scenario: wsgate bench exited with $rc"; }
+  python3 "$ROOT/bench/report.py" record \
+    --scenario "$scenario" --server wsgate-redis --cert ecdsa --exit "$rc" \
+    --server-command "taskset -c $SERVER_CPU redis-server --port $REDIS_PORT --save '' --appendonly no; 2 × taskset -c $SERVER_CPU $BIN serve --config \$WORK/wsgate-cluster-{a,b}.toml ([cluster] redis_url)" \
+    --bench-command "taskset -c $CLIENT_CPU $BIN bench ${args[*]}" \
+    --stdout "$out" --samples "$samples" --work "$WORK" --root "$ROOT" >>"$RESULTS"
+  tail -n 1 "$out" >&2 || true
+}
+if [[ " $SERVERS " == *" wsgate "* ]]; then
+  for window in 100 1; do
+    if want "cluster-w$window"; then run_cluster_bench "cluster-w$window" "$window"; fi
+  done
+fi
 log "benchmarks took $((SECONDS - started)) s"
 
 # ---------------------------------------------------------------- report

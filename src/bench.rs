@@ -422,12 +422,15 @@ impl Acks {
     }
 }
 
-/// One publisher, `subscribers` receivers on `channel`.
+/// One publisher (through `publisher`, or `target`), `subscribers`
+/// receivers on `channel` (through `target`).
 ///
 /// # Errors
 /// The publisher could not connect, or no subscriber did.
+#[allow(clippy::too_many_arguments)]
 pub async fn fanout(
     target: &Target,
+    publisher: Option<&Target>,
     subscribers: usize,
     size: usize,
     pace: Pace,
@@ -514,7 +517,7 @@ pub async fn fanout(
     }
     eprintln!("fanout: {receivers} subscribers ready");
 
-    let publisher = target.connect(usize::MAX / 2).await?;
+    let publisher = publisher.unwrap_or(target).connect(usize::MAX / 2).await?;
     let (mut sink, mut stream) = publisher.split();
     // Drain whatever comes back to the publisher (echoes from plain peers).
     let drain = tokio::spawn(async move { while let Some(Ok(_)) = stream.next().await {} });

@@ -501,7 +501,12 @@ impl RedisWorker {
                     let result = sink.subscribe(topic(&self.prefix, &request.channel)).await;
                     let ok = result.is_ok();
                     if ok {
-                        self.lock().confirmed.insert(request.channel.clone());
+                        let mut subs = self.lock();
+                        subs.confirmed.insert(request.channel.clone());
+                        // Its session may have given up meanwhile.
+                        if !subs.refs.contains_key(&request.channel) {
+                            released.notify_one();
+                        }
                     }
                     let _ = request.done.send(result.map_err(|_| BrokerError::Unavailable));
                     if !ok {

@@ -95,8 +95,62 @@ pub fn diagnose(config: &Config, env: &Environment) -> Vec<Finding> {
     check_tls(config, env, &mut out);
     check_heartbeat(config, &mut out);
     check_policies(config, &mut out);
+    check_network(config, &mut out);
     check_open_files(config, env, &mut out);
     out.0
+}
+
+/// Proxies, the admin listener and the Redis backplane.
+fn check_network(config: &Config, out: &mut Findings) {
+    let s = &config.server;
+    let everyone = s
+        .trusted_proxies
+        .iter()
+        .any(|net| net.trim().ends_with("/0"));
+    if everyone {
+        out.push(
+            Level::Warning,
+            "server.trusted_proxies",
+            "holds a /0 network: any client may then name its own address in a PROXY or \
+             forwarding header and escape its per-address limits; list only the balancers",
+        );
+    }
+    if let Some(admin) = s.admin_listen
+        && !admin.ip().is_loopback()
+    {
+        out.push(
+            Level::Note,
+            "server.admin_listen",
+            format!(
+                "{admin} serves /metrics over plain HTTP beyond loopback; keep it on a \
+                 network only Prometheus and probes reach"
+            ),
+        );
+    }
+    if let Some(url) = &config.cluster.redis_url {
+        let rest = url.strip_prefix("redis://").unwrap_or(url);
+        let (auth, host) = match rest.split_once('@') {
+            Some((auth, host)) => (Some(auth), host),
+            None => (None, rest),
+        };
+        let host = host.split(['/', '?']).next().unwrap_or("");
+        let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
+        let local = host == "localhost"
+            || host
+                .trim_matches(['[', ']'])
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        let password = auth.is_some_and(|a| a.contains(':') || !a.is_empty());
+        if !local && !password {
+            out.push(
+                Level::Warning,
+                "cluster.redis_url",
+                "Redis beyond loopback without a password in the URL: anyone who reaches it \
+                 can publish into every channel; set requirepass (or an ACL user) and put it \
+                 in the URL",
+            );
+        }
+    }
 }
 
 #[derive(Default)]

@@ -118,6 +118,10 @@ enum BenchCommand {
         warmup: u64,
         #[arg(long, default_value = "chat:bench")]
         channel: String,
+        /// Publish through this URL instead of `--url` (another replica of
+        /// a cluster, trusting the same CA): measures delivery across replicas.
+        #[arg(long)]
+        publish_url: Option<String>,
     },
     /// Authenticated connections per second (TLS + upgrade + JWT).
     Connect {
@@ -392,15 +396,35 @@ fn bench(command: BenchCommand) -> Result<(), BoxError> {
                 duration,
                 warmup,
                 channel,
+                publish_url,
             } => {
-                let target = target(&t, subscribers).await?;
+                let subscribers_at = target(&t, subscribers).await?;
+                let publisher = match publish_url {
+                    Some(url) => Some(
+                        target(
+                            &BenchTarget {
+                                url,
+                                ca: t.ca.clone(),
+                                secret: t.secret.clone(),
+                                token: t.token.clone(),
+                                carrier: t.carrier.clone(),
+                                plain: t.plain,
+                                sources: t.sources,
+                            },
+                            1,
+                        )
+                        .await?,
+                    ),
+                    None => None,
+                };
                 let pace = match (window, rate) {
                     (Some(w), _) => Pace::Window(w),
                     (None, Some(r)) => Pace::Rate(r),
                     (None, None) => Pace::Window(1),
                 };
                 let report = bench::fanout(
-                    &target,
+                    &subscribers_at,
+                    publisher.as_ref(),
                     subscribers,
                     size,
                     pace,

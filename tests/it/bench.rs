@@ -27,6 +27,7 @@ async fn every_bench_mode_runs_against_a_gateway() {
 
     let fan = bench::fanout(
         &target,
+        None,
         5,
         100,
         Pace::Window(4),

@@ -72,6 +72,9 @@ async fn replicas(redis: &RedisServer) -> (Gateway, Gateway) {
     let a = start(|c, _| {
         c.cluster.redis_url = Some(url.clone());
         c.cluster.reconnect_max_ms = 200;
+        // The bench test publishes as fast as deliveries complete.
+        c.limits.publish_rate_per_s = 1_000_000;
+        c.limits.publish_burst = 1_000_000;
     })
     .await;
     let secret = a.config.auth.hmac_secret_file.clone();
@@ -201,4 +204,40 @@ async fn redis_outage_is_reported_and_recovered_without_a_restart() {
     let after = messages(&mut sub, 1).await;
     assert_eq!(after[0]["data"], "after");
     late.subscribe("chat:z").await;
+}
+
+#[tokio::test]
+async fn bench_fanout_measures_delivery_across_replicas() {
+    use wsgate::bench::{self, Auth, Pace, Target};
+    let redis = RedisServer::start();
+    let (a, b) = replicas(&redis).await;
+    let secret = a.secret();
+    let ca = |gw: &Gateway| wsgate::certs::CertPaths::in_dir(gw.dir.path()).ca_cert;
+    let subscribers = Target::new(
+        &b.ws_url(),
+        &ca(&b),
+        Auth::Secret(secret.clone()),
+        true,
+        false,
+        1,
+    )
+    .await
+    .unwrap();
+    let publisher = Target::new(&a.ws_url(), &ca(&a), Auth::Secret(secret), true, false, 1)
+        .await
+        .unwrap();
+    let fan = bench::fanout(
+        &subscribers,
+        Some(&publisher),
+        5,
+        100,
+        Pace::Window(4),
+        Duration::from_millis(800),
+        Duration::from_millis(200),
+        "chat:bench",
+    )
+    .await
+    .unwrap();
+    assert_eq!((fan.subscribers, fan.errors), (5, 0), "{fan:?}");
+    assert!(fan.delivered > 0 && fan.published > 0, "{fan:?}");
 }

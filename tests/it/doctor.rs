@@ -28,6 +28,8 @@ struct Knobs {
     key: PathBuf,
     secret: PathBuf,
     policies: PathBuf,
+    trusted_proxies: Vec<String>,
+    redis_url: Option<String>,
 }
 
 struct Setup {
@@ -63,6 +65,8 @@ impl Setup {
             key: paths.server_key,
             secret,
             policies,
+            trusted_proxies: Vec::new(),
+            redis_url: None,
         };
         Self { dir, clean }
     }
@@ -75,14 +79,15 @@ impl Setup {
     fn doctor(&self, k: &Knobs) -> Report {
         let text = format!(
             "[server]\nlisten = {:?}\nallowed_origins = {:?}\nallow_same_origin = {}\n\
-             max_connections = {}\noverflow_connections = 10\n\
+             max_connections = {}\noverflow_connections = 10\ntrusted_proxies = {:?}\n\
              [tls]\ncert_file = {:?}\nkey_file = {:?}\ntls13_only = {}\n\
              [auth]\nhmac_secret_file = {:?}\nissuers = {:?}\naudiences = {:?}\nquery_token = {}\n\
-             [websocket]\nheartbeat_ms = {}\n[policy]\ndir = {:?}\n",
+             [websocket]\nheartbeat_ms = {}\n[policy]\ndir = {:?}\n{}",
             k.listen,
             k.origins,
             k.same_origin,
             k.max_connections,
+            k.trusted_proxies,
             k.cert.display().to_string(),
             k.key.display().to_string(),
             k.tls13_only,
@@ -92,6 +97,9 @@ impl Setup {
             k.query_token,
             k.heartbeat_ms,
             k.policies.display().to_string(),
+            k.redis_url
+                .as_ref()
+                .map_or(String::new(), |u| format!("[cluster]\nredis_url = {u:?}\n")),
         );
         let file = self.path("doctor.toml");
         std::fs::write(&file, text).unwrap();
@@ -275,6 +283,21 @@ fn each_risky_setting_gets_its_own_warning() {
             Box::new(move |k| k.policies = empty_policies.clone()),
             &["warning: policy.dir: "],
         ),
+        (
+            "every address a trusted proxy",
+            Box::new(|k| k.trusted_proxies = vec!["0.0.0.0/0".into()]),
+            &["warning: server.trusted_proxies: "],
+        ),
+        (
+            "remote Redis without a password",
+            Box::new(|k| k.redis_url = Some("redis://10.0.0.5:6379/".into())),
+            &["warning: cluster.redis_url: "],
+        ),
+        (
+            "remote Redis with a password",
+            Box::new(|k| k.redis_url = Some("redis://:s3cret@10.0.0.5:6379/".into())),
+            &[],
+        ),
         // Notes, not warnings: these are sound choices, only worth knowing.
         ("TLS 1.2 allowed", Box::new(|k| k.tls13_only = false), &[]),
         (
@@ -288,6 +311,10 @@ fn each_risky_setting_gets_its_own_warning() {
         tweak(&mut knobs);
         let report = setup.doctor(&knobs);
         assert!(report.ok, "{name}: warnings alone exit 0\n{}", report.all);
+        assert!(
+            !report.all.contains("s3cret"),
+            "{name}: a password was printed"
+        );
         let warnings = report.lines("warning");
         assert_eq!(
             warnings.len(),
