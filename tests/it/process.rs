@@ -388,6 +388,10 @@ async fn sigterm_drains_hundreds_of_clients_with_1001_spread_over_the_window() {
         let i = (t.saturating_sub(grace).as_millis() / tenth.as_millis()) as usize;
         buckets[i.min(11)] += 1;
     }
+    eprintln!(
+        "drain: {CLIENTS} × 1001, first {first:?}, last {last:?}, per tenth of the window {buckets:?}, readyz 503 after {:?}",
+        readyz.1
+    );
     assert!(
         buckets.iter().all(|&n| n <= CLIENTS / 4),
         "bursty closes: {buckets:?}"
