@@ -1,11 +1,12 @@
 //! wsgate behind a real HAProxy, configured from the shipped TLS
 //! passthrough file (`deploy/haproxy/wsgate-passthrough.cfg`) with only
-//! addresses, paths and timings changed: heartbeats keep an idle tunnel
-//! open past HAProxy's `timeout tunnel`, and a draining gateway leaves
-//! rotation through its `/readyz` health check. HAProxy is required:
+//! addresses, paths and timings changed, so it sends PROXY protocol v2 to
+//! gateways that require it: heartbeats keep an idle tunnel open past
+//! HAProxy's `timeout tunnel`, and a draining gateway leaves rotation
+//! through its `/readyz` health check. HAProxy is required:
 //! `scripts/test-deps.sh` installs it.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -15,14 +16,17 @@ use futures_util::{SinkExt, StreamExt};
 use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpStream, UnixStream};
+use tokio::net::UnixStream;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::{HeaderValue, header};
 
-use crate::harness::{Gateway, WAIT, Ws, free_port, repo_root, require_tool, start, substitute};
+use crate::harness::{
+    Gateway, LOCAL, WAIT, Ws, free_port, repo_root, require_tool, start, substitute,
+};
+use crate::metrics::admin_get;
 
 /// HAProxy's tunnel timeout in these tests; the gateway pings 3x as often.
 const TUNNEL: Duration = Duration::from_secs(1);
@@ -31,6 +35,42 @@ const HEARTBEAT_MS: u64 = 300;
 fn shipped(name: &str) -> String {
     let path = repo_root().join("deploy/haproxy").join(name);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// What the shipped passthrough file asks of the gateways behind it: a
+/// PROXY header on every connection, believed from HAProxy (which connects
+/// from 127.0.0.1 here). Metrics are read on the admin listener, since the
+/// main one now closes connections that do not come through HAProxy.
+fn behind_haproxy(c: &mut wsgate::Config) {
+    c.server.proxy_protocol = true;
+    c.server.trusted_proxies = vec!["127.0.0.1/32".into()];
+    c.server.admin_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+}
+
+/// The shipped `server` lines, replaced by one per address in `servers`
+/// (named `gw0`, `gw1`, …) with the shipped options (`send-proxy-v2`, …).
+fn server_lines(text: &str, servers: &[SocketAddr]) -> (String, String) {
+    let shipped: Vec<&str> = text
+        .lines()
+        .filter(|l| l.trim_start().starts_with("server "))
+        .collect();
+    assert!(!shipped.is_empty(), "no server lines in:\n{text}");
+    let options = |line: &str| {
+        line.split_whitespace()
+            .skip(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let first = options(shipped[0]);
+    for line in &shipped {
+        assert_eq!(options(line), first, "server lines differ: {shipped:?}");
+    }
+    let generated: Vec<String> = servers
+        .iter()
+        .enumerate()
+        .map(|(i, addr)| format!("    server gw{i} {addr} {first}"))
+        .collect();
+    (shipped.join("\n"), generated.join("\n"))
 }
 
 /// A running `haproxy -db`, killed on drop.
@@ -51,14 +91,11 @@ impl Haproxy {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let socket = dir.path().join("admin.sock");
-        let server_lines: Vec<String> = servers
-            .iter()
-            .enumerate()
-            .map(|(i, addr)| format!("    server gw{i} {addr}"))
-            .collect();
+        let text = shipped("wsgate-passthrough.cfg");
+        let (shipped_servers, test_servers) = server_lines(&text, servers);
         let ca = ca.display().to_string();
         let text = substitute(
-            &shipped("wsgate-passthrough.cfg"),
+            &text,
             &[
                 ("bind :443", &format!("bind 127.0.0.1:{port}")),
                 (
@@ -72,10 +109,7 @@ impl Haproxy {
                 // The harness certificates name localhost.
                 ("wsgate.internal", "localhost"),
                 ("inter 2s", "inter 200ms"),
-                (
-                    "    server wsgate-1 10.0.0.11:8443\n    server wsgate-2 10.0.0.12:8443",
-                    &server_lines.join("\n"),
-                ),
+                (&shipped_servers, &test_servers),
                 (
                     "stats socket /run/haproxy/admin.sock mode 660",
                     &format!("stats socket {} mode 600", socket.display()),
@@ -153,25 +187,45 @@ impl Haproxy {
     /// A WebSocket through HAProxy to whichever gateway it picks; the
     /// client trusts `client`'s roots and sends `token` as a bearer header.
     async fn connect(&self, client: &Arc<ClientConfig>, token: &str) -> Ws {
-        let tcp = TcpStream::connect(self.addr)
-            .await
-            .expect("connect haproxy");
-        let tls = TlsConnector::from(Arc::clone(client))
-            .connect(ServerName::try_from("localhost").unwrap(), tcp)
-            .await
-            .expect("tls through haproxy");
+        match self.upgrade_from(LOCAL, client, token).await {
+            (101, Some(ws)) => ws,
+            (status, _) => panic!("upgrade through haproxy answered {status}"),
+        }
+    }
+
+    /// An upgrade through HAProxy from the loopback address `source`: the
+    /// status, and the WebSocket when it is `101`.
+    async fn upgrade_from(
+        &self,
+        source: IpAddr,
+        client: &Arc<ClientConfig>,
+        token: &str,
+    ) -> (u16, Option<Ws>) {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::new(source, 0)).unwrap();
+        let tcp = socket.connect(self.addr).await.expect("connect haproxy");
+        let tls = tokio::time::timeout(
+            WAIT,
+            TlsConnector::from(Arc::clone(client))
+                .connect(ServerName::try_from("localhost").unwrap(), tcp),
+        )
+        .await
+        .expect("tls through haproxy timed out")
+        .expect("tls through haproxy");
         let url = format!("wss://localhost:{}/ws", self.addr.port());
         let mut req = url.into_client_request().unwrap();
         req.headers_mut().insert(
             header::AUTHORIZATION,
             HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
         );
-        let (ws, res) = tokio::time::timeout(WAIT, tokio_tungstenite::client_async(req, tls))
+        let upgrade = tokio::time::timeout(WAIT, tokio_tungstenite::client_async(req, tls))
             .await
-            .expect("upgrade through haproxy timed out")
-            .expect("upgrade through haproxy");
-        assert_eq!(res.status(), 101);
-        ws
+            .expect("upgrade through haproxy timed out");
+        match upgrade {
+            Ok((ws, res)) => (res.status().as_u16(), Some(ws)),
+            Err(tokio_tungstenite::tungstenite::Error::Http(res)) => (res.status().as_u16(), None),
+            Err(e) => panic!("upgrade through haproxy: {e}"),
+        }
     }
 }
 
@@ -228,10 +282,16 @@ async fn next_text(ws: &mut Ws) -> serde_json::Value {
     }
 }
 
-/// `wsgate_sessions_open` as the gateway itself reports it (not via HAProxy).
+/// The gateway's own `/metrics`, from its admin listener (not via HAProxy).
+async fn metrics(gw: &Gateway) -> String {
+    let admin = gw.admin.expect("an admin listener (behind_haproxy)");
+    let (status, body) = admin_get(admin, "/metrics").await;
+    assert!(status.contains(" 200 "), "{status}");
+    body
+}
+
 async fn sessions_open(gw: &Gateway) -> u64 {
-    let res = gw.get("/metrics").await;
-    metric(&res.body, "wsgate_sessions_open")
+    metric(&metrics(gw).await, "wsgate_sessions_open")
 }
 
 fn metric(text: &str, series: &str) -> u64 {
@@ -242,7 +302,11 @@ fn metric(text: &str, series: &str) -> u64 {
 
 #[tokio::test]
 async fn heartbeats_keep_an_idle_session_open_through_haproxy() {
-    let gw = start(|c, _| c.websocket.heartbeat_ms = HEARTBEAT_MS).await;
+    let gw = start(|c, _| {
+        behind_haproxy(c);
+        c.websocket.heartbeat_ms = HEARTBEAT_MS;
+    })
+    .await;
     let proxy = Haproxy::start(&gw.path("ca.pem"), &[gw.addr]).await;
     let mut ws = proxy
         .connect(&gw.client, &gw.token("idle", &["member"]))
@@ -290,7 +354,11 @@ async fn heartbeats_keep_an_idle_session_open_through_haproxy() {
 
 #[tokio::test]
 async fn a_draining_gateway_leaves_rotation_and_new_clients_land_on_the_other() {
-    let gw0 = start(|c, _| c.server.drain_grace_ms = 30_000).await;
+    let gw0 = start(|c, _| {
+        behind_haproxy(c);
+        c.server.drain_grace_ms = 30_000;
+    })
+    .await;
     // The same certificate and secret, so one client config and one token
     // work on either gateway.
     let (cert, key, secret) = (
@@ -299,6 +367,7 @@ async fn a_draining_gateway_leaves_rotation_and_new_clients_land_on_the_other() 
         gw0.config.auth.hmac_secret_file.clone(),
     );
     let mut gw1 = start(move |c, _| {
+        behind_haproxy(c);
         c.tls.cert_file = cert;
         c.tls.key_file = key;
         c.auth.hmac_secret_file = secret;
@@ -342,9 +411,11 @@ async fn a_draining_gateway_leaves_rotation_and_new_clients_land_on_the_other() 
         on0,
         "a new session landed on gw0"
     );
-    let metrics = gw0.get("/metrics").await.body;
     assert_eq!(
-        metric(&metrics, "wsgate_upgrades_total{result=\"draining\"}"),
+        metric(
+            &metrics(&gw0).await,
+            "wsgate_upgrades_total{result=\"draining\"}"
+        ),
         0,
         "HAProxy sent an upgrade to the draining gateway"
     );
