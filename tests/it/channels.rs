@@ -133,8 +133,13 @@ impl Client {
     }
 
     pub(crate) async fn join_with(gw: &Gateway, token: &str, user: &str) -> Self {
-        let (mut ws, res) = gw.connect(token).await.expect("upgrade");
+        let (ws, res) = gw.connect(token).await.expect("upgrade");
         assert_eq!(res.status(), 101);
+        Self::from_ws(ws, user).await
+    }
+
+    /// A client on an upgraded `ws` (however it got there) signed in as `user`.
+    pub(crate) async fn from_ws(mut ws: Ws, user: &str) -> Self {
         let welcome = read_json(&mut ws).await;
         assert_eq!(welcome["op"], "welcome", "{welcome}");
         assert_eq!(welcome["user"], user, "{welcome}");

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value as Json, json};
 
 use crate::channels::{Client, try_read_json};
-use crate::harness::{Gateway, WAIT, start};
+use crate::harness::{Gateway, WAIT, require_tool, start};
 
 /// A private `redis-server` on 127.0.0.1, without persistence.
 pub(crate) struct RedisServer {
@@ -33,13 +33,13 @@ impl RedisServer {
 
     /// Starts (again) on the same port.
     pub fn restart(&mut self) {
-        let child = Command::new("redis-server")
+        let child = Command::new(require_tool("redis-server"))
             .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("redis-server is not installed: run scripts/test-deps.sh");
+            .expect("start redis-server");
         self.child = Some(child);
         let deadline = Instant::now() + WAIT;
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {

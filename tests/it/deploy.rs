@@ -141,6 +141,87 @@ fn shipped_config_passes_check_config_with_the_files_it_names() {
     );
 }
 
+/// `deploy/wsgate.toml` with one of its commented balancer blocks turned on.
+fn behind(variant: &str) -> String {
+    let text = read(&deploy("wsgate.toml"));
+    let pairs: &[(&str, &str)] = match variant {
+        "passthrough" => &[
+            (
+                "#proxy_protocol = true\n#trusted_proxies",
+                "proxy_protocol = true\ntrusted_proxies",
+            ),
+            ("#admin_listen", "admin_listen"),
+        ],
+        "reencrypt" => &[(
+            "#forwarded_header = \"x-forwarded-for\"\n#trusted_proxies",
+            "forwarded_header = \"x-forwarded-for\"\ntrusted_proxies",
+        )],
+        other => panic!("no variant {other}"),
+    };
+    substitute(&text, pairs)
+}
+
+#[test]
+fn shipped_config_has_the_settings_the_shipped_balancers_need() {
+    let provided = Provided::new();
+    let dir = tempfile::tempdir().unwrap();
+    for variant in ["passthrough", "reencrypt"] {
+        let path = dir.path().join(format!("{variant}.toml"));
+        std::fs::write(&path, behind(variant)).unwrap();
+        let file = path.display().to_string();
+        let out = wsgate(&["check-config", "--config", &file], &provided.env());
+        assert!(out.status.success(), "{variant}: {}", show(&out));
+        let config = Config::load(Some(&path), Vec::new()).unwrap();
+        let s = &config.server;
+        assert!(!s.trusted_proxies.is_empty(), "{variant}");
+        let forwarding = s.forwarded_header == wsgate::proxy::ForwardedHeader::XForwardedFor;
+        assert_eq!(
+            (s.proxy_protocol, forwarding),
+            (variant == "passthrough", variant == "reencrypt"),
+            "{variant}"
+        );
+    }
+
+    // Passthrough: every connection to a gateway, health checks included,
+    // starts with a PROXY header.
+    let haproxy = read(&deploy("haproxy/wsgate-passthrough.cfg"));
+    let servers = values(&haproxy, "server");
+    assert!(servers.len() >= 2, "{servers:?}");
+    for line in &servers {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        assert!(words.contains(&"send-proxy-v2"), "{line}");
+        assert!(words.contains(&"check-send-proxy"), "{line}");
+    }
+    let stream = read(&deploy("nginx/wsgate-passthrough.conf"));
+    assert_eq!(values(&stream, "proxy_protocol"), ["on;"]);
+
+    // Re-encryption: the proxy writes X-Forwarded-For itself, replacing
+    // whatever the client sent, so its right-most entry is the client.
+    let haproxy = read(&deploy("haproxy/wsgate-reencrypt.cfg"));
+    let line = |directive: &str| {
+        haproxy
+            .lines()
+            .position(|l| l.trim_start().starts_with(directive))
+            .unwrap_or_else(|| panic!("no {directive:?} in wsgate-reencrypt.cfg"))
+    };
+    assert!(
+        line("http-request del-header X-Forwarded-For") < line("option forwardfor"),
+        "HAProxy must drop the client's X-Forwarded-For before adding its own"
+    );
+    assert!(
+        !values(&haproxy, "option forwardfor")
+            .iter()
+            .any(|v| v.contains("if-none"))
+    );
+    let http = read(&deploy("nginx/wsgate-reencrypt.conf"));
+    let set = values(&http, "proxy_set_header");
+    let xff: Vec<&&str> = set
+        .iter()
+        .filter(|v| v.starts_with("X-Forwarded-For "))
+        .collect();
+    assert_eq!(xff, [&"X-Forwarded-For $remote_addr;"], "{set:?}");
+}
+
 #[test]
 fn supervisors_wait_longer_than_the_drain_and_proxies_outlast_heartbeats() {
     let config = shipped_config();

@@ -1,11 +1,13 @@
 //! wsgate behind a real HAProxy, configured from the shipped TLS
 //! passthrough file (`deploy/haproxy/wsgate-passthrough.cfg`) with only
-//! addresses, paths and timings changed: heartbeats keep an idle tunnel
-//! open past HAProxy's `timeout tunnel`, and a draining gateway leaves
-//! rotation through its `/readyz` health check. HAProxy is required:
-//! `scripts/test-deps.sh` installs it.
+//! addresses, paths and timings changed, so it sends PROXY protocol v2 to
+//! gateways that require it: heartbeats keep an idle tunnel open past
+//! HAProxy's `timeout tunnel`, a draining gateway leaves rotation through
+//! its `/readyz` health check, and two replicas on one Redis see each
+//! client's own address and share publications. HAProxy and redis-server
+//! are required: `scripts/test-deps.sh` installs them.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -15,14 +17,19 @@ use futures_util::{SinkExt, StreamExt};
 use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpStream, UnixStream};
+use tokio::net::UnixStream;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::{HeaderValue, header};
 
-use crate::harness::{Gateway, WAIT, Ws, free_port, repo_root, require_tool, start, substitute};
+use crate::channels::Client;
+use crate::cluster::RedisServer;
+use crate::harness::{
+    Gateway, LOCAL, WAIT, Ws, captured_logs, free_port, repo_root, require_tool, start, substitute,
+};
+use crate::metrics::admin_get;
 
 /// HAProxy's tunnel timeout in these tests; the gateway pings 3x as often.
 const TUNNEL: Duration = Duration::from_secs(1);
@@ -31,6 +38,42 @@ const HEARTBEAT_MS: u64 = 300;
 fn shipped(name: &str) -> String {
     let path = repo_root().join("deploy/haproxy").join(name);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// What the shipped passthrough file asks of the gateways behind it: a
+/// PROXY header on every connection, believed from HAProxy (which connects
+/// from 127.0.0.1 here). Metrics are read on the admin listener, since the
+/// main one now closes connections that do not come through HAProxy.
+fn behind_haproxy(c: &mut wsgate::Config) {
+    c.server.proxy_protocol = true;
+    c.server.trusted_proxies = vec!["127.0.0.1/32".into()];
+    c.server.admin_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+}
+
+/// The shipped `server` lines, replaced by one per address in `servers`
+/// (named `gw0`, `gw1`, …) with the shipped options (`send-proxy-v2`, …).
+fn server_lines(text: &str, servers: &[SocketAddr]) -> (String, String) {
+    let shipped: Vec<&str> = text
+        .lines()
+        .filter(|l| l.trim_start().starts_with("server "))
+        .collect();
+    assert!(!shipped.is_empty(), "no server lines in:\n{text}");
+    let options = |line: &str| {
+        line.split_whitespace()
+            .skip(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let first = options(shipped[0]);
+    for line in &shipped {
+        assert_eq!(options(line), first, "server lines differ: {shipped:?}");
+    }
+    let generated: Vec<String> = servers
+        .iter()
+        .enumerate()
+        .map(|(i, addr)| format!("    server gw{i} {addr} {first}"))
+        .collect();
+    (shipped.join("\n"), generated.join("\n"))
 }
 
 /// A running `haproxy -db`, killed on drop.
@@ -51,14 +94,11 @@ impl Haproxy {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let socket = dir.path().join("admin.sock");
-        let server_lines: Vec<String> = servers
-            .iter()
-            .enumerate()
-            .map(|(i, addr)| format!("    server gw{i} {addr}"))
-            .collect();
+        let text = shipped("wsgate-passthrough.cfg");
+        let (shipped_servers, test_servers) = server_lines(&text, servers);
         let ca = ca.display().to_string();
         let text = substitute(
-            &shipped("wsgate-passthrough.cfg"),
+            &text,
             &[
                 ("bind :443", &format!("bind 127.0.0.1:{port}")),
                 (
@@ -72,10 +112,7 @@ impl Haproxy {
                 // The harness certificates name localhost.
                 ("wsgate.internal", "localhost"),
                 ("inter 2s", "inter 200ms"),
-                (
-                    "    server wsgate-1 10.0.0.11:8443\n    server wsgate-2 10.0.0.12:8443",
-                    &server_lines.join("\n"),
-                ),
+                (&shipped_servers, &test_servers),
                 (
                     "stats socket /run/haproxy/admin.sock mode 660",
                     &format!("stats socket {} mode 600", socket.display()),
@@ -153,25 +190,45 @@ impl Haproxy {
     /// A WebSocket through HAProxy to whichever gateway it picks; the
     /// client trusts `client`'s roots and sends `token` as a bearer header.
     async fn connect(&self, client: &Arc<ClientConfig>, token: &str) -> Ws {
-        let tcp = TcpStream::connect(self.addr)
-            .await
-            .expect("connect haproxy");
-        let tls = TlsConnector::from(Arc::clone(client))
-            .connect(ServerName::try_from("localhost").unwrap(), tcp)
-            .await
-            .expect("tls through haproxy");
+        match self.upgrade_from(LOCAL, client, token).await {
+            (101, Some(ws)) => ws,
+            (status, _) => panic!("upgrade through haproxy answered {status}"),
+        }
+    }
+
+    /// An upgrade through HAProxy from the loopback address `source`: the
+    /// status, and the WebSocket when it is `101`.
+    async fn upgrade_from(
+        &self,
+        source: IpAddr,
+        client: &Arc<ClientConfig>,
+        token: &str,
+    ) -> (u16, Option<Ws>) {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::new(source, 0)).unwrap();
+        let tcp = socket.connect(self.addr).await.expect("connect haproxy");
+        let tls = tokio::time::timeout(
+            WAIT,
+            TlsConnector::from(Arc::clone(client))
+                .connect(ServerName::try_from("localhost").unwrap(), tcp),
+        )
+        .await
+        .expect("tls through haproxy timed out")
+        .expect("tls through haproxy");
         let url = format!("wss://localhost:{}/ws", self.addr.port());
         let mut req = url.into_client_request().unwrap();
         req.headers_mut().insert(
             header::AUTHORIZATION,
             HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
         );
-        let (ws, res) = tokio::time::timeout(WAIT, tokio_tungstenite::client_async(req, tls))
+        let upgrade = tokio::time::timeout(WAIT, tokio_tungstenite::client_async(req, tls))
             .await
-            .expect("upgrade through haproxy timed out")
-            .expect("upgrade through haproxy");
-        assert_eq!(res.status(), 101);
-        ws
+            .expect("upgrade through haproxy timed out");
+        match upgrade {
+            Ok((ws, res)) => (res.status().as_u16(), Some(ws)),
+            Err(tokio_tungstenite::tungstenite::Error::Http(res)) => (res.status().as_u16(), None),
+            Err(e) => panic!("upgrade through haproxy: {e}"),
+        }
     }
 }
 
@@ -228,10 +285,16 @@ async fn next_text(ws: &mut Ws) -> serde_json::Value {
     }
 }
 
-/// `wsgate_sessions_open` as the gateway itself reports it (not via HAProxy).
+/// The gateway's own `/metrics`, from its admin listener (not via HAProxy).
+async fn metrics(gw: &Gateway) -> String {
+    let admin = gw.admin.expect("an admin listener (behind_haproxy)");
+    let (status, body) = admin_get(admin, "/metrics").await;
+    assert!(status.contains(" 200 "), "{status}");
+    body
+}
+
 async fn sessions_open(gw: &Gateway) -> u64 {
-    let res = gw.get("/metrics").await;
-    metric(&res.body, "wsgate_sessions_open")
+    metric(&metrics(gw).await, "wsgate_sessions_open")
 }
 
 fn metric(text: &str, series: &str) -> u64 {
@@ -242,7 +305,11 @@ fn metric(text: &str, series: &str) -> u64 {
 
 #[tokio::test]
 async fn heartbeats_keep_an_idle_session_open_through_haproxy() {
-    let gw = start(|c, _| c.websocket.heartbeat_ms = HEARTBEAT_MS).await;
+    let gw = start(|c, _| {
+        behind_haproxy(c);
+        c.websocket.heartbeat_ms = HEARTBEAT_MS;
+    })
+    .await;
     let proxy = Haproxy::start(&gw.path("ca.pem"), &[gw.addr]).await;
     let mut ws = proxy
         .connect(&gw.client, &gw.token("idle", &["member"]))
@@ -290,7 +357,11 @@ async fn heartbeats_keep_an_idle_session_open_through_haproxy() {
 
 #[tokio::test]
 async fn a_draining_gateway_leaves_rotation_and_new_clients_land_on_the_other() {
-    let gw0 = start(|c, _| c.server.drain_grace_ms = 30_000).await;
+    let gw0 = start(|c, _| {
+        behind_haproxy(c);
+        c.server.drain_grace_ms = 30_000;
+    })
+    .await;
     // The same certificate and secret, so one client config and one token
     // work on either gateway.
     let (cert, key, secret) = (
@@ -299,6 +370,7 @@ async fn a_draining_gateway_leaves_rotation_and_new_clients_land_on_the_other() 
         gw0.config.auth.hmac_secret_file.clone(),
     );
     let mut gw1 = start(move |c, _| {
+        behind_haproxy(c);
         c.tls.cert_file = cert;
         c.tls.key_file = key;
         c.auth.hmac_secret_file = secret;
@@ -342,12 +414,168 @@ async fn a_draining_gateway_leaves_rotation_and_new_clients_land_on_the_other() 
         on0,
         "a new session landed on gw0"
     );
-    let metrics = gw0.get("/metrics").await.body;
     assert_eq!(
-        metric(&metrics, "wsgate_upgrades_total{result=\"draining\"}"),
+        metric(
+            &metrics(&gw0).await,
+            "wsgate_upgrades_total{result=\"draining\"}"
+        ),
         0,
         "HAProxy sent an upgrade to the draining gateway"
     );
+}
+
+/// Two replicas on one Redis, as `deploy/README.md` sets them up, with at
+/// most one connection per client address, started behind HAProxy.
+async fn replicas_behind_haproxy(redis: &RedisServer) -> (Gateway, Gateway, Haproxy) {
+    let url = redis.url();
+    let replica = move |c: &mut wsgate::Config| {
+        behind_haproxy(c);
+        c.cluster.redis_url = Some(url.clone());
+        c.cluster.reconnect_max_ms = 200;
+        c.admission.max_connections_per_address = 1;
+    };
+    let a = start({
+        let replica = replica.clone();
+        move |c, _| replica(c)
+    })
+    .await;
+    // The same certificate and secret, so one client config and one token
+    // work on either replica.
+    let (cert, key, secret) = (
+        a.config.tls.cert_file.clone(),
+        a.config.tls.key_file.clone(),
+        a.config.auth.hmac_secret_file.clone(),
+    );
+    let mut b = start(move |c, _| {
+        replica(c);
+        c.tls.cert_file = cert;
+        c.tls.key_file = key;
+        c.auth.hmac_secret_file = secret;
+    })
+    .await;
+    b.client = Arc::clone(&a.client);
+    // Every server checked UP means /readyz answered 200 on both, so both
+    // are connected to Redis.
+    let proxy = Haproxy::start(&a.path("ca.pem"), &[a.addr, b.addr]).await;
+    (a, b, proxy)
+}
+
+/// Clients' own source addresses, none of which any other test uses, so
+/// finding one in the shared log capture means this test put it there.
+fn source(n: u8) -> IpAddr {
+    IpAddr::from([127, 0, 42, n])
+}
+
+#[tokio::test]
+async fn replicas_behind_haproxy_see_each_client_and_share_publications() {
+    let redis = RedisServer::start();
+    let (a, b, proxy) = replicas_behind_haproxy(&redis).await;
+    let client = Arc::clone(&a.client);
+
+    // Four clients from four addresses. With a limit of one connection per
+    // address, a second one would be refused if the gateways counted
+    // HAProxy's 127.0.0.1 instead of the address in the PROXY header.
+    let users = ["ann", "ben", "cat", "dan"];
+    let mut clients = Vec::new();
+    for (n, user) in (2..).zip(users) {
+        let (status, ws) = proxy
+            .upgrade_from(source(n), &client, &a.token(user, &["member"]))
+            .await;
+        assert_eq!(status, 101, "{user} from {}", source(n));
+        clients.push(Client::from_ws(ws.unwrap(), user).await);
+    }
+    let (on_a, on_b) = (sessions_open(&a).await, sessions_open(&b).await);
+    assert_eq!(on_a + on_b, 4);
+    assert!(on_a >= 1 && on_b >= 1, "not balanced: {on_a} and {on_b}");
+
+    // Subscribers and publishers on both replicas: each client publishes in
+    // turn, each publication acknowledged before the next, and every client
+    // gets all of them in that order with one consecutive seq.
+    for c in &mut clients {
+        c.subscribe("chat:lb").await;
+    }
+    let rounds = 3;
+    for round in 0..rounds {
+        for (i, c) in clients.iter_mut().enumerate() {
+            c.publish("chat:lb", serde_json::json!({"round": round, "from": i}))
+                .await;
+        }
+    }
+    let sent = rounds * users.len();
+    for c in &mut clients {
+        let mut first = None;
+        for k in 0..sent {
+            let m = c.next().await;
+            assert_eq!(m["op"], "message", "{m}");
+            let seq = m["seq"].as_u64().expect("seq");
+            let first = *first.get_or_insert(seq);
+            assert_eq!(seq, first + k as u64, "{m}");
+            assert_eq!(m["from"], users[k % users.len()], "{m}");
+            assert_eq!(
+                m["data"],
+                serde_json::json!({"round": k / users.len(), "from": k % users.len()})
+            );
+        }
+    }
+
+    // The per-address limit is per replica, so one address may hold one
+    // connection on each of the two: of three connections from one
+    // address at least one must be refused, whichever replicas HAProxy
+    // picks. (The shipped leastconn puts the first two on different
+    // replicas and refuses the third; the assertions do not rely on it.)
+    let token = a.token("eve", &["member"]);
+    let mut held = Vec::new();
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        let (status, ws) = proxy.upgrade_from(source(9), &client, &token).await;
+        statuses.push(status);
+        held.extend(ws);
+    }
+    assert_eq!(statuses[0], 101, "{statuses:?}");
+    assert!(statuses.contains(&429), "{statuses:?}");
+    assert!(
+        statuses.iter().all(|s| [101, 429].contains(s)),
+        "{statuses:?}"
+    );
+    let open = sessions_open(&a).await + sessions_open(&b).await;
+    assert_eq!(open, 4 + held.len() as u64, "{statuses:?}");
+    // Another address through the same HAProxy is not affected.
+    let (status, _other) = proxy.upgrade_from(source(10), &client, &token).await;
+    assert_eq!(status, 101);
+
+    // The gateways logged the clients' addresses, not HAProxy's.
+    let logs = captured_logs();
+    for n in [2, 3, 4, 5, 9, 10] {
+        assert!(
+            logs.contains(&format!("client={}:", source(n))),
+            "client={} is not in the logs",
+            source(n)
+        );
+    }
+
+    let refused = statuses.iter().filter(|s| **s == 429).count() as u64;
+    let (mut address_limits, mut proxied_ok) = (0, 0);
+    for gw in [&a, &b] {
+        let text = metrics(gw).await;
+        let proxied = |result: &str| {
+            metric(
+                &text,
+                &format!("wsgate_proxy_headers_total{{result=\"{result}\"}}"),
+            )
+        };
+        // Every client connection carried a PROXY header with its address,
+        // and HAProxy's health checks a LOCAL one.
+        assert!(proxied("ok") >= 1, "{text}");
+        proxied_ok += proxied("ok");
+        assert!(proxied("local") >= 1, "{text}");
+        for bad in ["untrusted", "malformed", "timeout"] {
+            assert_eq!(proxied(bad), 0, "{bad}");
+        }
+        address_limits += metric(&text, "wsgate_upgrades_total{result=\"address_limit\"}");
+    }
+    assert_eq!(address_limits, refused);
+    // One header with an address per client connection, none for anything else.
+    assert_eq!(proxied_ok, 4 + 3 + 1);
 }
 
 #[test]

@@ -136,7 +136,7 @@ async fn metrics_count_traffic_without_naming_anyone() {
 }
 
 /// A plain-HTTP GET on the admin listener; returns status line and body.
-async fn admin_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+pub(crate) async fn admin_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     tcp.write_all(
