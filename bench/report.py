@@ -553,7 +553,13 @@ def render_md(runs, mach, rows, quick, svg_name, notes=None):
     add("")
     add(f"![ratios against the targets]({svg_name})")
     add("")
-    cluster = [(w, get(runs, f"cluster-w{w}", "wsgate-redis"), get(runs, f"fanout-w{w}", W)) for w in (100, 1)]
+    # The single-node figure from the same run as the cluster one: a
+    # cluster-only run records it as cluster-base-wN.
+    cluster = [
+        (w, get(runs, f"cluster-w{w}", "wsgate-redis"),
+         get(runs, f"cluster-base-w{w}", W) or get(runs, f"fanout-w{w}", W))
+        for w in (100, 1)
+    ]
     if any(c for _, c, _ in cluster):
         add("## Two replicas through Redis")
         add("")
@@ -563,7 +569,7 @@ def render_md(runs, mach, rows, quick, svg_name, notes=None):
             "publisher on replica A (`wsgate bench fanout --url B --publish-url A`), so every message "
             "goes through the publish script in Redis and back out through B's subscription. Redis and "
             "both replicas share CPU 0, as one server does in the other scenarios; the load generator is "
-            "on CPU 1. Beside it, the single-node figure of the same scenario."
+            "on CPU 1. Beside it, the single-node figure of the same scenario from the same run."
         )
         add("")
         table = []

@@ -90,11 +90,23 @@ impl Haproxy {
     /// `servers` (named `gw0`, `gw1`, …), their certificates checked
     /// against `ca`; returns once every server passed a health check.
     async fn start(ca: &Path, servers: &[SocketAddr]) -> Self {
+        Self::start_balancing(ca, servers, None).await
+    }
+
+    /// As [`Haproxy::start`], with `balance` instead of the shipped algorithm.
+    async fn start_balancing(ca: &Path, servers: &[SocketAddr], balance: Option<&str>) -> Self {
         let haproxy = require_tool("haproxy");
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let socket = dir.path().join("admin.sock");
-        let text = shipped("wsgate-passthrough.cfg");
+        let mut text = shipped("wsgate-passthrough.cfg");
+        if let Some(balance) = balance {
+            assert!(
+                text.contains("balance leastconn"),
+                "the shipped balance changed"
+            );
+            text = text.replace("balance leastconn", &format!("balance {balance}"));
+        }
         let (shipped_servers, test_servers) = server_lines(&text, servers);
         let ca = ca.display().to_string();
         let text = substitute(
@@ -456,7 +468,9 @@ async fn replicas_behind_haproxy(redis: &RedisServer) -> (Gateway, Gateway, Hapr
     b.client = Arc::clone(&a.client);
     // Every server checked UP means /readyz answered 200 on both, so both
     // are connected to Redis.
-    let proxy = Haproxy::start(&a.path("ca.pem"), &[a.addr, b.addr]).await;
+    // Round-robin, so consecutive clients alternate between the replicas.
+    let proxy =
+        Haproxy::start_balancing(&a.path("ca.pem"), &[a.addr, b.addr], Some("roundrobin")).await;
     (a, b, proxy)
 }
 
@@ -521,8 +535,8 @@ async fn replicas_behind_haproxy_see_each_client_and_share_publications() {
     // The per-address limit is per replica, so one address may hold one
     // connection on each of the two: of three connections from one
     // address at least one must be refused, whichever replicas HAProxy
-    // picks. (The shipped leastconn puts the first two on different
-    // replicas and refuses the third; the assertions do not rely on it.)
+    // picks. (Round-robin puts the first two on different replicas and
+    // refuses the third; the assertions do not rely on it.)
     let token = a.token("eve", &["member"]);
     let mut held = Vec::new();
     let mut statuses = Vec::new();
