@@ -241,3 +241,53 @@ async fn bench_fanout_measures_delivery_across_replicas() {
     assert_eq!((fan.subscribers, fan.errors), (5, 0), "{fan:?}");
     assert!(fan.delivered > 0 && fan.published > 0, "{fan:?}");
 }
+
+/// How many Redis subscribers `topic` has (all replicas together).
+fn redis_subscribers(redis: &RedisServer, topic: &str) -> u64 {
+    let out = Command::new("redis-cli")
+        .args([
+            "-p",
+            &redis.port.to_string(),
+            "--raw",
+            "PUBSUB",
+            "NUMSUB",
+            topic,
+        ])
+        .output()
+        .expect("redis-cli is not installed: run scripts/test-deps.sh");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .nth(1)
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_replica_subscribes_in_redis_only_while_it_has_local_subscribers() {
+    let redis = RedisServer::start();
+    let (a, b) = replicas(&redis).await;
+    let topic = "wsgate:msg:chat:refs";
+    assert_eq!(redis_subscribers(&redis, topic), 0);
+    let mut one = Client::join(&b, "bob", &["member"]).await;
+    let mut two = Client::join(&b, "bea", &["member"]).await;
+    one.subscribe("chat:refs").await;
+    two.subscribe("chat:refs").await;
+    // Two local subscribers, one Redis subscription; none on replica A.
+    assert_eq!(redis_subscribers(&redis, topic), 1);
+    let mut third = Client::join(&a, "amy", &["member"]).await;
+    third.subscribe("chat:refs").await;
+    assert_eq!(redis_subscribers(&redis, topic), 2);
+    one.ok(json!({"op": "unsubscribe", "channel": "chat:refs"}))
+        .await;
+    assert_eq!(
+        redis_subscribers(&redis, topic),
+        2,
+        "bea still listens on B"
+    );
+    drop(two); // the last subscriber on B disconnects
+    let deadline = Instant::now() + WAIT;
+    while redis_subscribers(&redis, topic) != 1 {
+        assert!(Instant::now() < deadline, "B never unsubscribed in Redis");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
