@@ -235,6 +235,10 @@ struct TokenArgs {
     /// Private key PEM for asymmetric algorithms (overrides auth.private_key_file).
     #[arg(long)]
     key: Option<PathBuf>,
+    /// The `kid` header, naming the key of a JWK set (`auth.jwks_file` or
+    /// `auth.jwks_url`) that verifies the token.
+    #[arg(long)]
+    kid: Option<String>,
 }
 
 fn parse_claim(text: &str) -> Result<(String, Value), String> {
@@ -577,6 +581,7 @@ fn token(args: TokenArgs) -> Result<(), BoxError> {
         roles: args.roles,
         ttl: args.ttl,
         claims: args.claims.into_iter().collect::<Map<_, _>>(),
+        kid: args.kid,
     };
     println!("{}", mint::mint(&config, &request, args.key.as_deref())?);
     Ok(())
@@ -677,6 +682,7 @@ fn print_dev_banner(config: &Config, addr: std::net::SocketAddr) -> Result<(), B
         roles: vec!["member".into()],
         ttl: Duration::from_secs(24 * 3600),
         claims: Map::new(),
+        kid: None,
     };
     let token = mint::mint(config, &request, None)?;
     let host = if addr.ip().is_loopback() || addr.ip().is_unspecified() {

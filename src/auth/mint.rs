@@ -18,6 +18,8 @@ pub struct TokenRequest {
     pub ttl: Duration,
     /// Extra claims; they may not replace `sub`, `exp`, `iat` or the roles.
     pub claims: Map<String, Value>,
+    /// The `kid` header: which key of a JWK set verifies the token.
+    pub kid: Option<String>,
 }
 
 /// Signs a token with the configured key and first configured algorithm.
@@ -74,7 +76,9 @@ pub fn mint(
         config.auth.roles_claim.clone(),
         request.roles.iter().cloned().map(Value::from).collect(),
     );
-    jsonwebtoken::encode(&Header::new(alg), &claims, &key)
+    let mut header = Header::new(alg);
+    header.kid = request.kid.clone();
+    jsonwebtoken::encode(&header, &claims, &key)
         .map_err(|e| ConfigError::Invalid(format!("cannot sign token: {e}")))
 }
 

@@ -87,6 +87,7 @@ pub(super) fn dev_token(config: &Config, query: Option<&str>) -> Response<Body> 
         roles,
         ttl: std::time::Duration::from_secs(3600),
         claims: serde_json::Map::new(),
+        kid: None,
     };
     match mint::mint(config, &request, None) {
         Ok(token) => json(

@@ -154,6 +154,7 @@ impl Endpoint {
             roles: roles.iter().map(|r| (*r).to_owned()).collect(),
             ttl: Duration::from_secs(3600),
             claims: serde_json::Map::new(),
+            kid: None,
         };
         mint::mint(&self.config, &request, None).expect("mint")
     }

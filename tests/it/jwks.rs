@@ -402,3 +402,43 @@ fn write_other_ca(dir: &Path) -> PathBuf {
     certs::generate(&CertPaths::in_dir(&other), &[], certs::Replace::Nothing).unwrap();
     other.join("ca.pem")
 }
+
+#[tokio::test]
+async fn wsgate_token_names_its_key_with_kid() {
+    let (a, b) = (signer("key-a"), signer("key-b"));
+    let set = jwks(&[&a, &b]);
+    let gw = start(|c, dir| {
+        let file = dir.join("jwks.json");
+        std::fs::write(&file, &set).unwrap();
+        c.auth.algorithms = vec!["ES256".into()];
+        c.auth.jwks_file = Some(file);
+    })
+    .await;
+    let config = gw.path("wsgate.toml");
+    std::fs::write(&config, toml::to_string(&gw.config).unwrap()).unwrap();
+    let key = gw.path("key-b.pem");
+    std::fs::write(&key, &b.pem).unwrap();
+    let mint = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_wsgate"))
+            .args(["token", "--config", config.to_str().unwrap()])
+            .args(["--key", key.to_str().unwrap(), "--sub", "carol"])
+            .args(extra)
+            .output()
+            .expect("run wsgate token");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    assert_accepted(&gw, &mint(&["--kid", "key-b"]), "minted for key-b").await;
+    // Two keys in the set: a token must say which one.
+    assert_invalid_token(&gw, &mint(&[]), "no kid with two keys").await;
+    assert_invalid_token(
+        &gw,
+        &mint(&["--kid", "key-a"]),
+        "key-b's signature as key-a",
+    )
+    .await;
+}
