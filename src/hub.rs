@@ -125,7 +125,7 @@ impl Hub {
             seq: entry.seq,
             ..Published::default()
         };
-        push(&mut entry.subscribers, &[&frame], &mut out);
+        push(&mut entry.subscribers, None, &frame, &mut out);
         if entry.subscribers.is_empty() {
             shard.remove(channel);
         }
@@ -152,8 +152,7 @@ impl Hub {
             seq,
             ..Published::default()
         };
-        let frames: Vec<&Utf8Bytes> = notice.iter().chain(std::iter::once(&frame)).collect();
-        push(&mut entry.subscribers, &frames, &mut out);
+        push(&mut entry.subscribers, notice.as_ref(), &frame, &mut out);
         if entry.subscribers.is_empty() {
             shard.remove(channel);
         }
@@ -173,7 +172,7 @@ impl Hub {
             };
             entry.seq = 0;
             let mut out = Published::default();
-            push(&mut entry.subscribers, &[&notice], &mut out);
+            push(&mut entry.subscribers, None, &notice, &mut out);
             told += out.delivered;
         }
         told
@@ -192,15 +191,23 @@ impl Hub {
     }
 }
 
-/// Queues `frames` to every subscriber, counting them in `out`. A full
-/// outbox cuts that subscriber off (its `slow` token fires); a closed one
-/// belongs to a session that is gone and unsubscribes itself.
-fn push(subscribers: &mut Vec<Subscriber>, frames: &[&Utf8Bytes], out: &mut Published) {
+/// Queues `frame`, after `notice` when there is one, to every subscriber,
+/// counting them in `out`. A full outbox cuts that subscriber off (its
+/// `slow` token fires); a closed one belongs to a session that is gone and
+/// unsubscribes itself.
+fn push(
+    subscribers: &mut Vec<Subscriber>,
+    notice: Option<&Utf8Bytes>,
+    frame: &Utf8Bytes,
+    out: &mut Published,
+) {
     subscribers.retain(|s| {
-        match frames
-            .iter()
-            .try_for_each(|f| s.outbox.try_send((*f).clone()))
-        {
+        let sent = match notice {
+            Some(n) => s.outbox.try_send(n.clone()),
+            None => Ok(()),
+        }
+        .and_then(|()| s.outbox.try_send(frame.clone()));
+        match sent {
             Ok(()) => {
                 out.delivered += 1;
                 true

@@ -273,24 +273,8 @@ impl Server {
                     },
                 },
             };
-            let accepted = tokio::select! {
-                () = closing.cancelled() => break,
-                accepted = listener.accept() => accepted,
-            };
-            let (tcp, peer) = match accepted {
-                Ok(conn) => {
-                    backoff.reset();
-                    conn
-                }
-                Err(e) => {
-                    // EMFILE/ENFILE/ENOBUFS: wait for resources to free up.
-                    let delay = backoff.next();
-                    warn!(error = %e, delay_ms = delay.as_millis() as u64, "accept failed; backing off");
-                    tokio::select! {
-                        () = closing.cancelled() => break,
-                        () = tokio::time::sleep(delay) => continue,
-                    }
-                }
+            let Some((tcp, peer)) = accept(&listener, &mut backoff, &closing, "wss").await else {
+                break;
             };
             let span = info_span!("conn", %peer, client = tracing::field::Empty);
             connections.spawn(
@@ -330,6 +314,37 @@ impl Server {
     }
 }
 
+/// Accepts the next connection on `listener`, backing off on errors such
+/// as EMFILE/ENFILE/ENOBUFS until resources free up; `None` once `stop`
+/// is cancelled.
+async fn accept(
+    listener: &TcpListener,
+    backoff: &mut Backoff,
+    stop: &CancellationToken,
+    which: &'static str,
+) -> Option<(TcpStream, SocketAddr)> {
+    loop {
+        let accepted = tokio::select! {
+            () = stop.cancelled() => return None,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok(conn) => {
+                backoff.reset();
+                return Some(conn);
+            }
+            Err(e) => {
+                let delay = backoff.next();
+                warn!(listener = which, error = %e, delay_ms = delay.as_millis() as u64, "accept failed; backing off");
+                tokio::select! {
+                    () = stop.cancelled() => return None,
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
 /// Most admin connections served at once: scrapers and probes, not users.
 const ADMIN_CONNECTIONS: usize = 16;
 
@@ -346,20 +361,8 @@ async fn serve_admin(listener: TcpListener, shared: Arc<Shared>, stop: Cancellat
                 Err(_) => return,
             },
         };
-        let (tcp, peer) = tokio::select! {
-            () = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => {
-                    backoff.reset();
-                    conn
-                }
-                Err(e) => {
-                    let delay = backoff.next();
-                    warn!(error = %e, delay_ms = delay.as_millis() as u64, "admin accept failed; backing off");
-                    tokio::time::sleep(delay).await;
-                    continue;
-                }
-            },
+        let Some((tcp, peer)) = accept(&listener, &mut backoff, &stop, "admin").await else {
+            return;
         };
         let shared = Arc::clone(&shared);
         let stop = stop.clone();
@@ -494,46 +497,19 @@ async fn watch_keys(shared: Arc<Shared>, stop: CancellationToken) {
             .await;
         return;
     }
-    let (Some(path), interval_ms) = (&auth.jwks_file, auth.jwks_watch_interval_ms) else {
+    let Some(path) = &auth.jwks_file else {
         return;
     };
-    if interval_ms == 0 {
-        return;
-    }
-    let mut loaded = file_fingerprint(path);
-    // As for policies: act once two polls in a row see the same new state,
-    // so a file caught half-written is not loaded.
-    let mut settling = None;
-    let mut tick = tokio::time::interval(Duration::from_millis(interval_ms));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let now = file_fingerprint(path);
-        if now == loaded {
-            settling = None;
-        } else if settling.as_ref() == Some(&now) {
-            loaded = now;
-            settling = None;
-            let _ = reload_keys(&shared.services, "file change").await;
-        } else {
-            settling = Some(now);
-        }
-    }
-}
-
-/// Size, modification time and inode of the file `path` leads to,
-/// following symlinks: a Kubernetes Secret update swaps a symlink to a new
-/// file, which changes the inode even when size and time look alike.
-fn file_fingerprint(path: &std::path::Path) -> Option<(u64, Option<std::time::SystemTime>, u64)> {
-    let meta = std::fs::metadata(path).ok()?;
-    #[cfg(unix)]
-    let inode = std::os::unix::fs::MetadataExt::ino(&meta);
-    #[cfg(not(unix))]
-    let inode = 0;
-    Some((meta.len(), meta.modified().ok(), inode))
+    let services = &shared.services;
+    watch::on_change(
+        Duration::from_millis(auth.jwks_watch_interval_ms),
+        stop,
+        || watch::files(&[path]),
+        || async {
+            let _ = reload_keys(services, "file change").await;
+        },
+    )
+    .await;
 }
 
 /// Polls the policy directory and reloads when a file changes.
@@ -546,6 +522,7 @@ async fn watch_policies(shared: Arc<Shared>, stop: CancellationToken) {
         || policy::fingerprint(dir),
         || {
             let _ = reload_policies(&shared.services, "file change");
+            std::future::ready(())
         },
     )
     .await;
@@ -561,6 +538,7 @@ async fn watch_certs(shared: Arc<Shared>, stop: CancellationToken) {
         || watch::files(&files),
         || {
             let _ = reload_certs(&shared, "file change");
+            std::future::ready(())
         },
     )
     .await;

@@ -40,12 +40,7 @@ pub(super) async fn handle(
         },
         // Liveness stays up under overload and while draining.
         "/healthz" => text(StatusCode::OK, "ok\n"),
-        "/readyz" if draining => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
-        "/readyz" if overloaded => text(StatusCode::SERVICE_UNAVAILABLE, "full\n"),
-        "/readyz" if !shared.services.broker.ready() => {
-            text(StatusCode::SERVICE_UNAVAILABLE, "broker unavailable\n")
-        }
-        "/readyz" => text(StatusCode::OK, "ready\n"),
+        "/readyz" => readiness(shared, draining, overloaded),
         "/metrics" if shared.admin_metrics => refuse(Refusal::NotFound, shared),
         "/metrics" => metrics(shared),
         "/dev/token" if shared.dev_endpoints => {
@@ -214,13 +209,22 @@ pub(super) fn handle_admin(req: &Request<Incoming>, shared: &Shared) -> Response
     let draining = shared.draining.load(Ordering::Relaxed);
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
-        "/readyz" if draining => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
-        "/readyz" if !shared.services.broker.ready() => {
-            text(StatusCode::SERVICE_UNAVAILABLE, "broker unavailable\n")
-        }
-        "/readyz" => text(StatusCode::OK, "ready\n"),
+        "/readyz" => readiness(shared, draining, false),
         "/metrics" => metrics(shared),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// `/readyz`, on either listener: whether new clients should be sent here.
+fn readiness(shared: &Shared, draining: bool, overloaded: bool) -> Response<Body> {
+    if draining {
+        text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+    } else if overloaded {
+        text(StatusCode::SERVICE_UNAVAILABLE, "full\n")
+    } else if !shared.services.broker.ready() {
+        text(StatusCode::SERVICE_UNAVAILABLE, "broker unavailable\n")
+    } else {
+        text(StatusCode::OK, "ready\n")
     }
 }
 

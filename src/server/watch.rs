@@ -5,6 +5,7 @@
 //! Secrets and ConfigMaps, works on every filesystem, and costs a few
 //! `stat` calls per interval.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -34,11 +35,11 @@ pub(crate) fn files(paths: &[&Path]) -> Vec<FileState> {
 /// change is acted on once two polls in a row see the same new state, so
 /// a file caught half-written is not loaded. Returns at `stop`; never
 /// polls when `interval` is zero.
-pub(crate) async fn on_change<T: PartialEq>(
+pub(crate) async fn on_change<T: PartialEq, F: Future<Output = ()>>(
     interval: Duration,
     stop: CancellationToken,
     mut fingerprint: impl FnMut() -> T,
-    mut reload: impl FnMut(),
+    mut reload: impl FnMut() -> F,
 ) {
     if interval.is_zero() {
         return;
@@ -58,7 +59,7 @@ pub(crate) async fn on_change<T: PartialEq>(
         } else if settling.as_ref() == Some(&now) {
             loaded = now;
             settling = None;
-            reload();
+            reload().await;
         } else {
             settling = Some(now);
         }
