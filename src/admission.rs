@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::config::AdmissionConfig;
+use crate::rate::{Bucket, Rate};
 
 /// What to do with a newly accepted connection.
 #[derive(Debug)]
@@ -45,68 +46,6 @@ pub enum Limited {
     GlobalRate(u32),
     /// `admission.address_failed_auths_per_min` exceeded: `429`.
     FailedAuths(u32),
-}
-
-/// A token bucket holding up to `burst` tokens, refilled at `rate` per second.
-#[derive(Debug, Clone, Copy)]
-struct Bucket {
-    tokens: f64,
-    last: Instant,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Rate {
-    per_s: f64,
-    burst: f64,
-}
-
-impl Rate {
-    /// `None` when the limit is off (a rate of 0).
-    fn new(per_s: f64, burst: u32) -> Option<Self> {
-        (per_s > 0.0).then(|| Self {
-            per_s,
-            burst: f64::from(burst.max(1)),
-        })
-    }
-}
-
-impl Bucket {
-    fn full(rate: Rate, now: Instant) -> Self {
-        Self {
-            tokens: rate.burst,
-            last: now,
-        }
-    }
-
-    fn refill(&mut self, rate: Rate, now: Instant) {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * rate.per_s).min(rate.burst);
-        self.last = now;
-    }
-
-    /// Takes one token, or says in how many whole seconds one will be there.
-    fn take(&mut self, rate: Rate, now: Instant) -> Result<(), u32> {
-        self.refill(rate, now);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            Ok(())
-        } else {
-            Err(self.wait_s(rate))
-        }
-    }
-
-    /// Whole seconds until a token is available, at least 1.
-    fn wait_s(&self, rate: Rate) -> u32 {
-        let secs = ((1.0 - self.tokens) / rate.per_s).ceil();
-        // Bounded: a rate is at least 1/60 per second, so this is at most 60.
-        (secs as u32).max(1)
-    }
-
-    fn is_full(&self, rate: Rate, now: Instant) -> bool {
-        let mut b = *self;
-        b.refill(rate, now);
-        b.tokens >= rate.burst
-    }
 }
 
 /// What is remembered about one address.
@@ -261,14 +200,7 @@ impl Admission {
             .get_mut(&key)
             .and_then(|s| s.failed_auths.as_mut())
         {
-            Some(bucket) => {
-                bucket.refill(rate, now);
-                if bucket.tokens >= 1.0 {
-                    Ok(())
-                } else {
-                    Err(Limited::FailedAuths(bucket.wait_s(rate)))
-                }
-            }
+            Some(bucket) => bucket.peek(rate, now).map_err(Limited::FailedAuths),
             None => Ok(()),
         }
     }
@@ -310,7 +242,8 @@ impl Admission {
         addresses.len()
     }
 
-    /// How many connections `ip` has open (for tests and diagnostics).
+    /// How many connections `ip` has open.
+    #[cfg(test)]
     pub fn open(&self, ip: IpAddr) -> usize {
         let key = self.key(ip);
         self.addresses

@@ -5,6 +5,13 @@
 //! A subscriber whose outbox is full is cut off (its `slow` token fires,
 //! and its session closes with 4008); nobody else notices.
 //!
+//! The hub owns the count of local subscribers per channel: [`Hub::join`]
+//! says whether a subscriber is the channel's first and [`Hub::leave`]
+//! whether it was the last, which is when the gateway core asks the broker
+//! to subscribe or release the channel. A joining subscriber is *pending*
+//! (counted, but not delivered to) until [`Hub::activate`], so the core
+//! can queue the `ok` of its subscribe before any message of the channel.
+//!
 //! In single-node mode ([`Hub::publish`]) a channel exists while it has
 //! subscribers: its `seq` starts at 1 with the first subscriber and
 //! restarts after the last one leaves. With a cluster broker the `seq`
@@ -37,10 +44,62 @@ pub struct Subscriber {
     pub slow: CancellationToken,
 }
 
+impl Subscriber {
+    /// Queues one frame; a full outbox cuts the subscriber off (its `slow`
+    /// token fires). Returns whether the frame was queued.
+    pub fn send(&self, frame: Utf8Bytes) -> bool {
+        match self.outbox.try_send(frame) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) => {
+                self.slow.cancel();
+                false
+            }
+            Err(TrySendError::Closed(_)) => false,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Channel {
     seq: u64,
     subscribers: Vec<Subscriber>,
+    /// Joined but not yet delivered to (see [`Hub::activate`]).
+    pending: Vec<Subscriber>,
+}
+
+impl Channel {
+    fn is_empty(&self) -> bool {
+        self.subscribers.is_empty() && self.pending.is_empty()
+    }
+
+    fn has(&self, session: u64) -> bool {
+        self.subscribers
+            .iter()
+            .chain(&self.pending)
+            .any(|s| s.session == session)
+    }
+}
+
+/// What [`Hub::join`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Joined {
+    /// The channel had no local subscriber before this one.
+    First,
+    /// Others were there already.
+    Again,
+    /// This session was there already; nothing changed.
+    Already,
+}
+
+/// What [`Hub::leave`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Left {
+    /// It was the channel's last local subscriber.
+    Last,
+    /// Others remain.
+    Others,
+    /// The session was not subscribed (any more).
+    NotThere,
 }
 
 /// What one publication did.
@@ -81,35 +140,69 @@ impl Hub {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Adds `subscriber` to `channel`; a second call for the same session
-    /// changes nothing. Returns whether it was added.
-    pub fn subscribe(&self, channel: &ChannelName, subscriber: Subscriber) -> bool {
+    /// Adds `subscriber` to `channel` as pending: counted, not yet
+    /// delivered to.
+    pub fn join(&self, channel: &ChannelName, subscriber: Subscriber) -> Joined {
         let mut shard = self.shard(channel);
         let entry = shard.entry(channel.clone()).or_default();
-        if entry
-            .subscribers
-            .iter()
-            .any(|s| s.session == subscriber.session)
-        {
-            return false;
+        if entry.has(subscriber.session) {
+            return Joined::Already;
         }
-        entry.subscribers.push(subscriber);
-        true
+        let first = entry.is_empty();
+        entry.pending.push(subscriber);
+        if first { Joined::First } else { Joined::Again }
     }
 
-    /// Removes `session` from `channel`. Returns whether it was there.
-    pub fn unsubscribe(&self, channel: &ChannelName, session: u64) -> bool {
+    /// Starts delivering `channel`'s messages to a pending `session`.
+    /// Returns false when it is not pending there (it left meanwhile).
+    pub fn activate(&self, channel: &ChannelName, session: u64) -> bool {
         let mut shard = self.shard(channel);
         let Some(entry) = shard.get_mut(channel) else {
             return false;
         };
-        let before = entry.subscribers.len();
+        let Some(at) = entry.pending.iter().position(|s| s.session == session) else {
+            return false;
+        };
+        let subscriber = entry.pending.swap_remove(at);
+        entry.subscribers.push(subscriber);
+        true
+    }
+
+    /// Removes `session` from `channel`, pending or not.
+    pub fn leave(&self, channel: &ChannelName, session: u64) -> Left {
+        let mut shard = self.shard(channel);
+        let Some(entry) = shard.get_mut(channel) else {
+            return Left::NotThere;
+        };
+        let before = entry.subscribers.len() + entry.pending.len();
         entry.subscribers.retain(|s| s.session != session);
-        let removed = entry.subscribers.len() != before;
-        if entry.subscribers.is_empty() {
-            shard.remove(channel);
+        entry.pending.retain(|s| s.session != session);
+        if entry.subscribers.len() + entry.pending.len() == before {
+            return Left::NotThere;
         }
-        removed
+        if entry.is_empty() {
+            shard.remove(channel);
+            Left::Last
+        } else {
+            Left::Others
+        }
+    }
+
+    /// Whether `channel` has a local subscriber, pending ones included.
+    pub fn has_subscribers(&self, channel: &ChannelName) -> bool {
+        self.shard(channel).contains_key(channel)
+    }
+
+    /// Every channel with a local subscriber, pending ones included.
+    pub fn channel_names(&self) -> Vec<ChannelName> {
+        let mut names = Vec::new();
+        for shard in &self.shards {
+            let shard = shard
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            names.extend(shard.keys().cloned());
+        }
+        names
     }
 
     /// Delivers one publication to every subscriber of `channel`, in `seq`
@@ -125,10 +218,7 @@ impl Hub {
             seq: entry.seq,
             ..Published::default()
         };
-        push(&mut entry.subscribers, None, &frame, &mut out);
-        if entry.subscribers.is_empty() {
-            shard.remove(channel);
-        }
+        push(&entry.subscribers, None, &frame, &mut out);
         out
     }
 
@@ -152,10 +242,7 @@ impl Hub {
             seq,
             ..Published::default()
         };
-        push(&mut entry.subscribers, notice.as_ref(), &frame, &mut out);
-        if entry.subscribers.is_empty() {
-            shard.remove(channel);
-        }
+        push(&entry.subscribers, notice.as_ref(), &frame, &mut out);
         out
     }
 
@@ -172,13 +259,14 @@ impl Hub {
             };
             entry.seq = 0;
             let mut out = Published::default();
-            push(&mut entry.subscribers, None, &notice, &mut out);
+            push(&entry.subscribers, None, &notice, &mut out);
             told += out.delivered;
         }
         told
     }
 
     /// Number of channels with at least one subscriber.
+    #[cfg(test)]
     pub fn channels(&self) -> usize {
         self.shards
             .iter()
@@ -193,33 +281,33 @@ impl Hub {
 
 /// Queues `frame`, after `notice` when there is one, to every subscriber,
 /// counting them in `out`. A full outbox cuts that subscriber off (its
-/// `slow` token fires); a closed one belongs to a session that is gone and
-/// unsubscribes itself.
+/// `slow` token fires). A subscriber cut off, or whose session is ending,
+/// stays in the table (skipped) until its session leaves: the count of
+/// subscribers has one owner, [`Hub::leave`].
 fn push(
-    subscribers: &mut Vec<Subscriber>,
+    subscribers: &[Subscriber],
     notice: Option<&Utf8Bytes>,
     frame: &Utf8Bytes,
     out: &mut Published,
 ) {
-    subscribers.retain(|s| {
+    for s in subscribers {
+        if s.slow.is_cancelled() {
+            continue;
+        }
         let sent = match notice {
             Some(n) => s.outbox.try_send(n.clone()),
             None => Ok(()),
         }
         .and_then(|()| s.outbox.try_send(frame.clone()));
         match sent {
-            Ok(()) => {
-                out.delivered += 1;
-                true
-            }
+            Ok(()) => out.delivered += 1,
             Err(TrySendError::Full(_)) => {
                 s.slow.cancel();
                 out.slow += 1;
-                false
             }
-            Err(TrySendError::Closed(_)) => false,
+            Err(TrySendError::Closed(_)) => {}
         }
-    });
+    }
 }
 
 fn gap_notice(channel: &ChannelName) -> Utf8Bytes {
@@ -263,21 +351,34 @@ mod tests {
         let (fast, mut fast_rx) = sub(1, 16);
         let (slow, _slow_rx) = sub(2, 2);
         let slow_token = slow.slow.clone();
-        assert!(hub.subscribe(&ch, fast.clone()));
-        assert!(!hub.subscribe(&ch, fast), "idempotent");
-        assert!(hub.subscribe(&ch, slow));
+        assert_eq!(hub.join(&ch, fast.clone()), Joined::First);
+        assert_eq!(hub.join(&ch, fast), Joined::Already, "idempotent");
+        assert_eq!(hub.join(&ch, slow), Joined::Again);
+        assert_eq!(
+            hub.publish(&ch, &msg(&ch, 0)).delivered,
+            0,
+            "pending subscribers get nothing"
+        );
+        assert!(hub.activate(&ch, 1) && hub.activate(&ch, 2));
         for n in 1..=3 {
             hub.publish(&ch, &msg(&ch, n));
         }
         assert!(slow_token.is_cancelled());
-        for n in 1..=3u64 {
+        for n in 2..=4u64 {
             let frame = fast_rx.try_recv().unwrap();
             let v: serde_json::Value = serde_json::from_str(frame.as_str()).unwrap();
             assert_eq!(v["seq"], n);
-            assert_eq!(v["data"], n);
+            assert_eq!(v["data"], n - 1);
         }
         let p = hub.publish(&ch, &msg(&ch, 4));
-        assert_eq!((p.seq, p.delivered, p.slow), (4, 1, 0), "slow one is gone");
+        assert_eq!(
+            (p.seq, p.delivered, p.slow),
+            (5, 1, 0),
+            "slow one is skipped"
+        );
+        // It stays counted until its session leaves.
+        assert_eq!(hub.leave(&ch, 2), Left::Others);
+        assert_eq!(hub.leave(&ch, 1), Left::Last);
     }
 
     #[test]
@@ -285,7 +386,8 @@ mod tests {
         let hub = Hub::default();
         let ch = ChannelName::parse("chat:a").unwrap();
         let (a, mut rx) = sub(1, 16);
-        hub.subscribe(&ch, a);
+        hub.join(&ch, a);
+        hub.activate(&ch, 1);
         assert_eq!(hub.deliver(&ch, 7, &msg(&ch, 7)).delivered, 1);
         assert_eq!(hub.deliver(&ch, 7, &msg(&ch, 7)).delivered, 0, "duplicate");
         hub.deliver(&ch, 8, &msg(&ch, 8));
@@ -316,10 +418,12 @@ mod tests {
         let hub = Hub::default();
         let ch = ChannelName::parse("x").unwrap();
         let (a, _rx) = sub(1, 4);
-        hub.subscribe(&ch, a);
+        hub.join(&ch, a);
         assert_eq!(hub.channels(), 1);
-        assert!(hub.unsubscribe(&ch, 1));
-        assert!(!hub.unsubscribe(&ch, 1));
+        assert!(hub.has_subscribers(&ch), "pending ones count");
+        assert_eq!(hub.leave(&ch, 1), Left::Last);
+        assert_eq!(hub.leave(&ch, 1), Left::NotThere);
+        assert!(!hub.activate(&ch, 1), "left meanwhile");
         assert_eq!(hub.channels(), 0);
         assert_eq!(hub.publish(&ch, &msg(&ch, 1)), Published::default());
     }

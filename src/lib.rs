@@ -1,45 +1,77 @@
 //! wsgate: a secure, authenticated WebSocket (wss://) gateway.
 //!
-//! The path of one connection, module by module:
+//! # The path of one connection
 //!
-//! 1. [`server`] takes a connection permit, accepts with back-off, reads
-//!    the client's address from a trusted balancer's PROXY header
-//!    ([`proxy`]), asks [`admission`] whether that address may connect, runs the
-//!    TLS handshake under its deadline ([`server::tls`]) and serves HTTP/1.1
-//!    with header limits: `/ws`, health, `/metrics`, the demo page.
-//! 2. [`upgrade`] decides `/ws`: RFC 6455 checks, the Origin allow-list, the
-//!    token carriers, and verification by [`auth`]. A refusal is an HTTP
-//!    status, never a WebSocket.
-//! 3. [`session`] owns the upgraded socket: one task, one `select!` loop,
-//!    typed frames from [`protocol`], exactly one close reason at the end.
-//! 4. Each `subscribe`/`publish` names a [`channel::ChannelName`], is
-//!    checked against the [`policy`] set, and goes through the [`broker`]
-//!    (in process, or Redis for several replicas) to the [`hub`], which
-//!    encodes a publication once and fans the bytes out to bounded
-//!    outboxes.
+//! Each step names the module and the function that does it; each arrow
+//! is a module boundary, and imports only ever point down this list.
 //!
-//! [`config`] is the one configuration tree; [`metrics`] counts what
-//! happens (labels from fixed sets only); [`certs`] makes development
-//! certificates; [`auth::mint`] makes development tokens; [`bench`](mod@bench) is the
-//! load generator behind `wsgate bench`; [`doctor`] reviews a configuration
-//! for `wsgate doctor`.
+//! 1. **Accept** — `server::Server::run` takes a connection permit (the
+//!    global cap, with a small overflow pool answering 503), then
+//!    `server::listen::accept` accepts with back-off on errors such as
+//!    EMFILE, and one task per connection runs `server::conn::serve_connection`.
+//! 2. **Client address and admission** — on a listener that requires it,
+//!    `server::conn` reads the PROXY header of a trusted balancer
+//!    (`proxy::read_header`); `admission::Admission::admit` decides the
+//!    address's limits before any costly work, and the connection takes
+//!    its `gateway::slots::ConnSlot`.
+//! 3. **TLS** — the `TlsAcceptor` built by [`tls::server_config`] from the
+//!    current certificate ([`tls::CertStore`], swapped by reloads) runs
+//!    the handshake under `server.handshake_timeout_ms`.
+//! 4. **HTTP** — hyper's HTTP/1.1 from `server::listen::http1_builder`
+//!    (header deadline, size and count limits); `server::routes::handle`
+//!    routes `/ws`, `/healthz`, `/readyz`, `/metrics` and the demo page.
+//! 5. **Upgrade** — `upgrade::decide` makes the whole `/ws` decision:
+//!    the forwarded client address, RFC 6455 checks, Origin, draining,
+//!    the token carrier, the failed-authentication gate, verification by
+//!    [`auth::Verifier`] into an [`identity::Identity`], and the per-user
+//!    cap (`gateway::slots::UserSlot`). A refusal is an HTTP status, never
+//!    a WebSocket. `server::routes` answers `101` and spawns the session.
+//! 6. **Session** — `session::run`: one task, one `select!` loop over
+//!    inbound frames (`protocol::decode`, then `session::ops`), the
+//!    outbox, the heartbeat tick, the token's expiry, policy reloads and
+//!    shutdown; it is the only writer to its socket and ends with exactly
+//!    one `session::CloseReason`.
+//! 7. **Core** — `gateway::Gateway` checks each `subscribe` and `publish`
+//!    against the caller's [`policy`] set and limits, and owns the
+//!    [`channel::ChannelName`] → subscribers table (`hub::Hub`, which
+//!    encodes a publication once and `try_send`s the bytes to bounded
+//!    outboxes) and the broker (`broker`, in process or Redis), which it
+//!    asks to subscribe or release a channel when the hub reports the
+//!    first local subscriber or the last one gone.
+//! 8. **Heartbeats** — a WebSocket ping every `websocket.heartbeat_ms`
+//!    from the session loop; any inbound frame counts as liveness, and
+//!    silence past heartbeat + grace ends the session.
+//! 9. **Drain** — on SIGTERM (`tools::serve`), `Server::run` marks the
+//!    gateway draining (`/readyz` 503), closes the listener after
+//!    `server.drain_grace_ms`, and sessions close with 1001 at their turn
+//!    in `server.drain_window_ms`, under a hard deadline.
+//! 10. **Reload** — SIGHUP or a watched file change (`server::reload`)
+//!     re-reads policies, the certificate and the verification keys; each
+//!     is validated and swapped whole, or the old one stays.
+//!
+//! The leaves import none of the rooms above them: [`config`] (one serde
+//! tree, imports nothing of ours), [`channel`], [`identity`], `protocol`,
+//! [`policy`], `metrics` (labels from fixed sets only), `rate` (the one
+//! token bucket), `proxy`. Operator tools live in [`tools`].
 
-pub mod admission;
+mod admission;
 pub mod auth;
-pub mod bench;
-pub mod broker;
-pub mod certs;
+mod broker;
 pub mod channel;
 pub mod config;
-pub mod doctor;
-pub mod hub;
-pub mod metrics;
+mod gateway;
+mod hub;
+pub mod identity;
+mod metrics;
 pub mod policy;
-pub mod protocol;
-pub mod proxy;
+mod protocol;
+mod proxy;
+mod rate;
 pub mod server;
-pub mod session;
-pub mod upgrade;
+mod session;
+pub mod tls;
+pub mod tools;
+mod upgrade;
 
 pub use config::Config;
-pub use server::Server;
+pub use server::{Server, ServerHandle};

@@ -10,76 +10,11 @@
 //! and slip past its per-address limits.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::str::FromStr;
 
 use http::HeaderMap;
-use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-/// An IP network in CIDR notation (`10.0.0.0/8`, `::1/128`; a bare
-/// address is a single host).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IpNet {
-    addr: IpAddr,
-    prefix: u8,
-}
-
-impl FromStr for IpNet {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (addr, prefix) = match s.split_once('/') {
-            Some((a, p)) => (a, Some(p)),
-            None => (s, None),
-        };
-        let addr: IpAddr = addr
-            .trim()
-            .parse()
-            .map_err(|_| format!("{s:?} is not an address or CIDR network"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            Some(p) => p
-                .trim()
-                .parse::<u8>()
-                .ok()
-                .filter(|p| *p <= max)
-                .ok_or_else(|| format!("{s:?} has a bad prefix length"))?,
-            None => max,
-        };
-        Ok(Self { addr, prefix })
-    }
-}
-
-impl IpNet {
-    /// Whether `ip` is inside the network (an IPv4-mapped IPv6 address
-    /// counts as its IPv4 address).
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = canonical(ip);
-        match (self.addr, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u32::from(net) & mask == u32::from(ip) & mask
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u128::from(net) & mask == u128::from(ip) & mask
-            }
-            _ => false,
-        }
-    }
-}
-
-/// IPv4-mapped IPv6 addresses as IPv4, everything else unchanged.
-pub fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    }
-}
+use crate::config::{ForwardedHeader, IpNet, canonical_ip};
 
 /// The proxies whose word about the client's address is believed.
 #[derive(Debug, Clone, Default)]
@@ -100,20 +35,6 @@ impl Trusted {
     pub fn contains(&self, ip: IpAddr) -> bool {
         self.0.iter().any(|net| net.contains(ip))
     }
-}
-
-/// Which request header carries the client's address, when the immediate
-/// peer is a trusted proxy.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ForwardedHeader {
-    /// Read none.
-    #[default]
-    None,
-    /// `X-Forwarded-For: client, proxy1, proxy2`.
-    XForwardedFor,
-    /// RFC 7239 `Forwarded: for=client, for=proxy1`.
-    Forwarded,
 }
 
 /// The client's address from the forwarding header: walking from the
@@ -166,16 +87,16 @@ fn forwarded_for(element: &str) -> Option<&str> {
 /// `[::1]` or `[::1]:5678`.
 fn parse_hop(hop: &str) -> Option<IpAddr> {
     if let Ok(ip) = hop.parse::<IpAddr>() {
-        return Some(canonical(ip));
+        return Some(canonical_ip(ip));
     }
     if let Ok(sa) = hop.parse::<SocketAddr>() {
-        return Some(canonical(sa.ip()));
+        return Some(canonical_ip(sa.ip()));
     }
     let inner = hop.strip_prefix('[')?.strip_suffix(']')?;
     inner
         .parse::<Ipv6Addr>()
         .ok()
-        .map(|ip| canonical(IpAddr::V6(ip)))
+        .map(|ip| canonical_ip(IpAddr::V6(ip)))
 }
 
 /// Why a PROXY header was not accepted.

@@ -1,86 +1,36 @@
-//! The upgrade decision for `/ws`, exactly as `protocol.md` §1 lists it:
-//! RFC 6455 §4.2.1 checks, the Origin allow-list, draining, the three token
-//! carriers, and JWT verification. The checks are pure (no I/O), so each
-//! refusal row is a plain function result; only [`Pending::verify`] may
+//! The upgrade decision for `/ws`, exactly as `protocol.md` §1 lists it,
+//! in [`decide`]: the client's address behind a trusted proxy, RFC 6455
+//! §4.2.1 checks, the Origin allow-list, draining, the three token
+//! carriers, the failed-authentication gate, JWT verification, and the
+//! per-user cap. The checks before verification are pure (no I/O), so
+//! each refusal row is a plain function result; only verification may
 //! await, when a token names a `kid` that a JWKS URL may have gained. The
 //! server turns a [`Refusal`] into the HTTP answer and an [`Accepted`] into
-//! the `101`.
+//! the `101` and a session.
 //!
 //! Token values are never put into a [`Refusal`], an error, or a log line.
 
 use std::borrow::Cow;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
 
 use base64::Engine as _;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 
-use crate::admission::Limited;
-use crate::auth::{AuthFailure, Identity, Verifier};
-use crate::config::Config;
+use crate::admission::{AddressGuard, Admit, Limited};
+use crate::auth::{AuthFailure, Verifier};
+use crate::config::{Config, ConfigError, ForwardedHeader, Origin};
+use crate::gateway::Gateway;
+use crate::gateway::slots::{ConnSlot, UserSlot};
+use crate::identity::Identity;
+use crate::proxy::{self, Trusted};
 
 /// The only subprotocol we speak; echoed when offered.
 pub const SUBPROTOCOL: &str = "wsgate.v1";
 const BEARER_PREFIX: &str = "bearer.";
 const QUERY_PARAM: &str = "access_token";
-
-/// A normalised `Origin`: scheme, host and port, compared exactly.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Origin {
-    scheme: String,
-    host: String,
-    port: u16,
-}
-
-impl Origin {
-    /// Parses `scheme://host[:port]` (no path, no user info). The default
-    /// port of `http`/`ws` (80) and `https`/`wss` (443) is filled in.
-    pub fn parse(text: &str) -> Option<Self> {
-        let (scheme, rest) = text.split_once("://")?;
-        let valid_scheme = scheme
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_alphabetic())
-            && scheme
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
-        if !valid_scheme || rest.contains(['/', '?', '#', '@']) {
-            return None;
-        }
-        let scheme = scheme.to_ascii_lowercase();
-        let default_port = match scheme.as_str() {
-            "http" | "ws" => 80,
-            "https" | "wss" => 443,
-            _ => 0,
-        };
-        let (host, port) = split_host_port(rest, default_port)?;
-        Some(Self { scheme, host, port })
-    }
-}
-
-/// Splits `host[:port]`, `[v6]` or `[v6]:port`; lowercases the host.
-fn split_host_port(text: &str, default_port: u16) -> Option<(String, u16)> {
-    let (host, port) = if let Some(rest) = text.strip_prefix('[') {
-        let (v6, after) = rest.split_once(']')?;
-        let port = match after {
-            "" => None,
-            p => Some(p.strip_prefix(':')?),
-        };
-        (format!("[{v6}]"), port)
-    } else {
-        match text.rsplit_once(':') {
-            Some((h, p)) => (h.to_owned(), Some(p)),
-            None => (text.to_owned(), None),
-        }
-    };
-    if host.is_empty() || host.contains(char::is_whitespace) {
-        return None;
-    }
-    let port = match port {
-        Some(p) => p.parse().ok()?,
-        None => default_port,
-    };
-    Some((host.to_ascii_lowercase(), port))
-}
 
 /// The upgrade rules, compiled once from the config.
 #[derive(Debug, Clone)]
@@ -90,13 +40,21 @@ pub struct UpgradePolicy {
     query_token: bool,
     max_token_bytes: usize,
     retry_after_s: u64,
+    /// Proxies whose PROXY or forwarding header is believed.
+    pub trusted: Trusted,
+    /// The forwarding header read from trusted proxies.
+    pub forwarded: ForwardedHeader,
 }
 
 impl UpgradePolicy {
-    /// Compiles the Origin list and token rules; origins were checked by
-    /// `Config::validate`, unparseable ones never match.
-    pub fn from_config(config: &Config) -> Self {
-        Self {
+    /// Compiles the Origin list, the token rules and the trusted proxies;
+    /// origins were checked by `Config::validate`, unparseable ones never
+    /// match.
+    ///
+    /// # Errors
+    /// A `server.trusted_proxies` entry that is not a network.
+    pub fn from_config(config: &Config) -> Result<Self, ConfigError> {
+        Ok(Self {
             allowed_origins: config
                 .server
                 .allowed_origins
@@ -107,7 +65,15 @@ impl UpgradePolicy {
             query_token: config.auth.query_token,
             max_token_bytes: config.auth.max_token_bytes,
             retry_after_s: config.server.retry_after_s,
-        }
+            trusted: Trusted::parse(&config.server.trusted_proxies)
+                .map_err(ConfigError::Invalid)?,
+            forwarded: config.server.forwarded_header,
+        })
+    }
+
+    /// Whether requests from `ip` name their client in a forwarding header.
+    pub fn forwarding_from(&self, ip: IpAddr) -> bool {
+        self.forwarded != ForwardedHeader::None && self.trusted.contains(ip)
     }
 }
 
@@ -274,12 +240,20 @@ impl Refusal {
     }
 }
 
-/// A request that may be upgraded: who it is and how to answer.
+/// A request that may be upgraded: who it is, how to answer, and the
+/// slots its session holds for as long as it lives.
 #[derive(Debug)]
 pub struct Accepted {
     pub identity: Identity,
     accept_key: String,
     subprotocol: bool,
+    /// The client's address (from a trusted forwarding header, if any).
+    pub client: IpAddr,
+    /// One of the user's connection slots.
+    pub user_slot: UserSlot,
+    /// The client's place in its address's count, when a trusted proxy
+    /// named it (the connection's own guard counts the proxy).
+    pub forwarded_slot: Option<AddressGuard>,
 }
 
 impl Accepted {
@@ -325,17 +299,71 @@ impl Pending {
     ///
     /// # Errors
     /// [`Refusal::InvalidToken`] with the reason.
-    pub async fn verify(self, verifier: &Verifier) -> Result<Accepted, Refusal> {
-        let identity = verifier
+    pub async fn verify(&self, verifier: &Verifier) -> Result<Identity, Refusal> {
+        verifier
             .verify_fresh(&self.token)
             .await
-            .map_err(Refusal::InvalidToken)?;
-        Ok(Accepted {
-            identity,
-            accept_key: self.accept_key,
-            subprotocol: self.subprotocol,
-        })
+            .map_err(Refusal::InvalidToken)
     }
+}
+
+/// The whole `/ws` decision for a request on connection `conn`. The cheap
+/// checks run first, synchronously; then, before any signature work, an
+/// address that keeps failing is refused; only the token's verification
+/// may wait (for a JWKS refresh on an unknown kid).
+///
+/// # Errors
+/// The [`Refusal`] whose answer the client gets; a refusal about the
+/// token also counts against the address's failed authentications.
+pub async fn decide<B>(
+    req: &Request<B>,
+    gateway: &Arc<Gateway>,
+    policy: &UpgradePolicy,
+    conn: &ConnSlot,
+) -> Result<Accepted, Refusal> {
+    let admission = &gateway.admission;
+    let now = Instant::now();
+    // Behind a trusted TLS-terminating proxy, the client is named in the
+    // forwarding header; it is counted by that address for as long as its
+    // session lasts.
+    let mut client = conn.client.ip();
+    let mut forwarded_slot = None;
+    if policy.forwarding_from(client)
+        && let Some(ip) = proxy::forwarded_client(req.headers(), policy.forwarded, &policy.trusted)
+    {
+        client = ip;
+        match admission.admit(ip, now) {
+            Admit::Yes(guard) => forwarded_slot = Some(guard),
+            Admit::Refuse(_, limited) | Admit::Drop(limited) => {
+                return Err(Refusal::Admission(limited));
+            }
+        }
+    }
+    let address = forwarded_slot
+        .as_ref()
+        .map_or(conn.address.key(), AddressGuard::key);
+    let failed = |refusal: Refusal| {
+        if let (Some(address), Some(_)) = (address, refusal.auth_failure()) {
+            admission.auth_failed(address, Instant::now());
+        }
+        refusal
+    };
+    let pending = check(req, policy, gateway.is_draining()).map_err(failed)?;
+    if let Some(address) = address {
+        admission
+            .check_auth(address, now)
+            .map_err(Refusal::Admission)?;
+    }
+    let identity = pending.verify(&gateway.verifier).await.map_err(failed)?;
+    let user_slot = UserSlot::take(gateway, &identity.user).ok_or(Refusal::UserLimit)?;
+    Ok(Accepted {
+        identity,
+        accept_key: pending.accept_key,
+        subprotocol: pending.subprotocol,
+        client,
+        user_slot,
+        forwarded_slot,
+    })
 }
 
 /// Checks an upgrade request on `/ws` up to, not including, the token's
@@ -441,12 +469,10 @@ fn check_origin(headers: &HeaderMap, policy: &UpgradePolicy) -> Result<(), Refus
     // Same origin as the page that the gateway itself serves: the browser
     // sets Host to where it connects, so this only admits our own pages.
     let same = policy.allow_same_origin
-        && origin.scheme == "https"
         && headers
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
-            .and_then(|h| split_host_port(h, 443))
-            .is_some_and(|(host, port)| host == origin.host && port == origin.port);
+            .is_some_and(|h| origin.is_https_host(h));
     if same { Ok(()) } else { Err(Refusal::Origin) }
 }
 
@@ -562,25 +588,6 @@ fn percent_decode(text: &str) -> Cow<'_, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn origins_normalise() {
-        let o = Origin::parse("HTTPS://Example.COM").unwrap();
-        assert_eq!(o, Origin::parse("https://example.com:443").unwrap());
-        assert_ne!(o, Origin::parse("http://example.com").unwrap());
-        assert_ne!(o, Origin::parse("https://example.com:8443").unwrap());
-        assert_eq!(Origin::parse("https://[::1]:8443").unwrap().host, "[::1]");
-        for bad in [
-            "null",
-            "example.com",
-            "https://",
-            "https://a/b",
-            "https://u@a",
-            "https://a:x",
-        ] {
-            assert!(Origin::parse(bad).is_none(), "{bad}");
-        }
-    }
 
     #[test]
     fn percent_decoding() {

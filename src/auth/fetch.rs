@@ -10,16 +10,14 @@
 //! fetch in flight at a time, which concurrent callers join, and at most
 //! one fetch per minimum interval caused by tokens with an unknown `kid`.
 
-use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{ACCEPT, CONNECTION, CONTENT_LENGTH, HOST, USER_AGENT};
-use http::{Request, StatusCode, Uri};
+use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty, LengthLimitError, Limited};
 use hyper_util::rt::TokioIo;
-use rustls::RootCertStore;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -27,7 +25,7 @@ use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
 use super::keys::MAX_JWKS_BYTES;
-use crate::config::{AuthConfig, ConfigError};
+use crate::config::{AuthConfig, ConfigError, JwksUrl};
 
 /// Largest response head accepted from the JWKS server, in bytes.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -49,58 +47,6 @@ pub enum FetchError {
     Body(String),
     #[error("no complete answer within {0} ms")]
     Timeout(u128),
-}
-
-/// A checked `https://` JWKS URL, split for connecting.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JwksUrl {
-    /// The URL as configured, for logs.
-    pub text: String,
-    /// Host without IPv6 brackets: what is resolved and named in SNI.
-    host: String,
-    port: u16,
-    /// `host[:port]` as written: the `Host` header.
-    authority: String,
-    /// Path and query: the request target.
-    target: String,
-}
-
-impl JwksUrl {
-    /// Parses `https://host[:port]/path[?query]`.
-    ///
-    /// # Errors
-    /// Another scheme (plain `http` included), user info, or no host.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let uri: Uri = text
-            .parse()
-            .map_err(|e| format!("{text:?} is not a URL ({e})"))?;
-        if uri.scheme_str() != Some("https") {
-            return Err(format!("{text:?} must be an https:// URL"));
-        }
-        let authority = uri
-            .authority()
-            .ok_or_else(|| format!("{text:?} names no host"))?;
-        if authority.as_str().contains('@') {
-            return Err(format!("{text:?} must not carry user info"));
-        }
-        let host = authority
-            .host()
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned();
-        if host.is_empty() || ServerName::try_from(host.as_str()).is_err() {
-            return Err(format!("{text:?} names no valid host"));
-        }
-        Ok(Self {
-            text: text.to_owned(),
-            port: authority.port_u16().unwrap_or(443),
-            authority: authority.as_str().to_owned(),
-            target: uri
-                .path_and_query()
-                .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
-            host,
-        })
-    }
 }
 
 /// Fetches one JWKS URL.
@@ -132,7 +78,9 @@ impl JwksClient {
             .ok_or_else(|| ConfigError::Invalid("auth.jwks_url is not set".into()))?;
         let url = JwksUrl::parse(text)
             .map_err(|e| ConfigError::Invalid(format!("auth.jwks_url: {e}")))?;
-        let tls = TlsConnector::from(client_config(auth.jwks_ca_file.as_deref())?);
+        let tls = TlsConnector::from(crate::tls::jwks_client_config(
+            auth.jwks_ca_file.as_deref(),
+        )?);
         Ok(Self {
             url,
             tls,
@@ -212,27 +160,6 @@ impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
     }
-}
-
-fn client_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, ConfigError> {
-    let mut roots = RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if let Some(path) = ca_file {
-        let certs = crate::server::tls::load_certs(path)
-            .map_err(|e| ConfigError::Invalid(format!("auth.jwks_ca_file: {e}")))?;
-        for cert in certs {
-            roots.add(cert).map_err(|e| {
-                ConfigError::Invalid(format!("auth.jwks_ca_file {}: {e}", path.display()))
-            })?;
-        }
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(crate::server::tls::provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| ConfigError::Invalid(format!("JWKS client TLS: {e}")))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
 }
 
 /// What started a refresh.
@@ -360,40 +287,6 @@ pub async fn wait(mut rx: watch::Receiver<Option<Outcome>>, limit: Duration) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn urls_must_be_https_with_a_host() {
-        let u = JwksUrl::parse("https://id.example.com/realms/x/certs?v=1").unwrap();
-        assert_eq!(
-            (
-                u.host.as_str(),
-                u.port,
-                u.authority.as_str(),
-                u.target.as_str()
-            ),
-            (
-                "id.example.com",
-                443,
-                "id.example.com",
-                "/realms/x/certs?v=1"
-            )
-        );
-        let u = JwksUrl::parse("https://[::1]:8443").unwrap();
-        assert_eq!(
-            (u.host.as_str(), u.port, u.target.as_str()),
-            ("::1", 8443, "/")
-        );
-        for bad in [
-            "http://id.example.com/jwks",
-            "ftp://id.example.com/",
-            "https://user:pw@id.example.com/",
-            "/just/a/path",
-            "https://",
-            "not a url",
-        ] {
-            assert!(JwksUrl::parse(bad).is_err(), "{bad}");
-        }
-    }
 
     #[tokio::test(start_paused = true)]
     async fn one_fetch_in_flight_and_unknown_kids_throttled() {

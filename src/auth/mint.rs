@@ -82,24 +82,6 @@ pub fn mint(
         .map_err(|e| ConfigError::Invalid(format!("cannot sign token: {e}")))
 }
 
-/// Creates `path` with a fresh random HMAC secret (hex of 48 random bytes)
-/// unless it exists. Returns whether it was created.
-///
-/// # Errors
-/// The file cannot be written.
-pub fn ensure_dev_secret(path: &Path) -> Result<bool, ConfigError> {
-    if path.exists() {
-        return Ok(false);
-    }
-    let mut raw = [0u8; 48];
-    aws_lc_rs::rand::fill(&mut raw)
-        .map_err(|_| ConfigError::Invalid("no randomness for the dev secret".into()))?;
-    let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
-    crate::certs::write_private(path, format!("{hex}\n").as_bytes(), false)
-        .map_err(|e| ConfigError::Invalid(format!("cannot write {}: {e}", path.display())))?;
-    Ok(true)
-}
-
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> u64 {
     SystemTime::now()

@@ -29,6 +29,7 @@ use tracing::{debug, info, warn};
 pub use keys::KeyError;
 
 use crate::config::{Config, ConfigError, MIN_HMAC_SECRET_BYTES};
+use crate::identity::Identity;
 use crate::metrics::KeyMetrics;
 use fetch::{Admission, Cause, JwksClient, Outcome, RefreshGate};
 use keys::{KeySet, MAX_JWKS_BYTES};
@@ -77,20 +78,6 @@ impl AuthFailure {
             Self::BadClaim => "bad_claim",
         }
     }
-}
-
-/// A verified user: who they are, their roles, and when their token ends.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Identity {
-    /// The token's `sub`.
-    pub user: String,
-    /// Strings from the configured roles claim (empty when absent).
-    pub roles: Vec<String>,
-    /// The token's `exp`, unix seconds.
-    pub expires_at: u64,
-    /// The claims for policy templates such as `{claim.tenant}`: all but
-    /// `exp`, `iat`, `nbf`, `jti` and the roles claim.
-    pub claims: Map<String, Value>,
 }
 
 /// Checks tokens against the keys in force and a pinned algorithm set.

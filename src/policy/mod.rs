@@ -18,8 +18,8 @@ use std::time::SystemTime;
 use serde::Deserialize;
 use tokio::sync::watch;
 
-use crate::auth::Identity;
 use crate::channel::ChannelName;
+use crate::identity::Identity;
 pub use pattern::Pattern;
 
 /// The shipped `policies/default.toml`, written by `serve --dev` when the

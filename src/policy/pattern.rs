@@ -5,8 +5,8 @@
 
 use std::fmt;
 
-use crate::auth::Identity;
 use crate::channel::{ChannelName, MAX_LEN, is_token};
+use crate::identity::Identity;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Segment {

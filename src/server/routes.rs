@@ -3,8 +3,6 @@
 //! everything else. An upgraded request hands its stream to a session task.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
@@ -16,35 +14,32 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tracing::{Instrument, debug, info_span};
 
-use super::{ConnSlot, Shared, web};
-use crate::admission::Admit;
-use crate::broker::Broker;
-use crate::proxy;
+use super::{Shared, web};
+use crate::gateway::slots::ConnSlot;
 use crate::session::{self, SessionContext};
-use crate::upgrade::{self, Refusal};
+use crate::upgrade::{self, Accepted, Refusal};
 
 type Body = Full<Bytes>;
 
 pub(super) async fn handle(
     req: Request<Incoming>,
     shared: &Arc<Shared>,
-    permit: Arc<ConnSlot>,
+    conn: Arc<ConnSlot>,
     refusal: Option<Refusal>,
 ) -> Response<Body> {
-    let draining = shared.draining.load(Ordering::Relaxed);
     let overloaded = refusal == Some(Refusal::Overloaded);
     let mut res = match req.uri().path() {
         "/ws" => match refusal {
             Some(refusal) => refuse(refusal, shared),
-            None => return upgrade_ws(req, shared, permit, draining).await,
+            None => return upgrade_ws(req, shared, conn).await,
         },
         // Liveness stays up under overload and while draining.
         "/healthz" => text(StatusCode::OK, "ok\n"),
-        "/readyz" => readiness(shared, draining, overloaded),
+        "/readyz" => readiness(shared, overloaded),
         "/metrics" if shared.admin_metrics => refuse(Refusal::NotFound, shared),
         "/metrics" => metrics(shared),
         "/dev/token" if shared.dev_endpoints => {
-            web::dev_token(&shared.services.config, req.uri().query())
+            web::dev_token(&shared.gateway.config, req.uri().query())
         }
         path => web::asset(path).unwrap_or_else(|| refuse(Refusal::NotFound, shared)),
     };
@@ -57,78 +52,43 @@ pub(super) async fn handle(
     res
 }
 
+/// Decides the upgrade, answers `101`, and spawns the session, which
+/// holds the connection's slot, the user's slot and any forwarded-address
+/// slot for as long as it lives.
 async fn upgrade_ws(
     mut req: Request<Incoming>,
     shared: &Arc<Shared>,
-    permit: Arc<ConnSlot>,
-    draining: bool,
+    conn: Arc<ConnSlot>,
 ) -> Response<Body> {
-    let services = &shared.services;
-    let admission = &shared.admission;
-    let now = Instant::now();
-    // Behind a trusted TLS-terminating proxy, the client is named in the
-    // forwarding header; it is counted by that address for as long as its
-    // session lasts.
-    let mut client = permit.client.ip();
-    let mut forwarded_slot = None;
-    if shared.forwarding_from(client)
-        && let Some(ip) = proxy::forwarded_client(req.headers(), shared.forwarded, &shared.trusted)
-    {
-        client = ip;
-        match admission.admit(ip, now) {
-            Admit::Yes(guard) => forwarded_slot = Some(guard),
-            Admit::Refuse(_, limited) | Admit::Drop(limited) => {
-                return refuse(Refusal::Admission(limited), shared);
-            }
-        }
-    }
-    let address = forwarded_slot
-        .as_ref()
-        .map_or(permit.address.key(), |g| g.key());
-    let failed = |refusal: Refusal| {
-        if let (Some(address), Some(_)) = (address, refusal.auth_failure()) {
-            admission.auth_failed(address, Instant::now());
-        }
-        refuse(refusal, shared)
-    };
-    // The cheap checks first, synchronously; then, before any signature
-    // work, an address that keeps failing is refused; only the token's
-    // verification may wait (for a JWKS refresh on an unknown kid).
-    let pending = match upgrade::check(&req, &shared.upgrade, draining) {
-        Ok(pending) => pending,
-        Err(refusal) => return failed(refusal),
-    };
-    if let Some(address) = address
-        && let Err(limited) = admission.check_auth(address, now)
-    {
-        return refuse(Refusal::Admission(limited), shared);
-    }
-    let accepted = match pending.verify(&services.verifier).await {
+    let gateway = &shared.gateway;
+    let accepted = match upgrade::decide(&req, gateway, &shared.upgrade, &conn).await {
         Ok(accepted) => accepted,
-        Err(refusal) => return failed(refusal),
+        Err(refusal) => return refuse(refusal, shared),
     };
-    let Some(slot) = UserSlot::take(shared, &accepted.identity.user) else {
-        return refuse(Refusal::UserLimit, shared);
-    };
-    services.metrics.upgrades.inc("ok");
+    gateway.metrics.upgrades.inc("ok");
     let response = accepted.response();
+    let Accepted {
+        identity,
+        client,
+        user_slot,
+        forwarded_slot,
+        ..
+    } = accepted;
     let ctx = SessionContext {
-        number: shared.next_session.fetch_add(1, Ordering::Relaxed),
+        number: gateway.next_session(),
         id: session::new_session_id(),
-        identity: accepted.identity,
+        identity,
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
     let span = info_span!("session", session = %ctx.id, user = %ctx.identity.user, %client);
-    let limits = session::ws_limits(&services.config);
+    let limits = session::ws_limits(&gateway.config);
     let stop = shared.shutdown.child_token();
     let hurry = shared.hurry.child_token();
-    let services = Arc::clone(services);
+    let gateway = Arc::clone(gateway);
     shared.sessions.spawn(
         async move {
-            // Both live as long as the session: the caps count sessions too.
-            let _permit = permit;
-            let _slot = slot;
-            let _forwarded_slot = forwarded_slot;
+            // All live as long as the session: the caps count sessions too.
+            let _slots = (conn, user_slot, forwarded_slot);
             let upgraded = match on_upgrade.await {
                 Ok(upgraded) => upgraded,
                 Err(e) => {
@@ -139,56 +99,15 @@ async fn upgrade_ws(
             debug!("session open");
             let io = TokioIo::new(upgraded);
             let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(limits)).await;
-            session::run(ws, &services, ctx, stop, hurry).await;
+            session::run(ws, &gateway, ctx, stop, hurry).await;
         }
         .instrument(span),
     );
     response
 }
 
-/// One of a user's connection slots, released on drop.
-struct UserSlot {
-    shared: Arc<Shared>,
-    user: String,
-}
-
-impl UserSlot {
-    fn take(shared: &Arc<Shared>, user: &str) -> Option<Self> {
-        let max = shared.services.config.limits.max_connections_per_user;
-        let mut users = shared
-            .users
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let count = users.entry(user.to_owned()).or_insert(0);
-        if *count >= max {
-            return None;
-        }
-        *count += 1;
-        Some(Self {
-            shared: Arc::clone(shared),
-            user: user.to_owned(),
-        })
-    }
-}
-
-impl Drop for UserSlot {
-    fn drop(&mut self) {
-        let mut users = self
-            .shared
-            .users
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(count) = users.get_mut(&self.user) {
-            *count -= 1;
-            if *count == 0 {
-                users.remove(&self.user);
-            }
-        }
-    }
-}
-
 fn refuse(refusal: Refusal, shared: &Shared) -> Response<Body> {
-    let metrics = &shared.services.metrics;
+    let metrics = &shared.gateway.metrics;
     if refusal != Refusal::NotFound {
         metrics.upgrades.inc(refusal.label());
     }
@@ -206,22 +125,21 @@ fn refuse(refusal: Refusal, shared: &Shared) -> Response<Body> {
 
 /// The admin listener: health and metrics over plain HTTP, nothing else.
 pub(super) fn handle_admin(req: &Request<Incoming>, shared: &Shared) -> Response<Body> {
-    let draining = shared.draining.load(Ordering::Relaxed);
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
-        "/readyz" => readiness(shared, draining, false),
+        "/readyz" => readiness(shared, false),
         "/metrics" => metrics(shared),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
 
 /// `/readyz`, on either listener: whether new clients should be sent here.
-fn readiness(shared: &Shared, draining: bool, overloaded: bool) -> Response<Body> {
-    if draining {
+fn readiness(shared: &Shared, overloaded: bool) -> Response<Body> {
+    if shared.gateway.is_draining() {
         text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
     } else if overloaded {
         text(StatusCode::SERVICE_UNAVAILABLE, "full\n")
-    } else if !shared.services.broker.ready() {
+    } else if !shared.gateway.broker_ready() {
         text(StatusCode::SERVICE_UNAVAILABLE, "broker unavailable\n")
     } else {
         text(StatusCode::OK, "ready\n")
@@ -230,7 +148,7 @@ fn readiness(shared: &Shared, draining: bool, overloaded: bool) -> Response<Body
 
 /// The Prometheus text exposition.
 fn metrics(shared: &Shared) -> Response<Body> {
-    let mut res = Response::new(Full::new(Bytes::from(shared.services.metrics.render())));
+    let mut res = Response::new(Full::new(Bytes::from(shared.gateway.metrics.render())));
     res.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use wsgate::bench::{self, Auth, Pace, Target};
+use wsgate::tools::bench::{self, Auth, Pace, Target};
 
 use crate::harness::start;
 

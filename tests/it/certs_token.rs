@@ -11,8 +11,8 @@ use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::ServerCertVerifier;
 use rustls::pki_types::{ServerName, UnixTime};
 use wsgate::auth::Verifier;
-use wsgate::certs::{self, CertPaths};
-use wsgate::server::tls::{load_certs, provider};
+use wsgate::tls::{load_certs, provider};
+use wsgate::tools::certs::{self, CertPaths};
 
 use crate::harness::{self, hs256_jwt, now, raw_jwt, start};
 
@@ -215,7 +215,7 @@ fn check_config_reports_problems_without_binding() {
     let dir = tempfile::tempdir().unwrap();
     let paths = CertPaths::in_dir(&dir.path().join("certs"));
     certs::generate(&paths, &[], certs::Replace::Nothing).unwrap();
-    wsgate::auth::mint::ensure_dev_secret(&dir.path().join("certs/dev-hmac.secret")).unwrap();
+    wsgate::tools::certs::ensure_dev_secret(&dir.path().join("certs/dev-hmac.secret")).unwrap();
     std::fs::create_dir(dir.path().join("policies")).unwrap();
     std::fs::write(
         dir.path().join("policies/default.toml"),

@@ -208,11 +208,11 @@ async fn redis_outage_is_reported_and_recovered_without_a_restart() {
 
 #[tokio::test]
 async fn bench_fanout_measures_delivery_across_replicas() {
-    use wsgate::bench::{self, Auth, Pace, Target};
+    use wsgate::tools::bench::{self, Auth, Pace, Target};
     let redis = RedisServer::start();
     let (a, b) = replicas(&redis).await;
     let secret = a.secret();
-    let ca = |gw: &Gateway| wsgate::certs::CertPaths::in_dir(gw.dir.path()).ca_cert;
+    let ca = |gw: &Gateway| wsgate::tools::certs::CertPaths::in_dir(gw.dir.path()).ca_cert;
     let subscribers = Target::new(
         &b.ws_url(),
         &ca(&b),

@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use wsgate::Config;
-use wsgate::certs::{self, CertPaths};
+use wsgate::tools::certs::{self, CertPaths};
 
 use crate::harness::{python_with, repo_root, require_tool, substitute};
 
@@ -174,7 +174,7 @@ fn shipped_config_has_the_settings_the_shipped_balancers_need() {
         let config = Config::load(Some(&path), Vec::new()).unwrap();
         let s = &config.server;
         assert!(!s.trusted_proxies.is_empty(), "{variant}");
-        let forwarding = s.forwarded_header == wsgate::proxy::ForwardedHeader::XForwardedFor;
+        let forwarding = s.forwarded_header == wsgate::config::ForwardedHeader::XForwardedFor;
         assert_eq!(
             (s.proxy_protocol, forwarding),
             (variant == "passthrough", variant == "reencrypt"),

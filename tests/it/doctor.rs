@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use rcgen::{CertificateParams, KeyPair};
 use time::{Duration, OffsetDateTime};
-use wsgate::certs::{self, CertPaths};
+use wsgate::tools::certs::{self, CertPaths};
 
 use crate::deploy::{Provided, deploy, wsgate};
 
@@ -43,7 +43,7 @@ impl Setup {
         let paths = CertPaths::in_dir(&dir.path().join("tls"));
         certs::generate(&paths, &[], certs::Replace::Nothing).unwrap();
         let secret = dir.path().join("jwt.secret");
-        wsgate::auth::mint::ensure_dev_secret(&secret).unwrap();
+        wsgate::tools::certs::ensure_dev_secret(&secret).unwrap();
         let policies = dir.path().join("policies");
         std::fs::create_dir(&policies).unwrap();
         std::fs::write(
@@ -194,7 +194,7 @@ fn each_risky_setting_gets_its_own_warning() {
     let clean = &setup.clean;
     let dev_secret = setup.path("certs/dev-hmac.secret");
     std::fs::create_dir_all(dev_secret.parent().unwrap()).unwrap();
-    wsgate::auth::mint::ensure_dev_secret(&dev_secret).unwrap();
+    wsgate::tools::certs::ensure_dev_secret(&dev_secret).unwrap();
     let weak = setup.path("weak.secret");
     std::fs::write(&weak, "K9v".repeat(16)).unwrap();
     let (soon_cert, soon_key) = cert_until(

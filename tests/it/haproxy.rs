@@ -596,11 +596,11 @@ async fn replicas_behind_haproxy_see_each_client_and_share_publications() {
 fn shipped_haproxy_configs_pass_haproxy_c() {
     let haproxy = require_tool("haproxy");
     let dir = tempfile::tempdir().unwrap();
-    let paths = wsgate::certs::CertPaths::in_dir(dir.path());
-    wsgate::certs::generate(
+    let paths = wsgate::tools::certs::CertPaths::in_dir(dir.path());
+    wsgate::tools::certs::generate(
         &paths,
         &["wsgate.internal".to_owned()],
-        wsgate::certs::Replace::Nothing,
+        wsgate::tools::certs::Replace::Nothing,
     )
     .unwrap();
     // HAProxy's crt: the certificate and its key in one file.

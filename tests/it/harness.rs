@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::{self, HeaderValue};
 use tokio_util::sync::CancellationToken;
 use wsgate::auth::mint::{self, TokenRequest};
-use wsgate::certs::{self, CertPaths};
+use wsgate::tools::certs::{self, CertPaths};
 use wsgate::{Config, Server};
 
 /// The address clients connect from unless a test picks another.
@@ -109,7 +109,7 @@ pub fn base_config(dir: &std::path::Path) -> Config {
     let paths = CertPaths::in_dir(dir);
     certs::generate(&paths, &[], certs::Replace::Nothing).expect("generate certs");
     let secret = dir.join("hmac.secret");
-    mint::ensure_dev_secret(&secret).expect("secret");
+    wsgate::tools::certs::ensure_dev_secret(&secret).expect("secret");
 
     let mut config = Config::default();
     config.server.listen = "127.0.0.1:0".parse().expect("addr");
@@ -135,10 +135,10 @@ pub fn base_config(dir: &std::path::Path) -> Config {
 /// A rustls client config that trusts only the CA at `ca`.
 pub fn client_config(ca: &std::path::Path) -> Arc<ClientConfig> {
     let mut roots = RootCertStore::empty();
-    for cert in wsgate::server::tls::load_certs(ca).expect("ca") {
+    for cert in wsgate::tls::load_certs(ca).expect("ca") {
         roots.add(cert).expect("add root");
     }
-    let config = ClientConfig::builder_with_provider(wsgate::server::tls::provider())
+    let config = ClientConfig::builder_with_provider(wsgate::tls::provider())
         .with_safe_default_protocol_versions()
         .expect("versions")
         .with_root_certificates(roots)

@@ -16,8 +16,8 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
-use wsgate::certs::{self, CertPaths};
 use wsgate::config::TlsConfig;
+use wsgate::tools::certs::{self, CertPaths};
 
 use crate::harness::{self, Gateway, WAIT, assert_invalid_token, now, start};
 
@@ -208,8 +208,8 @@ impl JwksServer {
             key_file: paths.server_key.clone(),
             ..TlsConfig::default()
         };
-        let store = wsgate::server::tls::CertStore::load(&tls_config).unwrap();
-        let tls = wsgate::server::tls::server_config(&tls_config, store).unwrap();
+        let store = wsgate::tls::CertStore::load(&tls_config).unwrap();
+        let tls = wsgate::tls::server_config(&tls_config, store).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let server = Self {
             addr: listener.local_addr().unwrap(),

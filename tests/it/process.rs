@@ -65,7 +65,8 @@ impl Proc {
             .expect("the gateway never logged `listening`")
             .expect("stderr closed")
             .expect("listening addr");
-        let client = harness::client_config(&wsgate::certs::CertPaths::in_dir(dir.path()).ca_cert);
+        let client =
+            harness::client_config(&wsgate::tools::certs::CertPaths::in_dir(dir.path()).ca_cert);
         Self {
             endpoint: Endpoint {
                 addr,

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
-use wsgate::proxy::ForwardedHeader;
+use wsgate::config::ForwardedHeader;
 
 use crate::harness::{Gateway, WAIT, start};
 

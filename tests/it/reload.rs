@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
-use wsgate::certs::{self, CertPaths, Replace};
+use wsgate::tools::certs::{self, CertPaths, Replace};
 
 use crate::harness::{Gateway, WAIT, Ws, start};
 
@@ -29,7 +29,7 @@ async fn served(gw: &Gateway) -> Vec<u8> {
 
 /// The leaf certificate in a PEM file (DER).
 fn leaf(path: &Path) -> Vec<u8> {
-    wsgate::server::tls::load_certs(path).expect("cert")[0].to_vec()
+    wsgate::tls::load_certs(path).expect("cert")[0].to_vec()
 }
 
 /// Issues a new server certificate from the test CA into `gw.dir`.

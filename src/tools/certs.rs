@@ -238,3 +238,23 @@ pub fn trust_instructions(ca_cert: &Path) -> String {
          \x20 curl:    curl --cacert {ca} https://localhost:8443/healthz\n"
     )
 }
+
+/// Creates `path` with a fresh random HMAC secret (hex of 48 random bytes)
+/// unless it exists. Returns whether it was created.
+///
+/// # Errors
+/// The file cannot be written.
+pub fn ensure_dev_secret(path: &Path) -> Result<bool, crate::config::ConfigError> {
+    if path.exists() {
+        return Ok(false);
+    }
+    let mut raw = [0u8; 48];
+    aws_lc_rs::rand::fill(&mut raw).map_err(|_| {
+        crate::config::ConfigError::Invalid("no randomness for the dev secret".into())
+    })?;
+    let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    write_private(path, format!("{hex}\n").as_bytes(), false).map_err(|e| {
+        crate::config::ConfigError::Invalid(format!("cannot write {}: {e}", path.display()))
+    })?;
+    Ok(true)
+}

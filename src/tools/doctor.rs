@@ -377,9 +377,9 @@ fn check_tls(config: &Config, env: &Environment, out: &mut Findings) {
         );
     }
     // Loads chain and key and checks that they belong together.
-    match crate::server::tls::CertStore::load(tls) {
+    match crate::tls::CertStore::load(tls) {
         Ok(_) => {}
-        Err(crate::server::tls::TlsError::Mismatch { .. }) => {
+        Err(crate::tls::TlsError::Mismatch { .. }) => {
             out.push(
                 Level::Error,
                 "tls.key_file",
@@ -392,7 +392,7 @@ fn check_tls(config: &Config, env: &Environment, out: &mut Findings) {
             return;
         }
         Err(e) => {
-            let key = if matches!(e, crate::server::tls::TlsError::Key { .. }) {
+            let key = if matches!(e, crate::tls::TlsError::Key { .. }) {
                 "tls.key_file"
             } else {
                 "tls.cert_file"
@@ -401,7 +401,7 @@ fn check_tls(config: &Config, env: &Environment, out: &mut Findings) {
             return;
         }
     }
-    let leaf = match crate::server::tls::load_certs(&tls.cert_file) {
+    let leaf = match crate::tls::load_certs(&tls.cert_file) {
         Ok(chain) => chain.into_iter().next(),
         Err(e) => {
             out.push(Level::Error, "tls.cert_file", e.to_string());
@@ -449,7 +449,7 @@ fn check_tls(config: &Config, env: &Environment, out: &mut Findings) {
             ),
         );
     }
-    let dev = contains(&info.issuer, crate::certs::CA_NAME.as_bytes());
+    let dev = contains(&info.issuer, super::certs::CA_NAME.as_bytes());
     if dev && !config.server.listen.ip().is_loopback() {
         out.push(
             Level::Warning,

@@ -12,6 +12,8 @@
 //! address's port range is not enough. Progress goes to stderr; the result
 //! is one JSON line.
 
+pub mod cli;
+
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -97,28 +99,8 @@ impl Target {
             .map_err(|e| BenchError::Setup(format!("resolve {host}: {e}")))?
             .find(SocketAddr::is_ipv4)
             .ok_or_else(|| BenchError::Setup(format!("{host} has no IPv4 address")))?;
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in
-            crate::server::tls::load_certs(ca).map_err(|e| BenchError::Setup(e.to_string()))?
-        {
-            roots
-                .add(cert)
-                .map_err(|e| BenchError::Setup(format!("CA: {e}")))?;
-        }
-        // Offer AES-128-GCM-SHA256 first, as browsers, Node and Python do;
-        // rustls' own default puts AES-256-GCM-SHA384 first, whose handshake
-        // hashing (SHA-384) has no hardware help on common CPUs.
-        let mut provider = rustls::crypto::aws_lc_rs::default_provider();
-        provider
-            .cipher_suites
-            .sort_by_key(|suite| suite.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
-        let mut tls = ClientConfig::builder_with_provider(Arc::new(provider))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| BenchError::Setup(e.to_string()))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        // Every connection pays a full handshake, as new clients do.
-        tls.resumption = rustls::client::Resumption::disabled();
+        let tls =
+            crate::tls::bench_client_config(ca).map_err(|e| BenchError::Setup(e.to_string()))?;
         // Spread over 127.0.0.1..N only for loopback targets.
         let sources = if addr.ip().is_loopback() {
             (1..=sources.clamp(1, 250))
@@ -131,7 +113,7 @@ impl Target {
             addr,
             host,
             url: url.to_owned(),
-            tls: Arc::new(tls),
+            tls,
             auth,
             header_carrier,
             plain,

@@ -1,7 +1,8 @@
-//! The rustls server configuration: certificate chain and key from PEM
-//! (through `rustls-pki-types`' `PemObject`), protocol versions, ALPN, and
-//! the [`CertStore`] that lets the certificate be replaced while the
-//! server runs.
+//! Every rustls configuration the process builds: the server's
+//! (certificate chain and key from PEM through `rustls-pki-types`'
+//! `PemObject`, protocol versions, ALPN, and the [`CertStore`] that lets
+//! the certificate be replaced while the server runs), the JWKS fetcher's
+//! client, and the load generator's client.
 //!
 //! Reload swaps the certificate the resolver hands to *new* handshakes;
 //! a live connection keeps the one it was made with. A pair that does not
@@ -12,14 +13,14 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
 
-use rustls::ServerConfig;
 use rustls::crypto::aws_lc_rs;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::config::TlsConfig;
+use crate::config::{ConfigError, TlsConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -163,5 +164,56 @@ pub fn server_config(
         .with_cert_resolver(store);
     // WebSocket over HTTP/2 (RFC 8441) is not offered yet.
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The client config for fetching `auth.jwks_url`: Mozilla's roots
+/// (compiled in), plus the certificates of `ca_file` when set.
+///
+/// # Errors
+/// An unreadable or malformed `ca_file`.
+pub fn jwks_client_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, ConfigError> {
+    let mut roots = RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = ca_file {
+        let certs = load_certs(path)
+            .map_err(|e| ConfigError::Invalid(format!("auth.jwks_ca_file: {e}")))?;
+        for cert in certs {
+            roots.add(cert).map_err(|e| {
+                ConfigError::Invalid(format!("auth.jwks_ca_file {}: {e}", path.display()))
+            })?;
+        }
+    }
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ConfigError::Invalid(format!("JWKS client TLS: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The load generator's client config: trusts only `ca_file`, offers
+/// AES-128-GCM-SHA256 first (as browsers, Node and Python do; rustls'
+/// default puts AES-256-GCM-SHA384 first, whose SHA-384 handshake hashing
+/// has no hardware help on common CPUs), and never resumes, so every
+/// connection pays a full handshake as new clients do.
+///
+/// # Errors
+/// An unreadable or malformed `ca_file`.
+pub fn bench_client_config(ca_file: &Path) -> Result<Arc<ClientConfig>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in load_certs(ca_file)? {
+        roots.add(cert)?;
+    }
+    let mut provider = aws_lc_rs::default_provider();
+    provider
+        .cipher_suites
+        .sort_by_key(|suite| suite.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    let mut config = ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
 }

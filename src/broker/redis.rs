@@ -1,21 +1,7 @@
-//! The broker seam: how a publication reaches subscribers on every
-//! replica. [`LocalBroker`] (the default) hands it straight to this
-//! process's [`Hub`]. [`RedisBroker`] (with `[cluster] redis_url`) sends it
-//! through Redis, where one atomic script per publication takes the
-//! channel's next `seq`, appends the message to the channel's bounded
-//! history stream and publishes it; every replica subscribes in Redis only
-//! to the channels its own sessions subscribe to (counted, unsubscribed
-//! when the last local subscriber leaves) and fans each message out
-//! locally. Redis is the one authority for `seq`, so it is consecutive per
-//! channel across replicas.
-//!
-//! While the subscription connection is down the gateway is not ready,
-//! publishes fail with `internal`, and on reconnection every channel that
-//! still has local subscribers is subscribed again and its subscribers are
-//! told that they may have missed messages (an `error` naming the channel).
+//! The Redis broker: publication by script, one pub/sub connection owned
+//! by [`RedisWorker`], subscriptions made and dropped as the core asks.
 
-use std::collections::{HashMap, HashSet};
-use std::future::Future;
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -26,135 +12,12 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::{Broker, BrokerError};
 use crate::channel::ChannelName;
 use crate::config::ClusterConfig;
 use crate::hub::{Hub, Published};
 use crate::metrics::Metrics;
 use crate::protocol::MessageTemplate;
-use crate::session::Services;
-
-/// Why the broker could not do what was asked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum BrokerError {
-    #[error("the message broker is unavailable")]
-    Unavailable,
-}
-
-/// How publications travel between sessions (and replicas).
-pub trait Broker {
-    /// Publishes `message` on `channel`. `Ok` means it was accepted and
-    /// numbered; nothing is reported as sent that was not.
-    fn publish(
-        &self,
-        channel: &ChannelName,
-        from: &str,
-        data: &RawValue,
-    ) -> impl Future<Output = Result<Published, BrokerError>> + Send;
-
-    /// Makes sure messages of `channel` reach this process; returns once
-    /// they will. Every successful call is paired with one [`Broker::release`].
-    fn subscribe(
-        &self,
-        channel: &ChannelName,
-    ) -> impl Future<Output = Result<(), BrokerError>> + Send;
-
-    /// One local subscriber of `channel` is gone.
-    fn release(&self, channel: &ChannelName);
-
-    /// Whether publications can flow (for `/readyz`).
-    fn ready(&self) -> bool;
-}
-
-/// The in-process broker: one node, nothing to install.
-#[derive(Debug)]
-pub struct LocalBroker {
-    hub: Arc<Hub>,
-}
-
-impl Broker for LocalBroker {
-    async fn publish(
-        &self,
-        channel: &ChannelName,
-        from: &str,
-        data: &RawValue,
-    ) -> Result<Published, BrokerError> {
-        Ok(self
-            .hub
-            .publish(channel, &MessageTemplate::new(channel, from, data)))
-    }
-
-    async fn subscribe(&self, _channel: &ChannelName) -> Result<(), BrokerError> {
-        Ok(())
-    }
-
-    fn release(&self, _channel: &ChannelName) {}
-
-    fn ready(&self) -> bool {
-        true
-    }
-}
-
-/// The broker the server runs with, chosen by `[cluster] redis_url`.
-#[derive(Debug)]
-pub enum AnyBroker {
-    Local(LocalBroker),
-    Redis(RedisBroker),
-}
-
-impl AnyBroker {
-    /// The broker for `cfg`, and for Redis the worker that must be run
-    /// (see [`RedisWorker::run`]).
-    ///
-    /// # Errors
-    /// A `redis_url` that does not parse.
-    pub fn new(
-        cfg: &ClusterConfig,
-        hub: Arc<Hub>,
-    ) -> Result<(Self, Option<RedisWorker>), redis::RedisError> {
-        match &cfg.redis_url {
-            None => Ok((Self::Local(LocalBroker { hub }), None)),
-            Some(url) => {
-                let (broker, worker) = RedisBroker::new(url, cfg, hub)?;
-                Ok((Self::Redis(broker), Some(worker)))
-            }
-        }
-    }
-}
-
-impl Broker for AnyBroker {
-    async fn publish(
-        &self,
-        channel: &ChannelName,
-        from: &str,
-        data: &RawValue,
-    ) -> Result<Published, BrokerError> {
-        match self {
-            Self::Local(b) => b.publish(channel, from, data).await,
-            Self::Redis(b) => b.publish(channel, from, data).await,
-        }
-    }
-
-    async fn subscribe(&self, channel: &ChannelName) -> Result<(), BrokerError> {
-        match self {
-            Self::Local(b) => b.subscribe(channel).await,
-            Self::Redis(b) => b.subscribe(channel).await,
-        }
-    }
-
-    fn release(&self, channel: &ChannelName) {
-        match self {
-            Self::Local(b) => b.release(channel),
-            Self::Redis(b) => b.release(channel),
-        }
-    }
-
-    fn ready(&self) -> bool {
-        match self {
-            Self::Local(b) => b.ready(),
-            Self::Redis(b) => b.ready(),
-        }
-    }
-}
 
 /// Takes the channel's next `seq`, appends to its history stream (trimmed
 /// by length and, when set, by age), refreshes both keys' expiry and
@@ -174,14 +37,10 @@ redis.call('PUBLISH', ARGV[1], seq .. ' ' .. ARGV[5])
 return seq
 ";
 
-/// Subscription bookkeeping shared by sessions and the worker.
-#[derive(Debug, Default)]
-struct Subscriptions {
-    /// Local subscribers per channel.
-    refs: HashMap<ChannelName, usize>,
-    /// Channels Redis has confirmed a SUBSCRIBE for on the live connection.
-    confirmed: HashSet<ChannelName>,
-}
+/// Channels Redis has confirmed a SUBSCRIBE for on the live connection.
+/// Which channels are *wanted* is the hub's to say (it counts the local
+/// subscribers); this lock is taken before a hub shard lock, never after.
+type Confirmed = HashSet<ChannelName>;
 
 /// A request to the worker, which owns the subscription connection.
 #[derive(Debug)]
@@ -200,7 +59,7 @@ pub struct RedisBroker {
     script: redis::Script,
     /// The command connection, once the worker has made it.
     commands: Arc<Mutex<Option<redis::aio::ConnectionManager>>>,
-    subs: Arc<Mutex<Subscriptions>>,
+    subs: Arc<Mutex<Confirmed>>,
     requests: mpsc::Sender<SubscribeRequest>,
     released: Arc<Notify>,
     ready: Arc<AtomicBool>,
@@ -246,15 +105,16 @@ fn parse_message(bytes: &[u8]) -> Option<(u64, &str, &str)> {
 }
 
 impl RedisBroker {
-    fn new(
+    pub(super) fn new(
         url: &str,
         cfg: &ClusterConfig,
         hub: Arc<Hub>,
+        metrics: Arc<Metrics>,
     ) -> Result<(Self, RedisWorker), redis::RedisError> {
         let client = redis::Client::open(url)?;
         let (tx, rx) = mpsc::channel(1024);
         let commands = Arc::new(Mutex::new(None));
-        let subs = Arc::new(Mutex::new(Subscriptions::default()));
+        let subs = Arc::new(Mutex::new(Confirmed::default()));
         let released = Arc::new(Notify::new());
         let ready = Arc::new(AtomicBool::new(false));
         let timeout = Duration::from_millis(cfg.command_timeout_ms);
@@ -282,19 +142,23 @@ impl RedisBroker {
             released,
             ready,
             hub,
+            metrics,
         };
         Ok((broker, worker))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Subscriptions> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Confirmed> {
         self.subs.lock().unwrap_or_else(PoisonError::into_inner)
     }
+}
 
+impl Broker for RedisBroker {
     async fn publish(
         &self,
         channel: &ChannelName,
         from: &str,
         data: &RawValue,
+        accepted: impl FnOnce() + Send,
     ) -> Result<Published, BrokerError> {
         let conn = self
             .commands
@@ -315,10 +179,14 @@ impl RedisBroker {
         // A timeout may hide a publication that did happen; it is still
         // reported as failed, never the other way round.
         match tokio::time::timeout(self.timeout, invocation.invoke_async::<u64>(&mut conn)).await {
-            Ok(Ok(seq)) => Ok(Published {
-                seq,
-                ..Published::default()
-            }),
+            Ok(Ok(seq)) => {
+                // The echo of this message may already have been delivered.
+                accepted();
+                Ok(Published {
+                    seq,
+                    ..Published::default()
+                })
+            }
             Ok(Err(e)) => {
                 debug!(error = %e, "publish through redis failed");
                 Err(BrokerError::Unavailable)
@@ -332,38 +200,23 @@ impl RedisBroker {
             // Fail now rather than wait out the worker's reconnect pause.
             return Err(BrokerError::Unavailable);
         }
-        {
-            let mut subs = self.lock();
-            *subs.refs.entry(channel.clone()).or_insert(0) += 1;
-            if subs.confirmed.contains(channel) {
-                return Ok(());
-            }
+        if self.lock().contains(channel) {
+            return Ok(());
         }
         let (done, confirmed) = oneshot::channel();
         let request = SubscribeRequest {
             channel: channel.clone(),
             done,
         };
-        let result = match self.requests.send(request).await {
+        match self.requests.send(request).await {
             Ok(()) => confirmed.await.unwrap_or(Err(BrokerError::Unavailable)),
             Err(_) => Err(BrokerError::Unavailable),
-        };
-        if result.is_err() {
-            self.release(channel);
         }
-        result
     }
 
-    fn release(&self, channel: &ChannelName) {
-        let mut subs = self.lock();
-        if let Some(n) = subs.refs.get_mut(channel) {
-            *n -= 1;
-            if *n == 0 {
-                subs.refs.remove(channel);
-                drop(subs);
-                self.released.notify_one();
-            }
-        }
+    fn release(&self, _channel: &ChannelName) {
+        // The worker asks the hub which confirmed channels are unwanted.
+        self.released.notify_one();
     }
 
     fn ready(&self) -> bool {
@@ -380,11 +233,12 @@ pub struct RedisWorker {
     timeout: Duration,
     reconnect_max: Duration,
     commands: Arc<Mutex<Option<redis::aio::ConnectionManager>>>,
-    subs: Arc<Mutex<Subscriptions>>,
+    subs: Arc<Mutex<Confirmed>>,
     requests: mpsc::Receiver<SubscribeRequest>,
     released: Arc<Notify>,
     ready: Arc<AtomicBool>,
     hub: Arc<Hub>,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for RedisWorker {
@@ -400,13 +254,14 @@ enum Ended {
 }
 
 impl RedisWorker {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Subscriptions> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Confirmed> {
         self.subs.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Runs until `stop`.
-    pub async fn run(mut self, services: Arc<Services>, stop: CancellationToken) {
-        let metrics = &services.metrics;
+    pub async fn run(mut self, stop: CancellationToken) {
+        let metrics = Arc::clone(&self.metrics);
+        let metrics = &*metrics;
         let mut delay = Duration::from_millis(50);
         let mut first = true;
         loop {
@@ -473,13 +328,13 @@ impl RedisWorker {
         metrics: &Metrics,
         stop: &CancellationToken,
     ) -> Ended {
-        let wanted: Vec<ChannelName> = self.lock().refs.keys().cloned().collect();
+        let wanted = self.hub.channel_names();
         for channel in &wanted {
             if sink.subscribe(topic(&self.prefix, channel)).await.is_err() {
                 return Ended::Lost;
             }
         }
-        self.lock().confirmed.extend(wanted.iter().cloned());
+        self.lock().extend(wanted.iter().cloned());
         if resumed {
             // Whatever was published while we were away never reached us.
             let notified = self.hub.notify_gap(&wanted);
@@ -501,10 +356,9 @@ impl RedisWorker {
                     let result = sink.subscribe(topic(&self.prefix, &request.channel)).await;
                     let ok = result.is_ok();
                     if ok {
-                        let mut subs = self.lock();
-                        subs.confirmed.insert(request.channel.clone());
+                        self.lock().insert(request.channel.clone());
                         // Its session may have given up meanwhile.
-                        if !subs.refs.contains_key(&request.channel) {
+                        if !self.hub.has_subscribers(&request.channel) {
                             released.notify_one();
                         }
                     }
@@ -524,7 +378,7 @@ impl RedisWorker {
                 }
             }
         };
-        self.lock().confirmed.clear();
+        self.lock().clear();
         *self.commands.lock().unwrap_or_else(PoisonError::into_inner) = None;
         ended
     }
@@ -534,16 +388,18 @@ impl RedisWorker {
         &self,
         sink: &mut redis::aio::PubSubSink,
     ) -> redis::RedisResult<()> {
+        // Decided and forgotten under the lock: a session joining after
+        // this finds the channel unconfirmed and asks for a new SUBSCRIBE,
+        // which this task sends after the UNSUBSCRIBE below.
         let unwanted: Vec<ChannelName> = {
-            let mut subs = self.lock();
-            let gone: Vec<ChannelName> = subs
-                .confirmed
+            let mut confirmed = self.lock();
+            let gone: Vec<ChannelName> = confirmed
                 .iter()
-                .filter(|c| !subs.refs.contains_key(*c))
+                .filter(|c| !self.hub.has_subscribers(c))
                 .cloned()
                 .collect();
             for c in &gone {
-                subs.confirmed.remove(c);
+                confirmed.remove(c);
             }
             gone
         };

@@ -1,0 +1,298 @@
+//! The gateway core: the one room that sessions (and, later, the HTTP API
+//! and the Redis worker) enter to subscribe, unsubscribe and publish. It
+//! owns what callers share: the configuration, the metrics, the token
+//! verifier, the policies, the admission limits, the per-user and
+//! per-connection slots ([`slots`]), the [`Hub`] and the broker.
+//!
+//! A caller never sees which broker is behind the core, and never counts
+//! subscribers: the hub says when a channel gains its first local
+//! subscriber or loses its last, and only then does the core ask the
+//! broker to subscribe or release it, undoing the hub's entry when the
+//! broker fails (as centrifuge's `addSubscription` does).
+//!
+//! Permission checks live here too, so every caller is held to the same
+//! rules: the caller names who it acts for and the policy set it holds.
+
+pub mod slots;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde_json::value::RawValue;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::admission::Admission;
+use crate::auth::Verifier;
+use crate::broker::{AnyBroker, Broker, BrokerError, RedisWorker};
+use crate::channel::ChannelName;
+use crate::config::Config;
+use crate::hub::{Hub, Left, Published, Subscriber};
+use crate::identity::Identity;
+use crate::metrics::Metrics;
+use crate::policy::{Action, PolicySet, PolicyStore};
+use crate::protocol::ErrorCode;
+
+/// Why the core refused a request. Each has a stable wire code apart
+/// from its text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CoreError {
+    #[error("not allowed to {}", .0.as_str())]
+    Forbidden(Action),
+    #[error("subscription limit reached")]
+    TooManySubscriptions,
+    /// The broker could not take the request; nothing was done.
+    #[error("{}", unavailable_text(*.0))]
+    Unavailable(Action),
+}
+
+fn unavailable_text(action: Action) -> &'static str {
+    match action {
+        Action::Publish => "the message broker is unavailable; not published",
+        Action::Subscribe => "the message broker is unavailable; try again",
+    }
+}
+
+impl CoreError {
+    /// The `code` of the `error` frame.
+    pub fn code(self) -> ErrorCode {
+        match self {
+            Self::Forbidden(_) => ErrorCode::Forbidden,
+            Self::TooManySubscriptions => ErrorCode::TooManySubscriptions,
+            Self::Unavailable(_) => ErrorCode::Internal,
+        }
+    }
+}
+
+/// Who a request acts for, and the policy set it is judged by (a session
+/// holds its own snapshot, swapped when policies reload).
+#[derive(Debug, Clone, Copy)]
+pub struct Caller<'a> {
+    pub identity: &'a Identity,
+    pub policy: &'a PolicySet,
+}
+
+impl Caller<'_> {
+    fn check(&self, action: Action, channel: &ChannelName) -> Result<(), CoreError> {
+        if self.policy.allows(self.identity, action, channel) {
+            Ok(())
+        } else {
+            Err(CoreError::Forbidden(action))
+        }
+    }
+}
+
+/// One connection's subscriptions, kept by its caller and changed only
+/// through the core, so the hub, the broker and the gauge agree.
+#[derive(Debug, Default)]
+pub struct Subscriptions {
+    channels: HashSet<ChannelName>,
+}
+
+impl Subscriptions {
+    pub fn contains(&self, channel: &ChannelName) -> bool {
+        self.channels.contains(channel)
+    }
+
+    pub fn len(&self) -> usize {
+        self.channels.len()
+    }
+}
+
+/// The shared core; one per server, behind an `Arc`.
+#[derive(Debug)]
+pub struct Gateway {
+    pub config: Config,
+    pub metrics: Arc<Metrics>,
+    pub verifier: Verifier,
+    pub policies: PolicyStore,
+    /// Per-address and global admission limits.
+    pub admission: Arc<Admission>,
+    hub: Arc<Hub>,
+    broker: AnyBroker,
+    /// Open sessions per user, for `limits.max_connections_per_user`.
+    users: Mutex<HashMap<String, usize>>,
+    /// Source of process-unique session numbers.
+    next_session: AtomicU64,
+    /// Set when shutdown begins: `/readyz` and new upgrades answer 503.
+    draining: AtomicBool,
+}
+
+impl Gateway {
+    /// The core for `config`, and for a Redis backplane the worker that
+    /// must run beside it ([`RedisWorker::run`]).
+    ///
+    /// # Errors
+    /// A `cluster.redis_url` that does not parse.
+    pub fn new(
+        config: Config,
+        metrics: Arc<Metrics>,
+        verifier: Verifier,
+        policies: PolicyStore,
+    ) -> Result<(Self, Option<RedisWorker>), ::redis::RedisError> {
+        let hub = Arc::new(Hub::default());
+        let (broker, worker) =
+            AnyBroker::new(&config.cluster, Arc::clone(&hub), Arc::clone(&metrics))?;
+        let gateway = Self {
+            admission: Arc::new(Admission::new(&config.admission)),
+            config,
+            metrics,
+            verifier,
+            policies,
+            hub,
+            broker,
+            users: Mutex::default(),
+            next_session: AtomicU64::new(1),
+            draining: AtomicBool::new(false),
+        };
+        Ok((gateway, worker))
+    }
+
+    /// A new process-unique session number.
+    pub fn next_session(&self) -> u64 {
+        self.next_session.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Starts the drain: readiness fails and new upgrades are refused.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Whether publications can flow (the broker is connected).
+    pub fn broker_ready(&self) -> bool {
+        self.broker.ready()
+    }
+
+    /// Subscribes `subscriber` to `channel` for `caller`, checking the
+    /// policy and the connection's subscription limit. `ok` is queued to
+    /// the subscriber before any message of the channel can be. A channel
+    /// already subscribed is answered `ok` again and changes nothing.
+    ///
+    /// # Errors
+    /// Forbidden, over the limit, or the broker could not subscribe.
+    pub async fn subscribe(
+        &self,
+        subs: &mut Subscriptions,
+        subscriber: &Subscriber,
+        caller: Caller<'_>,
+        channel: &ChannelName,
+        ok: Option<Utf8Bytes>,
+    ) -> Result<(), CoreError> {
+        if subs.contains(channel) {
+            if let Some(ok) = ok {
+                subscriber.send(ok);
+            }
+            return Ok(());
+        }
+        caller.check(Action::Subscribe, channel)?;
+        if subs.len() >= self.config.limits.max_subscriptions {
+            return Err(CoreError::TooManySubscriptions);
+        }
+        // Counted (pending) before the broker is asked, so a release that
+        // races with this join never drops a channel it needs.
+        self.hub.join(channel, subscriber.clone());
+        // Every joiner waits for the confirmation, not only the first.
+        if self.broker.subscribe(channel).await.is_err() {
+            if self.hub.leave(channel, subscriber.session) == Left::Last {
+                self.broker.release(channel);
+            }
+            return Err(CoreError::Unavailable(Action::Subscribe));
+        }
+        if let Some(ok) = ok {
+            subscriber.send(ok);
+        }
+        self.hub.activate(channel, subscriber.session);
+        subs.channels.insert(channel.clone());
+        self.metrics.subscriptions.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Ends `session`'s subscription to `channel`; false when there was
+    /// none.
+    pub fn unsubscribe(
+        &self,
+        subs: &mut Subscriptions,
+        session: u64,
+        channel: &ChannelName,
+    ) -> bool {
+        if !subs.channels.remove(channel) {
+            return false;
+        }
+        self.leave(session, channel);
+        self.metrics.subscriptions.fetch_sub(1, Ordering::Relaxed);
+        true
+    }
+
+    /// Ends every subscription of `session` (its connection is closing).
+    pub fn unsubscribe_all(&self, subs: &mut Subscriptions, session: u64) {
+        let n = subs.len() as i64;
+        for channel in std::mem::take(&mut subs.channels) {
+            self.leave(session, &channel);
+        }
+        self.metrics.subscriptions.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    /// Ends the subscriptions that `caller` may no longer hold (after a
+    /// policy reload or a token refresh); returns them, so the caller can
+    /// tell its client which.
+    pub fn drop_forbidden(
+        &self,
+        subs: &mut Subscriptions,
+        session: u64,
+        caller: Caller<'_>,
+    ) -> Vec<ChannelName> {
+        let lost: Vec<ChannelName> = subs
+            .channels
+            .iter()
+            .filter(|c| caller.check(Action::Subscribe, c).is_err())
+            .cloned()
+            .collect();
+        for channel in &lost {
+            self.unsubscribe(subs, session, channel);
+        }
+        lost
+    }
+
+    fn leave(&self, session: u64, channel: &ChannelName) {
+        // The broker is asked on every join (all wait for its
+        // confirmation) and released only when the hub says the last left.
+        if self.hub.leave(channel, session) == Left::Last {
+            self.broker.release(channel);
+        }
+    }
+
+    /// Publishes `data` on `channel` as `caller`. `accepted` runs once the
+    /// publication is certain: before local fan-out on a single node (the
+    /// publisher's `ok` precedes its echo), after Redis numbered it in a
+    /// cluster.
+    ///
+    /// # Errors
+    /// Forbidden, or the broker could not take it (nothing was published).
+    pub async fn publish(
+        &self,
+        caller: Caller<'_>,
+        channel: &ChannelName,
+        data: &RawValue,
+        accepted: impl FnOnce() + Send,
+    ) -> Result<Published, CoreError> {
+        caller.check(Action::Publish, channel)?;
+        let started = Instant::now();
+        let published = self
+            .broker
+            .publish(channel, &caller.identity.user, data, accepted)
+            .await
+            .map_err(|BrokerError::Unavailable| CoreError::Unavailable(Action::Publish))?;
+        let metrics = &self.metrics;
+        metrics.messages_received.fetch_add(1, Ordering::Relaxed);
+        metrics
+            .messages_delivered
+            .fetch_add(published.delivered as u64, Ordering::Relaxed);
+        metrics.publish.observe(started.elapsed());
+        Ok(published)
+    }
+}

@@ -1,0 +1,90 @@
+//! What a connection holds while it lives: its [`ConnSlot`] (the
+//! connection permit, its place in its address's count and in
+//! `wsgate_connections_open`) and, once upgraded, its user's
+//! [`UserSlot`]. Both are released on drop, so no path can forget one.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError};
+
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::Gateway;
+use crate::admission::AddressGuard;
+use crate::metrics::Metrics;
+
+/// A held connection, released when the connection ends (after the
+/// session, for an upgraded one).
+#[derive(Debug)]
+pub struct ConnSlot {
+    _permit: OwnedSemaphorePermit,
+    /// The client's address: the TCP peer's, or the one its PROXY header named.
+    pub client: SocketAddr,
+    pub address: AddressGuard,
+    metrics: Arc<Metrics>,
+}
+
+impl ConnSlot {
+    pub fn new(
+        permit: OwnedSemaphorePermit,
+        client: SocketAddr,
+        address: AddressGuard,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        metrics.connections_open.fetch_add(1, Ordering::Relaxed);
+        Self {
+            _permit: permit,
+            client,
+            address,
+            metrics,
+        }
+    }
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.metrics
+            .connections_open
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One of a user's connection slots (`limits.max_connections_per_user`).
+#[derive(Debug)]
+pub struct UserSlot {
+    gateway: Arc<Gateway>,
+    user: String,
+}
+
+impl UserSlot {
+    /// Takes a slot for `user`; `None` when they hold them all.
+    pub fn take(gateway: &Arc<Gateway>, user: &str) -> Option<Self> {
+        let max = gateway.config.limits.max_connections_per_user;
+        let mut users = gateway.users.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = users.entry(user.to_owned()).or_insert(0);
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(Self {
+            gateway: Arc::clone(gateway),
+            user: user.to_owned(),
+        })
+    }
+}
+
+impl Drop for UserSlot {
+    fn drop(&mut self) {
+        let mut users = self
+            .gateway
+            .users
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = users.get_mut(&self.user) {
+            *count -= 1;
+            if *count == 0 {
+                users.remove(&self.user);
+            }
+        }
+    }
+}

@@ -1,0 +1,366 @@
+//! One task per upgraded connection: a single `select!` loop over inbound
+//! frames, the outbox, the heartbeat, the token's expiry, policy changes,
+//! being cut off as a slow reader, and shutdown. The session is the only
+//! writer to its socket, and every session ends with exactly one
+//! [`CloseReason`], which decides the close code and the log line.
+
+mod close;
+mod ops;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{mpsc, watch};
+use tokio::time::{Instant, MissedTickBehavior, sleep_until, timeout};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::auth::mint::unix_now;
+use crate::config::Config;
+use crate::gateway::{Gateway, Subscriptions};
+use crate::hub::Subscriber;
+use crate::identity::Identity;
+use crate::policy::PolicySet;
+use crate::protocol::ServerFrame;
+use crate::rate::{Bucket, Rate};
+pub use close::CloseReason;
+use close::{close, read_error};
+
+/// Queued frames written per socket flush.
+const WRITE_BATCH: usize = 64;
+/// Bytes of frames gathered before tungstenite writes to TLS mid-batch.
+const WRITE_BUFFER: usize = 16 * 1024;
+
+/// One session's identity and wiring.
+#[derive(Debug)]
+pub struct SessionContext {
+    /// Process-unique number (the hub's key).
+    pub number: u64,
+    /// Random id shown to the client and in logs.
+    pub id: String,
+    pub identity: Identity,
+}
+
+/// The tungstenite limits for one connection, from `[websocket]`.
+pub fn ws_limits(config: &Config) -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    let cfg = &config.websocket;
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(cfg.read_buffer_bytes)
+        // Frames queue in tungstenite's buffer until the session flushes a
+        // batch, so a batch is one TLS write and one syscall, not one per frame.
+        .write_buffer_size(WRITE_BUFFER)
+        .max_write_buffer_size(WRITE_BUFFER + cfg.max_message_bytes.saturating_mul(4))
+        .max_message_size(Some(cfg.max_message_bytes))
+        .max_frame_size(Some(cfg.max_frame_bytes))
+        .accept_unmasked_frames(false)
+}
+
+/// The mutable state of one session.
+struct Session<'a> {
+    gateway: &'a Gateway,
+    ctx: SessionContext,
+    policy: Arc<PolicySet>,
+    subscriptions: Subscriptions,
+    /// Created with the outbox on the first reply or subscription, so an
+    /// idle connection carries neither.
+    subscriber: Option<Subscriber>,
+    /// The outbox receiver just created, for the loop to take over.
+    new_outbox: Option<mpsc::Receiver<Utf8Bytes>>,
+    /// Fired by the hub when this session's outbox is full.
+    slow: CancellationToken,
+    /// The publish rate limit and this session's bucket.
+    rate: Rate,
+    bucket: Bucket,
+    strikes: u32,
+    bad_frames: u32,
+    /// Set by a successful `refresh`: the expiry timer must move.
+    new_expiry: Option<Instant>,
+}
+
+/// Runs the session to its end and returns why it ended.
+pub async fn run<S>(
+    mut ws: WebSocketStream<S>,
+    gateway: &Gateway,
+    ctx: SessionContext,
+    shutdown: CancellationToken,
+    hurry: CancellationToken,
+) -> CloseReason
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let cfg = &gateway.config;
+    let write_timeout = Duration::from_millis(cfg.websocket.write_timeout_ms);
+    // Subscribe to policy swaps before reading the set, so a swap in
+    // between is seen as a change rather than missed.
+    let policy_changes = gateway.policies.changes();
+    // Validation keeps both at least 1, so the limit is always on.
+    let rate = Rate::new(
+        f64::from(cfg.limits.publish_rate_per_s),
+        cfg.limits.publish_burst,
+    )
+    .unwrap_or(Rate::new(1.0, 1).expect("1 per second is a rate"));
+    let mut session = Session {
+        gateway,
+        policy: gateway.policies.current(),
+        subscriptions: Subscriptions::default(),
+        subscriber: None,
+        new_outbox: None,
+        slow: CancellationToken::new(),
+        rate,
+        bucket: Bucket::full(rate, Instant::now().into_std()),
+        strikes: 0,
+        bad_frames: 0,
+        new_expiry: None,
+        ctx,
+    };
+    let welcome = ServerFrame::Welcome {
+        session: &session.ctx.id,
+        user: &session.ctx.identity.user,
+        expires_at: session.ctx.identity.expires_at,
+        heartbeat_ms: cfg.websocket.heartbeat_ms,
+    }
+    .encode();
+    let first = std::iter::once(Message::text(welcome));
+    let slow = session.slow.clone();
+    let metrics = &gateway.metrics;
+    metrics.sessions_open.fetch_add(1, Ordering::Relaxed);
+    let reason = match send_all(&mut ws, first, write_timeout, &slow).await {
+        Err(reason) => reason,
+        Ok(()) => {
+            session
+                .event_loop(&mut ws, policy_changes, &shutdown, &hurry)
+                .await
+        }
+    };
+    gateway.unsubscribe_all(&mut session.subscriptions, session.ctx.number);
+    close(&mut ws, reason, write_timeout, metrics).await;
+    metrics.sessions_open.fetch_sub(1, Ordering::Relaxed);
+    metrics.sessions_closed.inc(reason.label());
+    // Every reason so far is the client's doing or a normal end: nothing
+    // for an operator to act on, so debug (metrics count them).
+    debug!(reason = reason.label(), "session closed");
+    reason
+}
+
+/// The next batch from the outbox; pending until the outbox exists.
+async fn recv_batch(
+    outbox: Option<&mut mpsc::Receiver<Utf8Bytes>>,
+    batch: &mut Vec<Utf8Bytes>,
+) -> usize {
+    match outbox {
+        Some(rx) => rx.recv_many(batch, WRITE_BATCH).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Completes at the next policy swap, handing the receiver back to re-arm.
+async fn policy_change(mut changes: watch::Receiver<u64>) -> watch::Receiver<u64> {
+    if changes.changed().await.is_err() {
+        // The store outlives every session; were it gone, wait forever.
+        std::future::pending::<()>().await;
+    }
+    changes
+}
+
+impl Session<'_> {
+    async fn event_loop<S>(
+        &mut self,
+        ws: &mut WebSocketStream<S>,
+        policy_changes: watch::Receiver<u64>,
+        shutdown: &CancellationToken,
+        hurry: &CancellationToken,
+    ) -> CloseReason
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let cfg = &self.gateway.config;
+        let write_timeout = Duration::from_millis(cfg.websocket.write_timeout_ms);
+        let heartbeat = Duration::from_millis(cfg.websocket.heartbeat_ms);
+        let silence_limit = heartbeat + Duration::from_millis(cfg.websocket.heartbeat_grace_ms);
+        let leeway = Duration::from_secs(cfg.auth.leeway_s);
+        let mut tick = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let slow = self.slow.clone();
+        let mut outbox: Option<mpsc::Receiver<Utf8Bytes>> = None;
+        // These live across iterations: re-creating them per frame would
+        // register and unregister a waiter each time, and the policy one is
+        // shared by every session.
+        let shutdown_signal = shutdown.cancelled();
+        let hurry_signal = hurry.cancelled();
+        let slow_signal = slow.cancelled();
+        // Set when draining: the `expired` timer then marks this session's
+        // turn in the drain window (one timer serves both).
+        let mut draining = false;
+        let mut policy_changed = Box::pin(policy_change(policy_changes));
+        let mut last_seen = Instant::now();
+        // Re-armed lazily when it fires, so an inbound frame costs no timer work.
+        let silence = tokio::time::sleep(silence_limit);
+        let expired = sleep_until(expiry_instant(self.ctx.identity.expires_at, leeway));
+        tokio::pin!(silence, expired, shutdown_signal, hurry_signal, slow_signal);
+        // Grows on first use: an idle connection should not carry it.
+        let mut batch = Vec::new();
+
+        loop {
+            if let Some(rx) = self.new_outbox.take() {
+                outbox = Some(rx);
+            }
+            tokio::select! {
+                () = &mut shutdown_signal, if !draining => {
+                    draining = true;
+                    let turn = drain_turn(self.ctx.number, cfg.server.drain_window_ms);
+                    if turn.is_zero() {
+                        return CloseReason::Shutdown;
+                    }
+                    let at = Instant::now() + turn;
+                    if at < expired.deadline() {
+                        expired.as_mut().reset(at);
+                    }
+                }
+                () = &mut hurry_signal => return CloseReason::Shutdown,
+                () = &mut slow_signal => return CloseReason::SlowReader,
+                () = &mut expired => {
+                    let expiry = expiry_instant(self.ctx.identity.expires_at, leeway);
+                    return if draining && Instant::now() < expiry {
+                        CloseReason::Shutdown
+                    } else {
+                        CloseReason::TokenExpired
+                    };
+                }
+                () = &mut silence => {
+                    let deadline = last_seen + silence_limit;
+                    if Instant::now() >= deadline {
+                        return CloseReason::HeartbeatTimeout;
+                    }
+                    silence.as_mut().reset(deadline);
+                }
+                _ = tick.tick() => {
+                    let ping = std::iter::once(Message::Ping(Default::default()));
+                    if let Err(reason) = send_all(ws, ping, write_timeout, &slow).await {
+                        return reason;
+                    }
+                }
+                changes = &mut policy_changed => {
+                    self.policy = self.gateway.policies.current();
+                    self.recheck_subscriptions("the policy no longer allows this subscription");
+                    policy_changed = Box::pin(policy_change(changes));
+                }
+                n = recv_batch(outbox.as_mut(), &mut batch) => {
+                    // The sender lives in `self`, so the outbox never closes here.
+                    if n > 0 {
+                        let frames = batch.drain(..).map(Message::Text);
+                        if let Err(reason) = send_all(ws, frames, write_timeout, &slow).await {
+                            return reason;
+                        }
+                    }
+                }
+                inbound = ws.next() => {
+                    last_seen = Instant::now();
+                    let text = match inbound {
+                        None => return CloseReason::ClientClosed,
+                        Some(Err(e)) => return read_error(&e),
+                        Some(Ok(Message::Text(text))) => text,
+                        Some(Ok(Message::Binary(_))) => return CloseReason::Binary,
+                        Some(Ok(Message::Close(_))) => return CloseReason::ClientClosed,
+                        // Pings are answered by tungstenite; all count as liveness.
+                        Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+                    };
+                    if let Some(reason) = self.handle(&text).await {
+                        return reason;
+                    }
+                    if let Some(at) = self.new_expiry.take() {
+                        // While draining, the timer holds the drain turn.
+                        if !draining || at < expired.deadline() {
+                            expired.as_mut().reset(at);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Feeds every frame, then flushes once: one TLS write for the batch. A
+/// write blocked by a client that does not read ends early when the hub
+/// cuts that client off (`slow`), or at the write deadline.
+async fn send_all<S>(
+    ws: &mut WebSocketStream<S>,
+    frames: impl Iterator<Item = Message>,
+    limit: Duration,
+    slow: &CancellationToken,
+) -> Result<(), CloseReason>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let write = async {
+        for frame in frames {
+            ws.feed(frame).await?;
+        }
+        ws.flush().await
+    };
+    tokio::select! {
+        written = timeout(limit, write) => match written {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(match read_error(&e) {
+                CloseReason::ClientClosed => CloseReason::ClientClosed,
+                _ => CloseReason::Io,
+            }),
+            Err(_) => Err(CloseReason::WriteTimeout),
+        },
+        () = slow.cancelled() => Err(CloseReason::SlowReader),
+    }
+}
+
+/// This session's place in the drain window: sessions spread evenly over
+/// it (a golden-ratio sequence over session numbers), so clients told to
+/// reconnect (1001) do not all come back at once.
+fn drain_turn(number: u64, window_ms: u64) -> Duration {
+    const PHI_FRACTION: f64 = 0.618_033_988_749_894_9;
+    let place = (number as f64 * PHI_FRACTION).fract();
+    Duration::from_millis((place * window_ms as f64) as u64)
+}
+
+/// The instant the session must end: `exp` + leeway, measured from now
+/// to the sub-second (whole seconds would end sessions up to 1 s late).
+fn expiry_instant(expires_at: u64, leeway: Duration) -> Instant {
+    let end = std::time::UNIX_EPOCH + Duration::from_secs(expires_at) + leeway;
+    let remaining = end
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or(Duration::ZERO);
+    // Cap far-future tokens so the Instant arithmetic cannot overflow.
+    Instant::now() + remaining.min(Duration::from_secs(100 * 365 * 86_400))
+}
+
+/// A random 64-bit session id in hex.
+pub fn new_session_id() -> String {
+    let mut raw = [0u8; 8];
+    if aws_lc_rs::rand::fill(&mut raw).is_err() {
+        // Ids only need to be unique in logs; fall back to the clock.
+        raw = (unix_now() ^ u64::from(std::process::id())).to_be_bytes();
+    }
+    raw.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drain_turns_spread_over_the_window() {
+        let mut tenths = [0u32; 10];
+        for n in 1..=1000 {
+            let turn = drain_turn(n, 10_000);
+            assert!(turn < Duration::from_secs(10));
+            tenths[(turn.as_millis() / 1000) as usize] += 1;
+        }
+        assert!(
+            tenths.iter().all(|&t| (90..=110).contains(&t)),
+            "{tenths:?}"
+        );
+        assert_eq!(drain_turn(7, 0), Duration::ZERO);
+    }
+}

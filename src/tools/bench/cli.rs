@@ -1,0 +1,192 @@
+//! `wsgate bench`: the command's arguments and how they become targets
+//! and reports (one JSON line on stdout).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+
+use super::{Auth, BenchError, Pace, Target};
+use crate::tools::cli::BoxError;
+
+#[derive(Args)]
+pub struct BenchTarget {
+    /// The server's WebSocket URL.
+    #[arg(long, default_value = "wss://localhost:8443/ws")]
+    pub url: String,
+    /// CA (PEM) to trust for the server's certificate.
+    #[arg(long, default_value = "certs/ca.pem")]
+    pub ca: PathBuf,
+    /// HMAC secret file: mint an HS256 token per client (sub bench-N, role member).
+    #[arg(long, conflicts_with = "token")]
+    pub secret: Option<PathBuf>,
+    /// One token for every client.
+    #[arg(long, required_unless_present = "secret")]
+    pub token: Option<String>,
+    /// Token carrier.
+    #[arg(long, default_value = "header", value_parser = ["header", "subprotocol"])]
+    pub carrier: String,
+    /// The server is a plain broadcast server (no welcome, no channels).
+    #[arg(long)]
+    pub plain: bool,
+    /// Spread client sockets over 127.0.0.1..N (0: one per 25,000 connections).
+    #[arg(long, default_value_t = 0)]
+    pub sources: usize,
+}
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Open N connections, hold them, report server RSS per connection.
+    Idle {
+        #[command(flatten)]
+        target: BenchTarget,
+        #[arg(long)]
+        connections: usize,
+        #[arg(long, default_value_t = 200)]
+        concurrency: usize,
+        /// Seconds to hold the connections after they are open.
+        #[arg(long, default_value_t = 5)]
+        hold: u64,
+        /// The server's pid, to read its RSS.
+        #[arg(long)]
+        server_pid: Option<u32>,
+    },
+    /// One publisher to N subscribers: deliveries/s and latency.
+    Fanout {
+        #[command(flatten)]
+        target: BenchTarget,
+        #[arg(long)]
+        subscribers: usize,
+        /// Message payload size, bytes.
+        #[arg(long, default_value_t = 100)]
+        size: usize,
+        /// Messages in flight (not yet received by every subscriber).
+        #[arg(long, conflicts_with = "rate", required_unless_present = "rate")]
+        window: Option<u32>,
+        /// Fixed publish rate, messages per second.
+        #[arg(long)]
+        rate: Option<u32>,
+        /// Measured seconds.
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+        /// Unmeasured seconds first.
+        #[arg(long, default_value_t = 2)]
+        warmup: u64,
+        #[arg(long, default_value = "chat:bench")]
+        channel: String,
+        /// Publish through this URL instead of `--url` (another replica of
+        /// a cluster, trusting the same CA): measures delivery across replicas.
+        #[arg(long)]
+        publish_url: Option<String>,
+    },
+    /// Authenticated connections per second (TLS + upgrade + JWT).
+    Connect {
+        #[command(flatten)]
+        target: BenchTarget,
+        #[arg(long)]
+        connections: usize,
+        #[arg(long, default_value_t = 50)]
+        concurrency: usize,
+    },
+}
+
+pub fn run(command: BenchCommand) -> Result<(), BoxError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let target = |t: &BenchTarget, n: usize| {
+            let auth = match (&t.secret, &t.token) {
+                (Some(path), _) => super::secret_from_file(path).map(Auth::Secret),
+                (None, Some(token)) => Ok(Auth::Token(token.clone())),
+                (None, None) => Err(BenchError::Setup("--secret or --token".into())),
+            };
+            let sources = if t.sources == 0 {
+                n / 25_000 + 1
+            } else {
+                t.sources
+            };
+            let (url, ca, header, plain) =
+                (t.url.clone(), t.ca.clone(), t.carrier == "header", t.plain);
+            async move { Target::new(&url, &ca, auth?, header, plain, sources).await }
+        };
+        let line = match command {
+            BenchCommand::Idle {
+                target: t,
+                connections,
+                concurrency,
+                hold,
+                server_pid,
+            } => {
+                let target = target(&t, connections).await?;
+                let report = super::idle(
+                    &target,
+                    connections,
+                    concurrency,
+                    Duration::from_secs(hold),
+                    server_pid,
+                )
+                .await;
+                serde_json::to_string(&report)?
+            }
+            BenchCommand::Fanout {
+                target: t,
+                subscribers,
+                size,
+                window,
+                rate,
+                duration,
+                warmup,
+                channel,
+                publish_url,
+            } => {
+                let subscribers_at = target(&t, subscribers).await?;
+                let publisher = match publish_url {
+                    Some(url) => Some(
+                        target(
+                            &BenchTarget {
+                                url,
+                                ca: t.ca.clone(),
+                                secret: t.secret.clone(),
+                                token: t.token.clone(),
+                                carrier: t.carrier.clone(),
+                                plain: t.plain,
+                                sources: t.sources,
+                            },
+                            1,
+                        )
+                        .await?,
+                    ),
+                    None => None,
+                };
+                let pace = match (window, rate) {
+                    (Some(w), _) => Pace::Window(w),
+                    (None, Some(r)) => Pace::Rate(r),
+                    (None, None) => Pace::Window(1),
+                };
+                let report = super::fanout(
+                    &subscribers_at,
+                    publisher.as_ref(),
+                    subscribers,
+                    size,
+                    pace,
+                    Duration::from_secs(duration),
+                    Duration::from_secs(warmup),
+                    &channel,
+                )
+                .await?;
+                serde_json::to_string(&report)?
+            }
+            BenchCommand::Connect {
+                target: t,
+                connections,
+                concurrency,
+            } => {
+                let target = target(&t, connections).await?;
+                serde_json::to_string(&super::connect(&target, connections, concurrency).await)?
+            }
+        };
+        println!("{line}");
+        Ok::<(), BoxError>(())
+    })
+}
