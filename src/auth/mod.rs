@@ -12,6 +12,7 @@
 //! Nothing here ever formats a token into an error or a log line: errors
 //! carry only an [`AuthFailure`] reason.
 
+mod claims;
 pub mod fetch;
 pub mod keys;
 pub mod mint;
@@ -22,7 +23,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, Validation, errors::ErrorKind};
+use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, Validation};
 use serde_json::{Map, Value};
 use tracing::{debug, info, warn};
 
@@ -31,54 +32,10 @@ pub use keys::KeyError;
 use crate::config::{Config, ConfigError, MIN_HMAC_SECRET_BYTES};
 use crate::identity::Identity;
 use crate::metrics::KeyMetrics;
+pub use claims::AuthFailure;
+use claims::{identity_from_claims, map_error};
 use fetch::{Admission, Cause, JwksClient, Outcome, RefreshGate};
 use keys::{KeySet, MAX_JWKS_BYTES};
-
-/// Why a token was refused. The label is stable (logs, metrics later).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum AuthFailure {
-    #[error("token is not a well-formed JWT")]
-    Malformed,
-    #[error("token algorithm is not allowed")]
-    Algorithm,
-    #[error("token has a crit header")]
-    Crit,
-    #[error("token names no key the gateway has")]
-    UnknownKid,
-    #[error("token signature is invalid")]
-    Signature,
-    #[error("token has expired")]
-    Expired,
-    #[error("token is not valid yet")]
-    NotYetValid,
-    #[error("token issuer is not accepted")]
-    Issuer,
-    #[error("token audience is not accepted")]
-    Audience,
-    #[error("token lacks a required claim")]
-    MissingClaim,
-    #[error("token claim has the wrong type")]
-    BadClaim,
-}
-
-impl AuthFailure {
-    /// A short stable label for logs and metrics.
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::Malformed => "malformed",
-            Self::Algorithm => "algorithm",
-            Self::Crit => "crit",
-            Self::UnknownKid => "unknown_kid",
-            Self::Signature => "signature",
-            Self::Expired => "expired",
-            Self::NotYetValid => "not_yet_valid",
-            Self::Issuer => "issuer",
-            Self::Audience => "audience",
-            Self::MissingClaim => "missing_claim",
-            Self::BadClaim => "bad_claim",
-        }
-    }
-}
 
 /// Checks tokens against the keys in force and a pinned algorithm set.
 /// Clones share the keys, so a reload is seen by every holder.
@@ -500,55 +457,6 @@ fn load_jwks_file(path: &Path, pinned: &[Algorithm]) -> Result<KeySet, KeyError>
         .read_to_end(&mut bytes)
         .map_err(read_err)?;
     KeySet::from_jwks(&bytes, pinned, &origin)
-}
-
-fn identity_from_claims(
-    mut claims: Map<String, Value>,
-    roles_claim: &str,
-) -> Result<Identity, AuthFailure> {
-    let user = match claims.get("sub") {
-        Some(Value::String(s)) if !s.is_empty() => s.clone(),
-        Some(_) => return Err(AuthFailure::BadClaim),
-        None => return Err(AuthFailure::MissingClaim),
-    };
-    let expires_at = claims
-        .get("exp")
-        .and_then(Value::as_u64)
-        .ok_or(AuthFailure::BadClaim)?;
-    let roles = match claims.get(roles_claim) {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|v| v.as_str().map(str::to_owned).ok_or(AuthFailure::BadClaim))
-            .collect::<Result<_, _>>()?,
-        Some(_) => return Err(AuthFailure::BadClaim),
-    };
-    // A session keeps its claims for policy templates; the time claims and
-    // the roles are held above or no longer needed, so they are dropped.
-    for spent in ["exp", "iat", "nbf", "jti", roles_claim] {
-        claims.remove(spent);
-    }
-    Ok(Identity {
-        user,
-        roles,
-        expires_at,
-        claims,
-    })
-}
-
-fn map_error(kind: &ErrorKind) -> AuthFailure {
-    match kind {
-        ErrorKind::InvalidSignature => AuthFailure::Signature,
-        ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => AuthFailure::Algorithm,
-        ErrorKind::ExpiredSignature => AuthFailure::Expired,
-        ErrorKind::ImmatureSignature => AuthFailure::NotYetValid,
-        ErrorKind::InvalidIssuer => AuthFailure::Issuer,
-        ErrorKind::InvalidAudience => AuthFailure::Audience,
-        ErrorKind::MissingRequiredClaim(_) => AuthFailure::MissingClaim,
-        ErrorKind::InvalidClaimFormat(_) | ErrorKind::InvalidSubject => AuthFailure::BadClaim,
-        // Unparseable header (incl. `alg: none`), bad base64, bad JSON, wrong key type.
-        _ => AuthFailure::Malformed,
-    }
 }
 
 /// Reads an HMAC secret: the file's bytes less one trailing line break
