@@ -65,11 +65,19 @@ struct Channel {
     subscribers: Vec<Subscriber>,
     /// Joined but not yet delivered to (see [`Hub::activate`]).
     pending: Vec<Subscriber>,
+    /// Sessions cut off (full outbox) or ending (closed outbox): no longer
+    /// delivered to, still counted until they leave, so the count of
+    /// subscribers changes only through [`Hub::join`] and [`Hub::leave`].
+    cut: Vec<u64>,
 }
 
 impl Channel {
+    fn len(&self) -> usize {
+        self.subscribers.len() + self.pending.len() + self.cut.len()
+    }
+
     fn is_empty(&self) -> bool {
-        self.subscribers.is_empty() && self.pending.is_empty()
+        self.len() == 0
     }
 
     fn has(&self, session: u64) -> bool {
@@ -77,6 +85,7 @@ impl Channel {
             .iter()
             .chain(&self.pending)
             .any(|s| s.session == session)
+            || self.cut.contains(&session)
     }
 }
 
@@ -174,10 +183,11 @@ impl Hub {
         let Some(entry) = shard.get_mut(channel) else {
             return Left::NotThere;
         };
-        let before = entry.subscribers.len() + entry.pending.len();
+        let before = entry.len();
         entry.subscribers.retain(|s| s.session != session);
         entry.pending.retain(|s| s.session != session);
-        if entry.subscribers.len() + entry.pending.len() == before {
+        entry.cut.retain(|s| *s != session);
+        if entry.len() == before {
             return Left::NotThere;
         }
         if entry.is_empty() {
@@ -218,7 +228,7 @@ impl Hub {
             seq: entry.seq,
             ..Published::default()
         };
-        push(&entry.subscribers, None, &frame, &mut out);
+        push(entry, None, &frame, &mut out);
         out
     }
 
@@ -242,7 +252,7 @@ impl Hub {
             seq,
             ..Published::default()
         };
-        push(&entry.subscribers, notice.as_ref(), &frame, &mut out);
+        push(entry, notice.as_ref(), &frame, &mut out);
         out
     }
 
@@ -259,7 +269,7 @@ impl Hub {
             };
             entry.seq = 0;
             let mut out = Published::default();
-            push(&entry.subscribers, None, &notice, &mut out);
+            push(entry, None, &notice, &mut out);
             told += out.delivered;
         }
         told
@@ -281,33 +291,31 @@ impl Hub {
 
 /// Queues `frame`, after `notice` when there is one, to every subscriber,
 /// counting them in `out`. A full outbox cuts that subscriber off (its
-/// `slow` token fires). A subscriber cut off, or whose session is ending,
-/// stays in the table (skipped) until its session leaves: the count of
-/// subscribers has one owner, [`Hub::leave`].
-fn push(
-    subscribers: &[Subscriber],
-    notice: Option<&Utf8Bytes>,
-    frame: &Utf8Bytes,
-    out: &mut Published,
-) {
-    for s in subscribers {
-        if s.slow.is_cancelled() {
-            continue;
-        }
+/// `slow` token fires); a closed one belongs to a session that is ending.
+/// Either way it is delivered to no more and moves to `cut`, where it is
+/// counted until its session leaves.
+fn push(entry: &mut Channel, notice: Option<&Utf8Bytes>, frame: &Utf8Bytes, out: &mut Published) {
+    let cut = &mut entry.cut;
+    entry.subscribers.retain(|s| {
         let sent = match notice {
             Some(n) => s.outbox.try_send(n.clone()),
             None => Ok(()),
         }
         .and_then(|()| s.outbox.try_send(frame.clone()));
         match sent {
-            Ok(()) => out.delivered += 1,
+            Ok(()) => {
+                out.delivered += 1;
+                return true;
+            }
             Err(TrySendError::Full(_)) => {
                 s.slow.cancel();
                 out.slow += 1;
             }
             Err(TrySendError::Closed(_)) => {}
         }
-    }
+        cut.push(s.session);
+        false
+    });
 }
 
 fn gap_notice(channel: &ChannelName) -> Utf8Bytes {
