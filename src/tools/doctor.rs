@@ -10,7 +10,7 @@ use std::fmt;
 use std::path::Path;
 
 use jsonwebtoken::AlgorithmFamily;
-use time::{Date, Month, OffsetDateTime, PrimitiveDateTime, Time};
+use time::OffsetDateTime;
 
 use crate::config::Config;
 
@@ -449,8 +449,7 @@ fn check_tls(config: &Config, env: &Environment, out: &mut Findings) {
             ),
         );
     }
-    let dev = contains(&info.issuer, super::certs::CA_NAME.as_bytes());
-    if dev && !config.server.listen.ip().is_loopback() {
+    if info.dev_ca && !config.server.listen.ip().is_loopback() {
         out.push(
             Level::Warning,
             "tls.cert_file",
@@ -549,10 +548,6 @@ pub fn parse_open_files(limits: &str) -> Option<(u64, u64)> {
     Some((value()?, value()?))
 }
 
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
-}
-
 fn day(t: OffsetDateTime) -> String {
     format!("{}-{:02}-{:02}", t.year(), u8::from(t.month()), t.day())
 }
@@ -562,84 +557,20 @@ fn day(t: OffsetDateTime) -> String {
 struct CertInfo {
     not_before: OffsetDateTime,
     not_after: OffsetDateTime,
-    /// The issuer `Name`, DER.
-    issuer: Vec<u8>,
+    /// Whether the issuer `Name` (DER) holds `super::certs::CA_NAME`.
+    dev_ca: bool,
 }
 
-/// One DER element: its tag, its contents and what follows it.
-fn der(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let (&tag, rest) = input.split_first()?;
-    let (&first, rest) = rest.split_first()?;
-    let (len, rest) = if first < 0x80 {
-        (usize::from(first), rest)
-    } else {
-        let n = usize::from(first & 0x7f);
-        if n == 0 || n > 4 || rest.len() < n {
-            return None;
-        }
-        let len = rest[..n]
-            .iter()
-            .fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
-        (len, &rest[n..])
-    };
-    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
-}
-
-/// The validity and issuer of an X.509 certificate (RFC 5280 §4.1):
-/// `Certificate ::= SEQUENCE { tbsCertificate SEQUENCE { [0] version
-/// OPTIONAL, serialNumber, signature, issuer, validity, ... }, ... }`.
+/// The validity and issuer of a DER X.509 certificate (RFC 5280 §4.1).
 fn cert_info(cert: &[u8]) -> Option<CertInfo> {
-    const SEQUENCE: u8 = 0x30;
-    const VERSION: u8 = 0xa0;
-    let (SEQUENCE, cert, _) = der(cert)? else {
-        return None;
-    };
-    let (SEQUENCE, tbs, _) = der(cert)? else {
-        return None;
-    };
-    let (tag, _, after) = der(tbs)?;
-    let rest = if tag == VERSION { after } else { tbs };
-    let (_, _, rest) = der(rest)?; // serialNumber
-    let (_, _, rest) = der(rest)?; // signature algorithm
-    let (SEQUENCE, issuer, rest) = der(rest)? else {
-        return None;
-    };
-    let (SEQUENCE, validity, _) = der(rest)? else {
-        return None;
-    };
-    let (tag_before, before, rest) = der(validity)?;
-    let (tag_after, after, _) = der(rest)?;
+    let (_, cert) = x509_parser::parse_x509_certificate(cert).ok()?;
+    let validity = cert.validity();
+    let ca = super::certs::CA_NAME.as_bytes();
     Some(CertInfo {
-        not_before: asn1_time(tag_before, before)?,
-        not_after: asn1_time(tag_after, after)?,
-        issuer: issuer.to_vec(),
+        not_before: validity.not_before.to_datetime(),
+        not_after: validity.not_after.to_datetime(),
+        dev_ca: cert.issuer().as_raw().windows(ca.len()).any(|w| w == ca),
     })
-}
-
-/// UTCTime (`YYMMDDHHMMSSZ`, years 1950–2049) or GeneralizedTime
-/// (`YYYYMMDDHHMMSSZ`), the two forms RFC 5280 §4.1.2.5 allows.
-fn asn1_time(tag: u8, text: &[u8]) -> Option<OffsetDateTime> {
-    const UTC_TIME: u8 = 0x17;
-    const GENERALIZED_TIME: u8 = 0x18;
-    let text = std::str::from_utf8(text).ok()?.strip_suffix('Z')?;
-    if !text.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let (year, rest) = match tag {
-        UTC_TIME => {
-            let yy: i32 = text.get(..2)?.parse().ok()?;
-            (if yy >= 50 { 1900 + yy } else { 2000 + yy }, text.get(2..)?)
-        }
-        GENERALIZED_TIME => (text.get(..4)?.parse().ok()?, text.get(4..)?),
-        _ => return None,
-    };
-    if rest.len() != 10 {
-        return None;
-    }
-    let two = |i: usize| rest.get(i..i + 2)?.parse::<u8>().ok();
-    let date = Date::from_calendar_date(year, Month::try_from(two(0)?).ok()?, two(2)?).ok()?;
-    let time = Time::from_hms(two(4)?, two(6)?, two(8)?).ok()?;
-    Some(PrimitiveDateTime::new(date, time).assume_utc())
 }
 
 #[cfg(test)]
@@ -669,14 +600,16 @@ mod tests {
     }
 
     #[test]
-    fn asn1_times_refuse_what_rfc_5280_does_not_allow() {
-        let t = asn1_time(0x17, b"491231235959Z").unwrap();
-        assert_eq!((t.year(), t.day()), (2049, 31));
-        assert_eq!(asn1_time(0x17, b"500101000000Z").unwrap().year(), 1950);
-        assert!(asn1_time(0x17, b"4912312359Z").is_none());
-        assert!(asn1_time(0x18, b"20491231235959+0100").is_none());
-        assert!(asn1_time(0x18, b"20491331235959Z").is_none());
-        assert!(asn1_time(0x04, b"20491231235959Z").is_none());
+    fn recognises_the_development_ca_as_issuer() {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        let other = params.self_signed(&key).unwrap();
+        assert!(!cert_info(other.der()).unwrap().dev_ca);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, super::super::certs::CA_NAME);
+        let dev = params.self_signed(&key).unwrap();
+        assert!(cert_info(dev.der()).unwrap().dev_ca);
     }
 
     #[test]
