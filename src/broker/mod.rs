@@ -1,5 +1,5 @@
 //! The broker seam: how a publication reaches subscribers on every
-//! replica. [`LocalBroker`] (the default) hands it straight to this
+//! replica. [`AnyBroker::Local`] (the default) hands it straight to this
 //! process's [`Hub`]. [`RedisBroker`] (with `[cluster] redis_url`) sends it
 //! through Redis ([`redis`]), where one atomic script per publication takes
 //! the channel's next `seq`, appends the message to the channel's bounded
@@ -9,9 +9,9 @@
 //! channel across replicas.
 //!
 //! The broker keeps no count of subscribers: the gateway core asks it to
-//! [`Broker::subscribe`] a channel when the [`Hub`] reports a first local
-//! subscriber (and for every joiner, to wait for the confirmation) and to
-//! [`Broker::release`] it when the hub reports the last one gone.
+//! [`AnyBroker::subscribe`] a channel for every joiner (all wait for the
+//! same confirmation) and to [`AnyBroker::release`] it when the [`Hub`]
+//! reports the last local subscriber gone.
 //!
 //! While the subscription connection is down the gateway is not ready,
 //! publishes fail with `internal`, and on reconnection every channel that
@@ -20,7 +20,6 @@
 
 mod redis;
 
-use std::future::Future;
 use std::sync::Arc;
 
 use serde_json::value::RawValue;
@@ -39,73 +38,12 @@ pub enum BrokerError {
     Unavailable,
 }
 
-/// How publications travel between sessions (and replicas).
-pub trait Broker {
-    /// Publishes `data` on `channel` from `from`. `Ok` means it was
-    /// accepted and numbered; nothing is reported as sent that was not.
-    /// `accepted` runs once the publication is certain, before local
-    /// fan-out when the broker numbers in process (so a publisher's `ok`
-    /// precedes its own echo) and after the numbering otherwise.
-    fn publish(
-        &self,
-        channel: &ChannelName,
-        from: &str,
-        data: &RawValue,
-        accepted: impl FnOnce() + Send,
-    ) -> impl Future<Output = Result<Published, BrokerError>> + Send;
-
-    /// Makes sure messages of `channel` reach this process; returns once
-    /// they will. Idempotent: every joiner of a channel may call it, and
-    /// all of them wait for the same confirmation.
-    fn subscribe(
-        &self,
-        channel: &ChannelName,
-    ) -> impl Future<Output = Result<(), BrokerError>> + Send;
-
-    /// The channel has no local subscriber any more (the hub said so):
-    /// stop receiving it, unless one joins again meanwhile.
-    fn release(&self, channel: &ChannelName);
-
-    /// Whether publications can flow (for `/readyz`).
-    fn ready(&self) -> bool;
-}
-
-/// The in-process broker: one node, nothing to install.
-#[derive(Debug)]
-pub struct LocalBroker {
-    hub: Arc<Hub>,
-}
-
-impl Broker for LocalBroker {
-    async fn publish(
-        &self,
-        channel: &ChannelName,
-        from: &str,
-        data: &RawValue,
-        accepted: impl FnOnce() + Send,
-    ) -> Result<Published, BrokerError> {
-        // The local hub cannot fail: acknowledge before fanning out.
-        accepted();
-        Ok(self
-            .hub
-            .publish(channel, &MessageTemplate::new(channel, from, data)))
-    }
-
-    async fn subscribe(&self, _channel: &ChannelName) -> Result<(), BrokerError> {
-        Ok(())
-    }
-
-    fn release(&self, _channel: &ChannelName) {}
-
-    fn ready(&self) -> bool {
-        true
-    }
-}
-
-/// The broker the server runs with, chosen by `[cluster] redis_url`.
+/// How publications travel between sessions (and replicas): the broker
+/// the server runs with, chosen by `[cluster] redis_url`.
 #[derive(Debug)]
 pub enum AnyBroker {
-    Local(LocalBroker),
+    /// In process: one node, nothing to install.
+    Local(Arc<Hub>),
     Redis(RedisBroker),
 }
 
@@ -121,17 +59,20 @@ impl AnyBroker {
         metrics: Arc<Metrics>,
     ) -> Result<(Self, Option<RedisWorker>), ::redis::RedisError> {
         match &cfg.redis_url {
-            None => Ok((Self::Local(LocalBroker { hub }), None)),
+            None => Ok((Self::Local(hub), None)),
             Some(url) => {
                 let (broker, worker) = RedisBroker::new(url, cfg, hub, metrics)?;
                 Ok((Self::Redis(broker), Some(worker)))
             }
         }
     }
-}
 
-impl Broker for AnyBroker {
-    async fn publish(
+    /// Publishes `data` on `channel` from `from`. `Ok` means it was
+    /// accepted and numbered; nothing is reported as sent that was not.
+    /// `accepted` runs once the publication is certain: before local
+    /// fan-out in process (so a publisher's `ok` precedes its own echo),
+    /// after Redis numbered it otherwise.
+    pub async fn publish(
         &self,
         channel: &ChannelName,
         from: &str,
@@ -139,28 +80,37 @@ impl Broker for AnyBroker {
         accepted: impl FnOnce() + Send,
     ) -> Result<Published, BrokerError> {
         match self {
-            Self::Local(b) => b.publish(channel, from, data, accepted).await,
+            Self::Local(hub) => {
+                // The local hub cannot fail: acknowledge before fanning out.
+                accepted();
+                Ok(hub.publish(channel, &MessageTemplate::new(channel, from, data)))
+            }
             Self::Redis(b) => b.publish(channel, from, data, accepted).await,
         }
     }
 
-    async fn subscribe(&self, channel: &ChannelName) -> Result<(), BrokerError> {
+    /// Makes sure messages of `channel` reach this process; returns once
+    /// they will. Idempotent: every joiner of a channel may call it, and
+    /// all of them wait for the same confirmation.
+    pub async fn subscribe(&self, channel: &ChannelName) -> Result<(), BrokerError> {
         match self {
-            Self::Local(b) => b.subscribe(channel).await,
+            Self::Local(_) => Ok(()),
             Self::Redis(b) => b.subscribe(channel).await,
         }
     }
 
-    fn release(&self, channel: &ChannelName) {
-        match self {
-            Self::Local(b) => b.release(channel),
-            Self::Redis(b) => b.release(channel),
+    /// The channel has no local subscriber any more (the hub said so):
+    /// stop receiving it, unless one joins again meanwhile.
+    pub fn release(&self) {
+        if let Self::Redis(b) = self {
+            b.release();
         }
     }
 
-    fn ready(&self) -> bool {
+    /// Whether publications can flow (for `/readyz`).
+    pub fn ready(&self) -> bool {
         match self {
-            Self::Local(b) => b.ready(),
+            Self::Local(_) => true,
             Self::Redis(b) => b.ready(),
         }
     }

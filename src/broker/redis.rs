@@ -12,7 +12,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{Broker, BrokerError};
+use super::BrokerError;
 use crate::channel::ChannelName;
 use crate::config::ClusterConfig;
 use crate::hub::{Hub, Published};
@@ -150,10 +150,8 @@ impl RedisBroker {
     fn lock(&self) -> std::sync::MutexGuard<'_, Confirmed> {
         self.subs.lock().unwrap_or_else(PoisonError::into_inner)
     }
-}
 
-impl Broker for RedisBroker {
-    async fn publish(
+    pub(super) async fn publish(
         &self,
         channel: &ChannelName,
         from: &str,
@@ -195,7 +193,7 @@ impl Broker for RedisBroker {
         }
     }
 
-    async fn subscribe(&self, channel: &ChannelName) -> Result<(), BrokerError> {
+    pub(super) async fn subscribe(&self, channel: &ChannelName) -> Result<(), BrokerError> {
         if !self.ready() {
             // Fail now rather than wait out the worker's reconnect pause.
             return Err(BrokerError::Unavailable);
@@ -214,12 +212,13 @@ impl Broker for RedisBroker {
         }
     }
 
-    fn release(&self, _channel: &ChannelName) {
-        // The worker asks the hub which confirmed channels are unwanted.
+    /// A channel lost its last local subscriber; the worker asks the hub
+    /// which confirmed channels are unwanted now.
+    pub(super) fn release(&self) {
         self.released.notify_one();
     }
 
-    fn ready(&self) -> bool {
+    pub(super) fn ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
     }
 }

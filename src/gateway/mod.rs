@@ -25,7 +25,7 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::admission::Admission;
 use crate::auth::Verifier;
-use crate::broker::{AnyBroker, Broker, BrokerError, RedisWorker};
+use crate::broker::{AnyBroker, BrokerError, RedisWorker};
 use crate::channel::ChannelName;
 use crate::config::Config;
 use crate::hub::{Hub, Left, Published, Subscriber};
@@ -199,7 +199,7 @@ impl Gateway {
         // Every joiner waits for the confirmation, not only the first.
         if self.broker.subscribe(channel).await.is_err() {
             if self.hub.leave(channel, subscriber.session) == Left::Last {
-                self.broker.release(channel);
+                self.broker.release();
             }
             return Err(CoreError::Unavailable(Action::Subscribe));
         }
@@ -262,7 +262,7 @@ impl Gateway {
         // The broker is asked on every join (all wait for its
         // confirmation) and released only when the hub says the last left.
         if self.hub.leave(channel, session) == Left::Last {
-            self.broker.release(channel);
+            self.broker.release();
         }
     }
 
