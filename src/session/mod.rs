@@ -346,21 +346,4 @@ pub fn new_session_id() -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn drain_turns_spread_over_the_window() {
-        let mut tenths = [0u32; 10];
-        for n in 1..=1000 {
-            let turn = drain_turn(n, 10_000);
-            assert!(turn < Duration::from_secs(10));
-            tenths[(turn.as_millis() / 1000) as usize] += 1;
-        }
-        assert!(
-            tenths.iter().all(|&t| (90..=110).contains(&t)),
-            "{tenths:?}"
-        );
-        assert_eq!(drain_turn(7, 0), Duration::ZERO);
-    }
-}
+mod tests;
