@@ -200,7 +200,11 @@ impl Session<'_> {
         let mut last_seen = Instant::now();
         // Re-armed lazily when it fires, so an inbound frame costs no timer work.
         let silence = tokio::time::sleep(silence_limit);
-        let expired = sleep_until(expiry_instant(self.ctx.identity.expires_at, leeway));
+        // The token's end, kept as an instant of the loop's own clock: the
+        // timer below may hold the drain turn instead, and which of the two
+        // fired is told by this, never by reading the wall clock again.
+        let mut expiry = expiry_instant(self.ctx.identity.expires_at, leeway);
+        let expired = sleep_until(expiry);
         tokio::pin!(silence, expired, shutdown_signal, hurry_signal, slow_signal);
         // Grows on first use: an idle connection should not carry it.
         let mut batch = Vec::new();
@@ -224,7 +228,6 @@ impl Session<'_> {
                 () = &mut hurry_signal => return CloseReason::Shutdown,
                 () = &mut slow_signal => return CloseReason::SlowReader,
                 () = &mut expired => {
-                    let expiry = expiry_instant(self.ctx.identity.expires_at, leeway);
                     return if draining && Instant::now() < expiry {
                         CloseReason::Shutdown
                     } else {
@@ -273,6 +276,7 @@ impl Session<'_> {
                         return reason;
                     }
                     if let Some(at) = self.new_expiry.take() {
+                        expiry = at;
                         // While draining, the timer holds the drain turn.
                         if !draining || at < expired.deadline() {
                             expired.as_mut().reset(at);

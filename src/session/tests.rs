@@ -270,6 +270,29 @@ async fn shutdown_closes_with_1001_at_the_sessions_drain_turn() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_token_that_expires_before_the_drain_turn_closes_with_4001() {
+    const WINDOW_MS: u64 = 600_000;
+    let gateway = gateway(|c| {
+        c.auth.leeway_s = 0;
+        c.server.drain_window_ms = WINDOW_MS;
+        c.websocket.heartbeat_ms = HOUR_MS;
+    });
+    // Session 1's turn is about 371 s into the window; its token ends in
+    // about 20 s, well before that.
+    let turn = drain_turn(1, WINDOW_MS);
+    assert!(turn > Duration::from_secs(60), "{turn:?}");
+    let mut s = Running::start(&gateway, 1, identity("alice", unix_now() + 20)).await;
+    s.shutdown.cancel();
+    settle().await;
+    s.assert_running();
+    // Which deadline fired is told by the session's own clock: the wall
+    // clock stands still here, so reading it again would say "not yet".
+    assert_eq!(s.end().await, CloseReason::TokenExpired);
+    assert!(s.started.elapsed() < Duration::from_secs(21));
+    assert_eq!(s.close_code().await, Some(4001));
+}
+
+#[tokio::test(start_paused = true)]
 async fn hurry_ends_a_draining_session_at_once() {
     const WINDOW_MS: u64 = 10_000;
     let gateway = gateway(|c| {
