@@ -6,32 +6,20 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-use crate::harness::{Gateway, LOCAL, start};
+use crate::harness::{Gateway, LOCAL, RawResponse, WAIT, bearer, eventually, metric, start};
 
 fn addr(last: u8) -> IpAddr {
     IpAddr::from([127, 0, 0, last])
 }
 
-async fn upgrade_from(gw: &Gateway, source: IpAddr, token: &str) -> crate::harness::RawResponse {
-    gw.raw_from(
-        source,
-        &gw.upgrade_head("/ws", &[&format!("Authorization: Bearer {token}")]),
-    )
-    .await
+async fn upgrade_from(gw: &Gateway, source: IpAddr, token: &str) -> RawResponse {
+    gw.raw_from(source, &gw.upgrade_head("/ws", &[&bearer(token)]))
+        .await
 }
 
-/// Reads one metric, from an address no test limits.
-async fn metric(gw: &Gateway, line: &str) -> u64 {
-    let body = gw
-        .raw_from(
-            addr(250),
-            "GET /metrics HTTP/1.1\nHost: localhost\nConnection: close\n",
-        )
-        .await
-        .body;
-    body.lines()
-        .find_map(|l| l.strip_prefix(line)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{line} not in /metrics:\n{body}"))
+/// Reads one metric, scraped from an address no test limits.
+async fn scraped(gw: &Gateway, series: &str) -> u64 {
+    metric(&gw.metrics_from(addr(250)).await, series)
 }
 
 #[tokio::test]
@@ -59,22 +47,15 @@ async fn open_connections_per_address_are_capped_with_429() {
         .expect("other address");
 
     drop(first);
-    let again = async {
-        loop {
-            if let Ok((ws, _)) = gw.connect(&token).await {
-                return ws;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
-    tokio::time::timeout(crate::harness::WAIT, again)
-        .await
-        .expect("the slot was never released");
+    eventually(WAIT, "the slot to be released", async || {
+        gw.connect(&token).await.ok()
+    })
+    .await;
     assert_eq!(
-        metric(&gw, "wsgate_upgrades_total{result=\"address_limit\"}").await,
+        scraped(&gw, "wsgate_upgrades_total{result=\"address_limit\"}").await,
         1
     );
-    assert!(metric(&gw, "wsgate_admission_dropped_total").await >= 1);
+    assert!(scraped(&gw, "wsgate_admission_dropped_total").await >= 1);
 }
 
 #[tokio::test]
@@ -96,7 +77,8 @@ async fn new_connections_per_address_are_rate_limited_with_429() {
     gw.connect_from(addr(4), gw.bearer_request(&token))
         .await
         .expect("other address");
-    // A token comes back after a second.
+    // A token comes back after a second. A sleep: time refilling the
+    // bucket is the subject (and a probe from `source` would spend it).
     tokio::time::sleep(Duration::from_millis(1100)).await;
     gw.connect_from(source, gw.bearer_request(&token))
         .await
@@ -139,7 +121,7 @@ async fn failed_authentications_block_the_address_before_signature_checks() {
     for _ in 0..3 {
         upgrade_from(&gw, source, &forged).await.assert_refused(401);
     }
-    let signature_failures = metric(&gw, "wsgate_auth_failures_total{reason=\"signature\"}").await;
+    let signature_failures = scraped(&gw, "wsgate_auth_failures_total{reason=\"signature\"}").await;
     assert_eq!(signature_failures, 3);
     // Even a valid token is refused now, and without a signature check.
     let res = upgrade_from(&gw, source, &token).await;
@@ -149,11 +131,11 @@ async fn failed_authentications_block_the_address_before_signature_checks() {
     assert!(res.body.contains("failed authentications"));
     upgrade_from(&gw, source, &forged).await.assert_refused(429);
     assert_eq!(
-        metric(&gw, "wsgate_auth_failures_total{reason=\"signature\"}").await,
+        scraped(&gw, "wsgate_auth_failures_total{reason=\"signature\"}").await,
         signature_failures
     );
     assert_eq!(
-        metric(&gw, "wsgate_upgrades_total{result=\"auth_rate\"}").await,
+        scraped(&gw, "wsgate_upgrades_total{result=\"auth_rate\"}").await,
         2
     );
     // Other addresses still authenticate.

@@ -3,13 +3,13 @@
 //! open, policy reloads under live subscriptions, slow readers (4008),
 //! token expiry and refresh, heartbeats, and the per-connection limits.
 //!
-//! Absence ("no message came") is proven with [`Client::settle`]: a ping
-//! round-trip, then a barrier message the client publishes to its own
-//! `user:{sub}` inbox. A pong alone only proves the ping was handled; the
-//! barrier goes through the hub and the connection's queue like any
-//! message, behind everything routed to the client before it.
+//! Absence ("no message came") is proven with [`Client::settle`] (in the
+//! harness): a ping round-trip, then a barrier message the client
+//! publishes to its own `user:{sub}` inbox. A pong alone only proves the
+//! ping was handled; the barrier goes through the hub and the connection's
+//! queue like any message, behind everything routed to the client before
+//! it.
 
-use std::collections::VecDeque;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::{SinkExt, StreamExt};
@@ -19,15 +19,14 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::Role;
 
-use crate::harness::{self, Gateway, WAIT, Ws, expect_close, hs256_jwt, start};
+use crate::harness::{
+    self, Client, Gateway, WAIT, Ws, bearer, eventually, eventually_ok, expect_close, hs256_jwt,
+    read_json, start, try_read_json,
+};
 
 const HS256: &str = r#"{"alg":"HS256","typ":"JWT"}"#;
 
 // ---- helpers ------------------------------------------------------------------
-
-fn bearer(token: &str) -> String {
-    format!("Authorization: Bearer {token}")
-}
 
 /// A token for `sub` with `roles` that expires at `exp` (unix seconds).
 fn token_until(gw: &Gateway, sub: &str, roles: &[&str], exp: u64) -> String {
@@ -38,31 +37,6 @@ fn token_until(gw: &Gateway, sub: &str, roles: &[&str], exp: u64) -> String {
 /// The `message` frame the contract describes, field for field.
 fn message(channel: &str, from: &str, data: Json, seq: u64) -> Json {
     json!({"op": "message", "channel": channel, "from": from, "data": data, "seq": seq})
-}
-
-/// The next text frame as JSON within `limit`, skipping pings and pongs;
-/// `None` when nothing came in time. Panics on a close or a non-text frame.
-pub(crate) async fn try_read_json(ws: &mut Ws, limit: Duration) -> Option<Json> {
-    let next = async {
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Text(text))) => {
-                    return serde_json::from_str::<Json>(&text)
-                        .unwrap_or_else(|e| panic!("frame is not JSON ({e}): {text}"));
-                }
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                other => panic!("expected a text frame, got {other:?}"),
-            }
-        }
-    };
-    tokio::time::timeout(limit, next).await.ok()
-}
-
-/// The next text frame as JSON; fails after [`WAIT`].
-pub(crate) async fn read_json(ws: &mut Ws) -> Json {
-    try_read_json(ws, WAIT)
-        .await
-        .expect("no frame from the gateway in time")
 }
 
 /// Reads until the gateway's close frame: the text frames before it, and
@@ -103,6 +77,8 @@ fn wall() -> Duration {
 async fn at_millis_into_second(ms: u32) {
     let now = wall().subsec_millis();
     let wait = (ms + 1000 - now) % 1000;
+    // A sleep: the position within the wall-clock second is what the
+    // expiry tests set up, there is no event to wait for.
     tokio::time::sleep(Duration::from_millis(u64::from(wait))).await;
 }
 
@@ -112,195 +88,6 @@ async fn fire_and_forget(ws: &mut Ws, frames: Vec<String>) {
         ws.feed(Message::text(frame)).await.expect("feed");
     }
     ws.flush().await.expect("flush");
-}
-
-/// One WebSocket client that has read its `welcome` (also used by the
-/// cluster tests).
-pub(crate) struct Client {
-    pub(crate) ws: Ws,
-    user: String,
-    welcome: Json,
-    next_id: u64,
-    /// Frames read while waiting for a reply, handed out first by `next`.
-    early: VecDeque<Json>,
-    /// Subscribed to `user:{sub}`, which `settle` uses as a barrier.
-    inbox: bool,
-}
-
-impl Client {
-    pub(crate) async fn join(gw: &Gateway, user: &str, roles: &[&str]) -> Self {
-        Self::join_with(gw, &gw.token(user, roles), user).await
-    }
-
-    pub(crate) async fn join_with(gw: &Gateway, token: &str, user: &str) -> Self {
-        let (ws, res) = gw.connect(token).await.expect("upgrade");
-        assert_eq!(res.status(), 101);
-        Self::from_ws(ws, user).await
-    }
-
-    /// A client on an upgraded `ws` (however it got there) signed in as `user`.
-    pub(crate) async fn from_ws(mut ws: Ws, user: &str) -> Self {
-        let welcome = read_json(&mut ws).await;
-        assert_eq!(welcome["op"], "welcome", "{welcome}");
-        assert_eq!(welcome["user"], user, "{welcome}");
-        Self {
-            ws,
-            user: user.to_owned(),
-            welcome,
-            next_id: 0,
-            early: VecDeque::new(),
-            inbox: false,
-        }
-    }
-
-    /// Small writes leave at once instead of waiting for an ACK (Nagle),
-    /// for clients that publish in bursts without waiting for replies.
-    fn nodelay(&self) {
-        self.ws
-            .get_ref()
-            .get_ref()
-            .0
-            .set_nodelay(true)
-            .expect("nodelay");
-    }
-
-    fn id(&mut self) -> u64 {
-        self.next_id += 1;
-        self.next_id
-    }
-
-    fn inbox_name(&self) -> String {
-        format!("user:{}", self.user)
-    }
-
-    async fn send_text(&mut self, text: &str) {
-        tokio::time::timeout(WAIT, self.ws.send(Message::text(text)))
-            .await
-            .expect("send timed out")
-            .expect("send");
-    }
-
-    pub(crate) async fn send(&mut self, frame: &Json) {
-        self.send_text(&frame.to_string()).await;
-    }
-
-    /// The next frame, earlier-read ones first.
-    pub(crate) async fn next(&mut self) -> Json {
-        match self.early.pop_front() {
-            Some(frame) => frame,
-            None => read_json(&mut self.ws).await,
-        }
-    }
-
-    /// Reads until the reply carrying `id`; other frames are kept for `next`.
-    pub(crate) async fn reply(&mut self, id: u64) -> Json {
-        loop {
-            let frame = read_json(&mut self.ws).await;
-            if frame["id"] == id && frame["op"] != "message" {
-                return frame;
-            }
-            self.early.push_back(frame);
-        }
-    }
-
-    /// Sends `frame` with a fresh `id` and returns the reply carrying it.
-    pub(crate) async fn call(&mut self, mut frame: Json) -> Json {
-        let id = self.id();
-        frame["id"] = id.into();
-        self.send(&frame).await;
-        self.reply(id).await
-    }
-
-    /// `frame` must be answered exactly `{"op":"ok","id":N}`.
-    pub(crate) async fn ok(&mut self, frame: Json) {
-        let id = self.next_id + 1;
-        let reply = self.call(frame.clone()).await;
-        assert_eq!(
-            reply,
-            json!({"op": "ok", "id": id}),
-            "{} sent {frame}",
-            self.user
-        );
-    }
-
-    /// `frame` must be answered with an error `code` carrying the id.
-    pub(crate) async fn error(&mut self, frame: Json, code: &str) -> Json {
-        let id = self.next_id + 1;
-        let reply = self.call(frame.clone()).await;
-        assert_eq!(
-            reply["op"], "error",
-            "{} sent {frame}, got {reply}",
-            self.user
-        );
-        assert_eq!(
-            reply["code"], code,
-            "{} sent {frame}, got {reply}",
-            self.user
-        );
-        assert_eq!(reply["id"], id, "{reply}");
-        assert!(reply["message"].is_string(), "{reply}");
-        reply
-    }
-
-    pub(crate) async fn subscribe(&mut self, channel: &str) {
-        self.ok(json!({"op": "subscribe", "channel": channel}))
-            .await;
-    }
-
-    pub(crate) async fn publish(&mut self, channel: &str, data: Json) {
-        self.ok(json!({"op": "publish", "channel": channel, "data": data}))
-            .await;
-    }
-
-    async fn subscribe_inbox(&mut self) {
-        let inbox = self.inbox_name();
-        self.subscribe(&inbox).await;
-        self.inbox = true;
-    }
-
-    /// Every frame that arrives before a ping's pong and (with an inbox)
-    /// before a barrier published to the inbox, plus frames read earlier.
-    async fn settle(&mut self) -> Vec<Json> {
-        let mut seen: Vec<Json> = self.early.drain(..).collect();
-        let id = self.id();
-        self.send(&json!({"op": "ping", "id": id})).await;
-        loop {
-            let frame = read_json(&mut self.ws).await;
-            if frame == json!({"op": "pong", "id": id}) {
-                break;
-            }
-            seen.push(frame);
-        }
-        if self.inbox {
-            let id = self.id();
-            let inbox = self.inbox_name();
-            let mark = json!({"barrier": id});
-            self.send(&json!({"op": "publish", "id": id, "channel": inbox, "data": mark}))
-                .await;
-            let (mut acked, mut arrived) = (false, false);
-            while !(acked && arrived) {
-                let frame = read_json(&mut self.ws).await;
-                if frame == json!({"op": "ok", "id": id}) {
-                    acked = true;
-                } else if frame["op"] == "message"
-                    && frame["channel"] == inbox.as_str()
-                    && frame["data"] == mark
-                {
-                    assert_eq!(frame["from"], self.user.as_str(), "{frame}");
-                    arrived = true;
-                } else {
-                    seen.push(frame);
-                }
-            }
-        }
-        seen
-    }
-
-    /// Nothing is pending for this client (see [`Client::settle`]).
-    async fn assert_quiet(&mut self, why: &str) {
-        let seen = self.settle().await;
-        assert!(seen.is_empty(), "{}: {why}, but got {seen:#?}", self.user);
-    }
 }
 
 // ---- 1. every op end to end ---------------------------------------------------
@@ -815,24 +602,20 @@ async fn policy_reload_ends_a_lost_subscription_with_an_error_frame() {
 /// Waits until `client` may no longer subscribe to `channel` (a reload
 /// took it away), leaving it unsubscribed.
 async fn until_subscribe_is_forbidden(client: &mut Client, channel: &str) {
-    let deadline = Instant::now() + WAIT;
-    loop {
+    eventually(WAIT, "the policy change to be loaded", async || {
         let reply = client
             .call(json!({"op": "subscribe", "channel": channel}))
             .await;
         if reply["op"] == "error" {
             assert_eq!(reply["code"], "forbidden", "{reply}");
-            return;
+            return Some(());
         }
         client
             .ok(json!({"op": "unsubscribe", "channel": channel}))
             .await;
-        assert!(
-            Instant::now() < deadline,
-            "the policy change was never loaded"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        None
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -856,15 +639,15 @@ async fn invalid_policy_file_is_refused_and_the_set_in_force_stays() {
     };
     let before = mentions();
     std::fs::write(&policy_file, "[[rule]]\nname = 1\n").expect("break policy");
-    let deadline = Instant::now() + WAIT;
-    while mentions() == before {
-        assert!(
-            Instant::now() < deadline,
-            "the watcher never reported the invalid policy file"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    // ... and, three polls later, the set in force is still the last good one.
+    eventually(
+        WAIT,
+        "the watcher to report the invalid policy file",
+        async || (mentions() != before).then_some(()),
+    )
+    .await;
+    // ... and, three polls later, the set in force is still the last good
+    // one. A sleep: the watcher gets three chances (100 ms each) to act
+    // wrongly, and nothing it does could be waited for instead.
     tokio::time::sleep(Duration::from_millis(300)).await;
     alice.subscribe("announce:other").await;
     let err = alice
@@ -878,21 +661,17 @@ async fn invalid_policy_file_is_refused_and_the_set_in_force_stays() {
 
     // The watcher goes on after a refused file: the default comes back.
     std::fs::write(&policy_file, wsgate::policy::DEFAULT_POLICY).expect("restore policy");
-    let deadline = Instant::now() + WAIT;
-    loop {
+    eventually(WAIT, "the restored policy to be loaded", async || {
         let reply = alice
             .call(json!({"op": "subscribe", "channel": "chat:x"}))
             .await;
         if reply["op"] == "ok" {
-            break;
+            return Some(());
         }
         assert_eq!(reply["code"], "forbidden", "{reply}");
-        assert!(
-            Instant::now() < deadline,
-            "the restored policy was never loaded"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        None
+    })
+    .await;
     bob.publish("chat:x", json!("back")).await;
     let mut got = alice.next().await;
     // The channel had no subscriber for a while: its seq may have restarted.
@@ -1046,7 +825,7 @@ async fn refresh_extends_the_connection_past_the_first_exp() {
         Client::join_with(&gw, &token_until(&gw, "alice", &["member"], exp), "alice").await;
     let longer = token_until(&gw, "alice", &["member"], exp + 600);
     alice.ok(json!({"op": "refresh", "token": longer})).await;
-    // Time is the subject: wait until half a second past the first exp.
+    // Time is the subject: sleep until half a second past the first exp.
     let past = Duration::from_secs(exp) + Duration::from_millis(500);
     tokio::time::sleep(past.saturating_sub(wall())).await;
     alice.subscribe("chat:x").await;
@@ -1201,7 +980,8 @@ async fn publish_rate_limit_then_4008_after_strikes_in_a_row() {
         let err = alice.error(publish.clone(), "rate_limited").await;
         assert_eq!(err["channel"], "chat:x");
     }
-    // An allowed publication ends the streak. Time is the subject here.
+    // An allowed publication ends the streak. Time is the subject here: a
+    // sleep, for the rate bucket (1/s) to refill one token.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     alice.ok(publish.clone()).await;
     alice.error(publish.clone(), "rate_limited").await;
@@ -1231,14 +1011,13 @@ async fn per_user_connection_cap_is_429() {
     alice.assert_quiet("alice's first connection is fine").await;
     // Closing frees the slot.
     alice.ws.close(None).await.expect("close");
-    let deadline = Instant::now() + WAIT;
-    loop {
+    eventually_ok(WAIT, "alice's slot to come back", async || {
         match gw.connect(&another).await {
-            Ok((_, r)) if r.status() == 101 => break,
-            _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
-            other => panic!("alice's slot never came back: {other:?}"),
+            Ok((_, r)) if r.status() == 101 => Ok(()),
+            other => Err(other.map(|(_, r)| r.status())),
         }
-    }
+    })
+    .await;
 }
 
 #[tokio::test]

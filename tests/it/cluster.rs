@@ -5,14 +5,14 @@
 //! and a Redis outage is visible (readiness, `internal` errors, a gap
 //! notice) and recovered from without restarting the gateways.
 
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{Value as Json, json};
 
-use crate::channels::{Client, try_read_json};
-use crate::harness::{Gateway, WAIT, require_tool, start};
+use crate::harness::{
+    Client, Gateway, WAIT, eventually_ok, free_port, require_tool, start, try_read_json,
+};
 
 /// A private `redis-server` on 127.0.0.1, without persistence.
 pub(crate) struct RedisServer {
@@ -21,18 +21,17 @@ pub(crate) struct RedisServer {
 }
 
 impl RedisServer {
-    pub fn start() -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        let mut server = Self { port, child: None };
-        server.restart();
+    pub async fn start() -> Self {
+        let mut server = Self {
+            port: free_port(),
+            child: None,
+        };
+        server.restart().await;
         server
     }
 
-    /// Starts (again) on the same port.
-    pub fn restart(&mut self) {
+    /// Starts (again) on the same port; returns once it accepts connections.
+    pub async fn restart(&mut self) {
         let child = Command::new(require_tool("redis-server"))
             .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
@@ -41,11 +40,11 @@ impl RedisServer {
             .spawn()
             .expect("start redis-server");
         self.child = Some(child);
-        let deadline = Instant::now() + WAIT;
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let port = self.port;
+        eventually_ok(WAIT, "redis-server to accept connections", async || {
+            tokio::net::TcpStream::connect(("127.0.0.1", port)).await
+        })
+        .await;
     }
 
     pub fn stop(&mut self) {
@@ -90,18 +89,15 @@ async fn replicas(redis: &RedisServer) -> (Gateway, Gateway) {
 }
 
 async fn wait_ready(gw: &Gateway, status: u16) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let now = gw.get("/readyz").await.status;
-        if now == status {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "/readyz stayed {now}, wanted {status}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually_ok(
+        WAIT,
+        &format!("/readyz to answer {status}"),
+        async || match gw.get("/readyz").await.status {
+            now if now == status => Ok(()),
+            now => Err(now),
+        },
+    )
+    .await;
 }
 
 /// The next `n` messages (skipping nothing else: any other frame fails).
@@ -117,7 +113,7 @@ async fn messages(client: &mut Client, n: usize) -> Vec<Json> {
 
 #[tokio::test]
 async fn publications_from_both_replicas_reach_both_in_order_with_one_seq() {
-    let redis = RedisServer::start();
+    let redis = RedisServer::start().await;
     let (a, b) = replicas(&redis).await;
     let mut sub_b = Client::join(&b, "bob", &["member"]).await;
     let mut sub_a = Client::join(&a, "amy", &["member"]).await;
@@ -165,7 +161,7 @@ async fn publications_from_both_replicas_reach_both_in_order_with_one_seq() {
 
 #[tokio::test]
 async fn redis_outage_is_reported_and_recovered_without_a_restart() {
-    let mut redis = RedisServer::start();
+    let mut redis = RedisServer::start().await;
     let (a, b) = replicas(&redis).await;
     let mut sub = Client::join(&b, "bob", &["member"]).await;
     sub.subscribe("chat:y").await;
@@ -189,8 +185,11 @@ async fn redis_outage_is_reported_and_recovered_without_a_restart() {
     late.error(json!({"op": "subscribe", "channel": "chat:z"}), "internal")
         .await;
 
+    // A sleep: the outage outlasts a reconnect attempt (reconnect_max_ms
+    // is 200), so recovery is the replicas' own retrying, whose timing is
+    // theirs; there is no event to wait for.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    redis.restart();
+    redis.restart().await;
     wait_ready(&a, 200).await;
     wait_ready(&b, 200).await;
     // The subscriber is told its channel may have missed messages, and
@@ -209,7 +208,7 @@ async fn redis_outage_is_reported_and_recovered_without_a_restart() {
 #[tokio::test]
 async fn bench_fanout_measures_delivery_across_replicas() {
     use wsgate::tools::bench::{self, Auth, Pace, Target};
-    let redis = RedisServer::start();
+    let redis = RedisServer::start().await;
     let (a, b) = replicas(&redis).await;
     let secret = a.secret();
     let ca = |gw: &Gateway| wsgate::tools::certs::CertPaths::in_dir(gw.dir.path()).ca_cert;
@@ -244,7 +243,7 @@ async fn bench_fanout_measures_delivery_across_replicas() {
 
 /// How many Redis subscribers `topic` has (all replicas together).
 fn redis_subscribers(redis: &RedisServer, topic: &str) -> u64 {
-    let out = Command::new("redis-cli")
+    let out = Command::new(require_tool("redis-cli"))
         .args([
             "-p",
             &redis.port.to_string(),
@@ -254,7 +253,7 @@ fn redis_subscribers(redis: &RedisServer, topic: &str) -> u64 {
             topic,
         ])
         .output()
-        .expect("redis-cli is not installed: run scripts/test-deps.sh");
+        .expect("run redis-cli");
     let text = String::from_utf8_lossy(&out.stdout);
     text.lines()
         .nth(1)
@@ -264,7 +263,7 @@ fn redis_subscribers(redis: &RedisServer, topic: &str) -> u64 {
 
 #[tokio::test]
 async fn a_replica_subscribes_in_redis_only_while_it_has_local_subscribers() {
-    let redis = RedisServer::start();
+    let redis = RedisServer::start().await;
     let (a, b) = replicas(&redis).await;
     let topic = "wsgate:msg:chat:refs";
     assert_eq!(redis_subscribers(&redis, topic), 0);
@@ -285,9 +284,13 @@ async fn a_replica_subscribes_in_redis_only_while_it_has_local_subscribers() {
         "bea still listens on B"
     );
     drop(two); // the last subscriber on B disconnects
-    let deadline = Instant::now() + WAIT;
-    while redis_subscribers(&redis, topic) != 1 {
-        assert!(Instant::now() < deadline, "B never unsubscribed in Redis");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually_ok(
+        WAIT,
+        "B to unsubscribe in Redis",
+        async || match redis_subscribers(&redis, topic) {
+            1 => Ok(()),
+            n => Err(n),
+        },
+    )
+    .await;
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use wsgate::Config;
 use wsgate::tools::certs::{self, CertPaths};
 
-use crate::harness::{python_with, repo_root, require_tool, substitute};
+use crate::harness::{python_with, repo_root, require_file, require_tool, substitute};
 
 pub fn deploy(path: &str) -> PathBuf {
     repo_root().join("deploy").join(path)
@@ -343,6 +343,11 @@ fn systemd_unit_verifies_against_the_built_binary() {
 #[test]
 fn nginx_configs_pass_nginx_t() {
     let nginx = require_tool("nginx");
+    // wsgate-passthrough.conf loads the stream module, a package of its own.
+    require_file(
+        "/usr/lib/nginx/modules/ngx_stream_module.so",
+        "libnginx-mod-stream",
+    );
     let dir = tempfile::tempdir().unwrap();
     let paths = CertPaths::in_dir(dir.path());
     certs::generate(

@@ -21,15 +21,12 @@ use tokio::net::UnixStream;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::{HeaderValue, header};
 
-use crate::channels::Client;
 use crate::cluster::RedisServer;
 use crate::harness::{
-    Gateway, LOCAL, WAIT, Ws, captured_logs, free_port, repo_root, require_tool, start, substitute,
+    Client, Gateway, LOCAL, WAIT, Ws, bearer_request_to, captured_logs, eventually_ok, free_port,
+    metric, read_json, repo_root, require_tool, start, substitute,
 };
-use crate::metrics::admin_get;
 
 /// HAProxy's tunnel timeout in these tests; the gateway pings 3x as often.
 const TUNNEL: Duration = Duration::from_secs(1);
@@ -182,21 +179,19 @@ impl Haproxy {
         Ok(parse_stat(&csv))
     }
 
-    /// Polls the stats socket until `done` holds; fails after `WAIT`.
+    /// Polls the stats socket until `done` holds; fails after `WAIT`
+    /// with the last `show stat` and HAProxy's stderr.
     async fn wait_for(&self, what: &str, done: impl Fn(&[ServerStat]) -> bool) {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let last = match self.stat().await {
-                Ok(stat) if done(&stat) => return,
-                other => other,
-            };
-            assert!(
-                Instant::now() < deadline,
-                "haproxy: not {what} in {WAIT:?}; last: {last:?}\nhaproxy stderr:\n{}",
-                std::fs::read_to_string(&self.stderr).unwrap_or_default()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        eventually_ok(WAIT, &format!("haproxy: {what}"), async || {
+            match self.stat().await {
+                Ok(stat) if done(&stat) => Ok(()),
+                last => Err(format!(
+                    "{last:?}\nhaproxy stderr:\n{}",
+                    std::fs::read_to_string(&self.stderr).unwrap_or_default()
+                )),
+            }
+        })
+        .await;
     }
 
     /// A WebSocket through HAProxy to whichever gateway it picks; the
@@ -228,11 +223,7 @@ impl Haproxy {
         .expect("tls through haproxy timed out")
         .expect("tls through haproxy");
         let url = format!("wss://localhost:{}/ws", self.addr.port());
-        let mut req = url.into_client_request().unwrap();
-        req.headers_mut().insert(
-            header::AUTHORIZATION,
-            HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
-        );
+        let req = bearer_request_to(&url, token);
         let upgrade = tokio::time::timeout(WAIT, tokio_tungstenite::client_async(req, tls))
             .await
             .expect("upgrade through haproxy timed out");
@@ -287,32 +278,8 @@ fn parse_stat(csv: &str) -> Vec<ServerStat> {
         .collect()
 }
 
-async fn next_text(ws: &mut Ws) -> serde_json::Value {
-    loop {
-        match tokio::time::timeout(WAIT, ws.next()).await {
-            Ok(Some(Ok(Message::Text(t)))) => return serde_json::from_str(&t).unwrap(),
-            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
-            other => panic!("expected a text frame, got {other:?}"),
-        }
-    }
-}
-
-/// The gateway's own `/metrics`, from its admin listener (not via HAProxy).
-async fn metrics(gw: &Gateway) -> String {
-    let admin = gw.admin.expect("an admin listener (behind_haproxy)");
-    let (status, body) = admin_get(admin, "/metrics").await;
-    assert!(status.contains(" 200 "), "{status}");
-    body
-}
-
 async fn sessions_open(gw: &Gateway) -> u64 {
-    metric(&metrics(gw).await, "wsgate_sessions_open")
-}
-
-fn metric(text: &str, series: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+    gw.metric("wsgate_sessions_open").await
 }
 
 #[tokio::test]
@@ -326,12 +293,13 @@ async fn heartbeats_keep_an_idle_session_open_through_haproxy() {
     let mut ws = proxy
         .connect(&gw.client, &gw.token("idle", &["member"]))
         .await;
-    let welcome = next_text(&mut ws).await;
+    let welcome = read_json(&mut ws).await;
     assert_eq!(welcome["op"], "welcome");
     assert_eq!(welcome["heartbeat_ms"], HEARTBEAT_MS);
 
     // The client sends nothing of its own for 3 tunnel timeouts; only the
     // gateway's pings (and the pongs tungstenite answers with) cross HAProxy.
+    // Reading until a fixed time is the test: the idle time is the subject.
     let idle_until = Instant::now() + TUNNEL * 3;
     let mut pings = 0;
     loop {
@@ -349,7 +317,7 @@ async fn heartbeats_keep_an_idle_session_open_through_haproxy() {
     .await
     .unwrap();
     assert_eq!(
-        next_text(&mut ws).await,
+        read_json(&mut ws).await,
         serde_json::json!({"op": "ok", "id": 1})
     );
     ws.send(Message::text(
@@ -358,10 +326,10 @@ async fn heartbeats_keep_an_idle_session_open_through_haproxy() {
     .await
     .unwrap();
     assert_eq!(
-        next_text(&mut ws).await,
+        read_json(&mut ws).await,
         serde_json::json!({"op": "ok", "id": 2})
     );
-    let message = next_text(&mut ws).await;
+    let message = read_json(&mut ws).await;
     assert_eq!(message["op"], "message");
     assert_eq!(message["from"], "idle");
     assert_eq!(message["data"]["text"], "still here");
@@ -396,7 +364,7 @@ async fn a_draining_gateway_leaves_rotation_and_new_clients_land_on_the_other() 
     let mut before = Vec::new();
     for _ in 0..4 {
         let mut ws = proxy.connect(&gw0.client, &token).await;
-        assert_eq!(next_text(&mut ws).await["op"], "welcome");
+        assert_eq!(read_json(&mut ws).await["op"], "welcome");
         before.push(ws);
     }
     let (on0, on1) = (sessions_open(&gw0).await, sessions_open(&gw1).await);
@@ -417,7 +385,7 @@ async fn a_draining_gateway_leaves_rotation_and_new_clients_land_on_the_other() 
     let mut after = Vec::new();
     for _ in 0..6 {
         let mut ws = proxy.connect(&gw0.client, &token).await;
-        assert_eq!(next_text(&mut ws).await["op"], "welcome");
+        assert_eq!(read_json(&mut ws).await["op"], "welcome");
         after.push(ws);
     }
     assert_eq!(sessions_open(&gw1).await, on1 + 6);
@@ -427,10 +395,8 @@ async fn a_draining_gateway_leaves_rotation_and_new_clients_land_on_the_other() 
         "a new session landed on gw0"
     );
     assert_eq!(
-        metric(
-            &metrics(&gw0).await,
-            "wsgate_upgrades_total{result=\"draining\"}"
-        ),
+        gw0.metric("wsgate_upgrades_total{result=\"draining\"}")
+            .await,
         0,
         "HAProxy sent an upgrade to the draining gateway"
     );
@@ -482,7 +448,7 @@ fn source(n: u8) -> IpAddr {
 
 #[tokio::test]
 async fn replicas_behind_haproxy_see_each_client_and_share_publications() {
-    let redis = RedisServer::start();
+    let redis = RedisServer::start().await;
     let (a, b, proxy) = replicas_behind_haproxy(&redis).await;
     let client = Arc::clone(&a.client);
 
@@ -570,7 +536,8 @@ async fn replicas_behind_haproxy_see_each_client_and_share_publications() {
     let refused = statuses.iter().filter(|s| **s == 429).count() as u64;
     let (mut address_limits, mut proxied_ok) = (0, 0);
     for gw in [&a, &b] {
-        let text = metrics(gw).await;
+        // From the admin listener (behind_haproxy), not via HAProxy.
+        let text = gw.metrics().await;
         let proxied = |result: &str| {
             metric(
                 &text,

@@ -1,21 +1,31 @@
 //! The one test harness: a gateway started in-process on `127.0.0.1:0`
 //! with a freshly generated CA, clients that trust it, and a log capture
-//! at trace level shared by every test in this binary.
+//! at trace level shared by every test in this binary; the protocol
+//! client ([`Client`]) and frame readers ([`read_json`]), `/metrics`
+//! readers ([`metric`], [`Gateway::metrics`], [`admin_get`]), the one
+//! poll loop ([`eventually`]), and the lookup of outside programs
+//! ([`require_tool`]), which names the package to install when one is
+//! missing.
 
+use std::collections::VecDeque;
+use std::fmt::Debug;
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use futures_util::{SinkExt, StreamExt};
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, RootCertStore};
+use serde_json::{Value as Json, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::{self, HeaderValue};
 use tokio_util::sync::CancellationToken;
@@ -244,12 +254,7 @@ impl Endpoint {
 
     /// An upgrade request for `/ws` carrying `token` in the Authorization header.
     pub fn bearer_request(&self, token: &str) -> http::Request<()> {
-        let mut req = self.ws_url().into_client_request().expect("request");
-        req.headers_mut().insert(
-            http::header::AUTHORIZATION,
-            HeaderValue::from_str(&format!("Bearer {token}")).expect("header"),
-        );
-        req
+        bearer_request_to(&self.ws_url(), token)
     }
 
     /// Connects with a prepared request.
@@ -311,6 +316,38 @@ impl Endpoint {
 }
 
 impl Gateway {
+    /// The `/metrics` exposition: from the admin listener when the test
+    /// configured one (the main listener then answers 404), else over TLS
+    /// from [`LOCAL`]. Fails unless the answer is `200`.
+    pub async fn metrics(&self) -> String {
+        match self.admin {
+            Some(admin) => {
+                let (status, body) = admin_get(admin, "/metrics").await;
+                assert!(status.contains(" 200 "), "admin /metrics: {status}");
+                body
+            }
+            None => self.metrics_from(LOCAL).await,
+        }
+    }
+
+    /// `/metrics` over TLS from the loopback address `source`, so a scrape
+    /// can stay off the addresses a test limits.
+    pub async fn metrics_from(&self, source: IpAddr) -> String {
+        let res = self
+            .raw_from(
+                source,
+                "GET /metrics HTTP/1.1\nHost: localhost\nConnection: close\n",
+            )
+            .await;
+        assert_eq!(res.status, 200, "/metrics: {res:?}");
+        res.body
+    }
+
+    /// The value of the sample `series` on [`Gateway::metrics`].
+    pub async fn metric(&self, series: &str) -> u64 {
+        metric(&self.metrics().await, series)
+    }
+
     /// Begins shutdown (drain) without waiting for it.
     pub fn begin_stop(&self) {
         self.stop.cancel();
@@ -341,9 +378,7 @@ impl Drop for Gateway {
 /// `token` sent as a bearer header is refused 401 `invalid_token`, with the
 /// contract's refusal shape.
 pub async fn assert_invalid_token(gw: &Gateway, token: &str, why: &str) {
-    let res = gw
-        .raw(&gw.upgrade_head("/ws", &[&format!("Authorization: Bearer {token}")]))
-        .await;
+    let res = gw.raw(&gw.upgrade_head("/ws", &[&bearer(token)])).await;
     assert_eq!(res.status, 401, "{why}: {res:?}");
     res.assert_refused(401);
     assert_eq!(
@@ -355,8 +390,6 @@ pub async fn assert_invalid_token(gw: &Gateway, token: &str, why: &str) {
 
 /// Waits for the server's close frame, skipping pings, and returns its code.
 pub async fn expect_close(ws: &mut Ws) -> u16 {
-    use futures_util::StreamExt;
-    use tokio_tungstenite::tungstenite::Message;
     let close = async {
         loop {
             match ws.next().await {
@@ -552,8 +585,36 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// How to get an outside program the tests run: the Debian package
+/// `scripts/test-deps.sh` installs for it.
+fn package_of(program: &str) -> Option<&'static str> {
+    Some(match program {
+        "haproxy" => "haproxy",
+        "nginx" => "nginx-light",
+        "systemd-analyze" => "systemd",
+        "redis-server" => "redis-server",
+        // Comes with redis-server, which depends on it.
+        "redis-cli" => "redis-tools",
+        "chromium" => "chromium",
+        "python3" => "python3",
+        _ => return None,
+    })
+}
+
+/// What to tell the user when `program` is missing.
+fn install_hint(program: &str) -> String {
+    match package_of(program) {
+        Some(package) => format!(
+            "install it with `apt-get install {package}` (or run `bash scripts/test-deps.sh`, which installs every program the tests need)"
+        ),
+        None => {
+            "run `bash scripts/test-deps.sh` (it installs every program the tests need)".to_owned()
+        }
+    }
+}
+
 /// The path of an outside program the tests need. Missing is a failure,
-/// not a skip: `scripts/test-deps.sh` installs every one of them.
+/// not a skip, and the failure says which package to install.
 pub fn require_tool(name: &str) -> PathBuf {
     let path = std::env::var_os("PATH").unwrap_or_default();
     // Debian puts haproxy and nginx in sbin, which a non-root PATH may lack.
@@ -562,23 +623,51 @@ pub fn require_tool(name: &str) -> PathBuf {
         .map(|dir| dir.join(name))
         .find(|p| p.is_file())
         .unwrap_or_else(|| {
-            panic!("`{name}` is not installed: run `bash scripts/test-deps.sh` (it installs what the tests need)")
+            panic!(
+                "{name} not found (searched $PATH, /usr/sbin and /sbin): {}",
+                install_hint(name)
+            )
         })
 }
 
+/// A file an outside program needs beyond its binary (an nginx module),
+/// failing with the Debian `package` that provides it when it is missing.
+pub fn require_file(path: &str, package: &str) -> PathBuf {
+    let file = PathBuf::from(path);
+    assert!(
+        file.is_file(),
+        "{path} not found: install it with `apt-get install {package}` (or run `bash scripts/test-deps.sh`)"
+    );
+    file
+}
+
 /// Python with the packages `scripts/test-deps.sh` puts in `.ci/cache/python`;
-/// fails with a pointer to that script when `module` is not there.
+/// fails naming the module and how to get it when `module` is not there.
 pub fn python_with(module: &str) -> std::process::Command {
+    require_tool("python3");
     let cache = repo_root().join(".ci/cache/python");
     let probe = std::process::Command::new("python3")
         .args(["-c", &format!("import {module}")])
         .env("PYTHONPATH", &cache)
         .output();
+    // The pip packages test-deps.sh installs, by the module they provide.
+    let package = match module {
+        "kubernetes_validate" => "kubernetes-validate",
+        "yaml" => "PyYAML (with kubernetes-validate)",
+        other => other,
+    };
     match probe {
         Ok(out) if out.status.success() => {}
-        other => panic!(
-            "python3 cannot import {module} from .ci/cache/python: run `bash scripts/test-deps.sh` ({other:?})"
+        Ok(out) => panic!(
+            "python3 cannot import {module} from {}: run `bash scripts/test-deps.sh`, which pip-installs {package} there ({})",
+            cache.display(),
+            // Python's own reason: the traceback's last line.
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
         ),
+        Err(e) => panic!("python3 did not run ({e}): {}", install_hint("python3")),
     }
     let mut command = std::process::Command::new("python3");
     command.env("PYTHONPATH", cache);
@@ -603,4 +692,326 @@ pub fn substitute(text: &str, pairs: &[(&str, &str)]) -> String {
         out = out.replace(from, to);
     }
     out
+}
+
+// ---- waiting ----------------------------------------------------------------
+
+/// How often [`eventually`] probes.
+const POLL: Duration = Duration::from_millis(10);
+
+/// Probes every [`POLL`] until `probe` returns `Some`, and returns that.
+/// Panics once `deadline` has passed, naming `what` was awaited. A probe
+/// that started before the deadline may still succeed (as a hand-written
+/// loop would let it), but not one that hangs [`WAIT`] past it. This is
+/// the one way tests wait for something the gateway does on its own time
+/// (a reload, a drain, a released slot); a fixed sleep is only for time
+/// that is itself tested.
+pub async fn eventually<T>(
+    deadline: Duration,
+    what: &str,
+    mut probe: impl AsyncFnMut() -> Option<T>,
+) -> T {
+    poll(deadline, what, async || probe().await.ok_or(None::<String>)).await
+}
+
+/// As [`eventually`], for a probe that says what it saw instead: the last
+/// `Err` is in the failure message.
+pub async fn eventually_ok<T, E: Debug>(
+    deadline: Duration,
+    what: &str,
+    mut probe: impl AsyncFnMut() -> Result<T, E>,
+) -> T {
+    poll(deadline, what, async || probe().await.map_err(Some)).await
+}
+
+async fn poll<T, E: Debug>(
+    deadline: Duration,
+    what: &str,
+    mut probe: impl AsyncFnMut() -> Result<T, Option<E>>,
+) -> T {
+    let until = tokio::time::Instant::now() + deadline;
+    loop {
+        let last = match tokio::time::timeout_at(until + WAIT, probe()).await {
+            Ok(Ok(value)) => return value,
+            Ok(Err(last)) => last.map(|e| format!("; last seen: {e:?}")),
+            Err(_) => Some(format!("; the last probe hung {WAIT:?} past the deadline")),
+        };
+        if tokio::time::Instant::now() >= until {
+            panic!(
+                "timed out after {deadline:?} waiting for {what}{}",
+                last.unwrap_or_default()
+            );
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+// ---- frames and the protocol client ----------------------------------------
+
+/// The `Authorization` header line carrying `token`, for [`Endpoint::upgrade_head`].
+pub fn bearer(token: &str) -> String {
+    format!("Authorization: Bearer {token}")
+}
+
+/// An upgrade request for `url` carrying `token` in the Authorization header.
+pub fn bearer_request_to(url: &str, token: &str) -> http::Request<()> {
+    let mut req = url.into_client_request().expect("request");
+    req.headers_mut().insert(
+        http::header::AUTHORIZATION,
+        HeaderValue::from_str(&format!("Bearer {token}")).expect("header"),
+    );
+    req
+}
+
+/// The next text frame as JSON within `limit`, skipping pings and pongs;
+/// `None` when nothing came in time. Panics on a close or a non-text frame.
+pub async fn try_read_json(ws: &mut Ws, limit: Duration) -> Option<Json> {
+    let next = async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(text))) => {
+                    return serde_json::from_str::<Json>(&text)
+                        .unwrap_or_else(|e| panic!("frame is not JSON ({e}): {text}"));
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                other => panic!("expected a text frame, got {other:?}"),
+            }
+        }
+    };
+    tokio::time::timeout(limit, next).await.ok()
+}
+
+/// The next text frame as JSON, skipping pings and pongs; fails after [`WAIT`].
+pub async fn read_json(ws: &mut Ws) -> Json {
+    try_read_json(ws, WAIT)
+        .await
+        .expect("no frame from the gateway in time")
+}
+
+/// One WebSocket client that has read its `welcome`.
+pub struct Client {
+    pub ws: Ws,
+    user: String,
+    pub welcome: Json,
+    /// The last request id used.
+    pub next_id: u64,
+    /// Frames read while waiting for a reply, handed out first by `next`.
+    pub early: VecDeque<Json>,
+    /// Subscribed to `user:{sub}`, which `settle` uses as a barrier.
+    inbox: bool,
+}
+
+impl Client {
+    pub async fn join(gw: &Gateway, user: &str, roles: &[&str]) -> Self {
+        Self::join_with(gw, &gw.token(user, roles), user).await
+    }
+
+    pub async fn join_with(gw: &Gateway, token: &str, user: &str) -> Self {
+        let (ws, res) = gw.connect(token).await.expect("upgrade");
+        assert_eq!(res.status(), 101);
+        Self::from_ws(ws, user).await
+    }
+
+    /// A client on an upgraded `ws` (however it got there) signed in as `user`.
+    pub async fn from_ws(mut ws: Ws, user: &str) -> Self {
+        let welcome = read_json(&mut ws).await;
+        assert_eq!(welcome["op"], "welcome", "{welcome}");
+        assert_eq!(welcome["user"], user, "{welcome}");
+        Self {
+            ws,
+            user: user.to_owned(),
+            welcome,
+            next_id: 0,
+            early: VecDeque::new(),
+            inbox: false,
+        }
+    }
+
+    /// Small writes leave at once instead of waiting for an ACK (Nagle),
+    /// for clients that publish in bursts without waiting for replies.
+    pub fn nodelay(&self) {
+        self.ws
+            .get_ref()
+            .get_ref()
+            .0
+            .set_nodelay(true)
+            .expect("nodelay");
+    }
+
+    /// A fresh request `id`.
+    pub fn id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    fn inbox_name(&self) -> String {
+        format!("user:{}", self.user)
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        tokio::time::timeout(WAIT, self.ws.send(Message::text(text)))
+            .await
+            .expect("send timed out")
+            .expect("send");
+    }
+
+    pub async fn send(&mut self, frame: &Json) {
+        self.send_text(&frame.to_string()).await;
+    }
+
+    /// The next frame, earlier-read ones first.
+    pub async fn next(&mut self) -> Json {
+        match self.early.pop_front() {
+            Some(frame) => frame,
+            None => read_json(&mut self.ws).await,
+        }
+    }
+
+    /// Reads until the reply carrying `id`; other frames are kept for `next`.
+    pub async fn reply(&mut self, id: u64) -> Json {
+        loop {
+            let frame = read_json(&mut self.ws).await;
+            if frame["id"] == id && frame["op"] != "message" {
+                return frame;
+            }
+            self.early.push_back(frame);
+        }
+    }
+
+    /// Sends `frame` with a fresh `id` and returns the reply carrying it.
+    pub async fn call(&mut self, mut frame: Json) -> Json {
+        let id = self.id();
+        frame["id"] = id.into();
+        self.send(&frame).await;
+        self.reply(id).await
+    }
+
+    /// `frame` must be answered exactly `{"op":"ok","id":N}`.
+    pub async fn ok(&mut self, frame: Json) {
+        let id = self.next_id + 1;
+        let reply = self.call(frame.clone()).await;
+        assert_eq!(
+            reply,
+            json!({"op": "ok", "id": id}),
+            "{} sent {frame}",
+            self.user
+        );
+    }
+
+    /// `frame` must be answered with an error `code` carrying the id.
+    pub async fn error(&mut self, frame: Json, code: &str) -> Json {
+        let id = self.next_id + 1;
+        let reply = self.call(frame.clone()).await;
+        assert_eq!(
+            reply["op"], "error",
+            "{} sent {frame}, got {reply}",
+            self.user
+        );
+        assert_eq!(
+            reply["code"], code,
+            "{} sent {frame}, got {reply}",
+            self.user
+        );
+        assert_eq!(reply["id"], id, "{reply}");
+        assert!(reply["message"].is_string(), "{reply}");
+        reply
+    }
+
+    pub async fn subscribe(&mut self, channel: &str) {
+        self.ok(json!({"op": "subscribe", "channel": channel}))
+            .await;
+    }
+
+    pub async fn publish(&mut self, channel: &str, data: Json) {
+        self.ok(json!({"op": "publish", "channel": channel, "data": data}))
+            .await;
+    }
+
+    /// Subscribes to the client's own `user:{sub}` inbox, which makes
+    /// [`Client::settle`] wait for a barrier message too.
+    pub async fn subscribe_inbox(&mut self) {
+        let inbox = self.inbox_name();
+        self.subscribe(&inbox).await;
+        self.inbox = true;
+    }
+
+    /// Every frame that arrives before a ping's pong and (with an inbox)
+    /// before a barrier published to the inbox, plus frames read earlier.
+    pub async fn settle(&mut self) -> Vec<Json> {
+        let mut seen: Vec<Json> = self.early.drain(..).collect();
+        let id = self.id();
+        self.send(&json!({"op": "ping", "id": id})).await;
+        loop {
+            let frame = read_json(&mut self.ws).await;
+            if frame == json!({"op": "pong", "id": id}) {
+                break;
+            }
+            seen.push(frame);
+        }
+        if self.inbox {
+            let id = self.id();
+            let inbox = self.inbox_name();
+            let mark = json!({"barrier": id});
+            self.send(&json!({"op": "publish", "id": id, "channel": inbox, "data": mark}))
+                .await;
+            let (mut acked, mut arrived) = (false, false);
+            while !(acked && arrived) {
+                let frame = read_json(&mut self.ws).await;
+                if frame == json!({"op": "ok", "id": id}) {
+                    acked = true;
+                } else if frame["op"] == "message"
+                    && frame["channel"] == inbox.as_str()
+                    && frame["data"] == mark
+                {
+                    assert_eq!(frame["from"], self.user.as_str(), "{frame}");
+                    arrived = true;
+                } else {
+                    seen.push(frame);
+                }
+            }
+        }
+        seen
+    }
+
+    /// Nothing is pending for this client (see [`Client::settle`]).
+    pub async fn assert_quiet(&mut self, why: &str) {
+        let seen = self.settle().await;
+        assert!(seen.is_empty(), "{}: {why}, but got {seen:#?}", self.user);
+    }
+}
+
+// ---- /metrics -----------------------------------------------------------------
+
+/// The value of the sample `series` (name and labels, as exposed) in the
+/// `/metrics` exposition `text`.
+pub fn metric(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| {
+            let rest = l.strip_prefix(series)?;
+            if !rest.starts_with([' ', '\t']) {
+                return None;
+            }
+            rest.split_whitespace().next()?.parse().ok()
+        })
+        .unwrap_or_else(|| panic!("no sample {series} in /metrics:\n{text}"))
+}
+
+/// A plain-HTTP GET on the admin listener; returns status line and body.
+pub async fn admin_get(addr: SocketAddr, path: &str) -> (String, String) {
+    let mut tcp = TcpStream::connect(addr).await.expect("connect admin");
+    tcp.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .expect("write admin request");
+    let mut out = String::new();
+    tokio::time::timeout(WAIT, tcp.read_to_string(&mut out))
+        .await
+        .expect("admin answer")
+        .expect("read admin answer");
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    (
+        head.lines().next().unwrap_or("").to_owned(),
+        body.to_owned(),
+    )
 }

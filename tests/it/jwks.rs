@@ -19,7 +19,7 @@ use tokio_rustls::TlsAcceptor;
 use wsgate::config::TlsConfig;
 use wsgate::tools::certs::{self, CertPaths};
 
-use crate::harness::{self, Gateway, WAIT, assert_invalid_token, now, start};
+use crate::harness::{self, Gateway, WAIT, assert_invalid_token, eventually_ok, now, start};
 
 /// An ES256 signing key with its kid and public JWK.
 struct Signer {
@@ -70,22 +70,18 @@ async fn assert_accepted(gw: &Gateway, token: &str, why: &str) {
     assert_eq!(res.status(), 101, "{why}");
 }
 
-/// The value of the sample `series` on the gateway's `/metrics`.
-async fn metric(gw: &Gateway, series: &str) -> u64 {
-    let text = gw.get("/metrics").await.body;
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no sample {series} in:\n{text}"))
-}
-
 /// Polls `/metrics` until `series` reaches `value` (the file watcher runs
 /// on its own timer, so there is nothing else to wait on).
 async fn wait_for_metric(gw: &Gateway, series: &str, value: u64) {
-    let deadline = Instant::now() + WAIT;
-    while metric(gw, series).await < value {
-        assert!(Instant::now() < deadline, "{series} never reached {value}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually_ok(
+        WAIT,
+        &format!("{series} to reach {value}"),
+        async || match gw.metric(series).await {
+            now if now >= value => Ok(()),
+            now => Err(now),
+        },
+    )
+    .await;
 }
 
 const RELOAD_OK: &str = "wsgate_key_reloads_total{result=\"ok\"}";
@@ -130,11 +126,11 @@ async fn jwks_file_rotation_through_the_reload_handle() {
     assert!(gw.handle.reload_keys().await.is_err());
     assert_accepted(&gw, &b.token(), "kid B after refused reloads").await;
 
-    assert_eq!(metric(&gw, RELOAD_OK).await, 1);
-    assert_eq!(metric(&gw, RELOAD_FAILED).await, 2);
-    assert_eq!(metric(&gw, "wsgate_verification_keys").await, 1);
-    assert!(metric(&gw, UNKNOWN_KID).await >= 2);
-    assert_eq!(metric(&gw, FETCH_OK).await, 0, "no URL, no fetch");
+    assert_eq!(gw.metric(RELOAD_OK).await, 1);
+    assert_eq!(gw.metric(RELOAD_FAILED).await, 2);
+    assert_eq!(gw.metric("wsgate_verification_keys").await, 1);
+    assert!(gw.metric(UNKNOWN_KID).await >= 2);
+    assert_eq!(gw.metric(FETCH_OK).await, 0, "no URL, no fetch");
 }
 
 /// Kubernetes mounts a Secret as `file -> ..data/file` with `..data` a
@@ -172,7 +168,7 @@ async fn jwks_file_changes_are_polled_through_a_symlink_swap() {
     swap_to("v3", "{\"keys\": [");
     wait_for_metric(&gw, RELOAD_FAILED, 1).await;
     assert_accepted(&gw, &b.token(), "kid B after a broken swap").await;
-    assert_eq!(metric(&gw, RELOAD_OK).await, 1);
+    assert_eq!(gw.metric(RELOAD_OK).await, 1);
 }
 
 // ---- a JWKS URL ------------------------------------------------------------
@@ -244,6 +240,7 @@ impl JwksServer {
                         Answer::Body(body) => body.into_bytes(),
                         Answer::Huge => vec![b' '; 2 * 1024 * 1024],
                         Answer::Hang => {
+                            // A sleep: this answer is a server that never replies.
                             tokio::time::sleep(Duration::from_secs(60)).await;
                             return;
                         }
@@ -305,9 +302,9 @@ async fn a_flood_of_unknown_kids_causes_one_fetch() {
         assert_invalid_token(&gw, &token, "unknown kid, sequential").await;
     }
     assert_eq!(server.requests(), 2, "one fetch for the whole flood");
-    assert_eq!(metric(&gw, FETCH_OK).await, 2);
-    assert!(metric(&gw, FETCH_THROTTLED).await >= 20);
-    assert_eq!(metric(&gw, UNKNOWN_KID).await, 70);
+    assert_eq!(gw.metric(FETCH_OK).await, 2);
+    assert!(gw.metric(FETCH_THROTTLED).await >= 20);
+    assert_eq!(gw.metric(UNKNOWN_KID).await, 70);
     assert_accepted(&gw, &a.token(), "kid A after the flood").await;
 }
 
@@ -327,7 +324,7 @@ async fn a_rotated_url_set_is_followed_after_one_refresh() {
         2,
         "the retired kid is throttled, not fetched"
     );
-    assert_eq!(metric(&gw, "wsgate_verification_keys").await, 1);
+    assert_eq!(gw.metric("wsgate_verification_keys").await, 1);
 }
 
 #[tokio::test]
@@ -353,12 +350,12 @@ async fn a_slow_or_broken_url_is_bounded_and_the_cached_keys_stay() {
     server.set(Answer::Body("not json".into()));
     assert!(gw.handle.reload_keys().await.is_err());
     assert_accepted(&gw, &a.token(), "cached kid A after failed fetches").await;
-    assert_eq!(metric(&gw, FETCH_FAILED).await, 3);
+    assert_eq!(gw.metric(FETCH_FAILED).await, 3);
 
     server.set(Answer::Body(jwks(&[&a, &c])));
     assert_eq!(gw.handle.reload_keys().await, Ok(Some(2)));
     assert_accepted(&gw, &c.token(), "kid C once served").await;
-    assert_eq!(metric(&gw, FETCH_OK).await, 2);
+    assert_eq!(gw.metric(FETCH_OK).await, 2);
 }
 
 #[tokio::test]

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::harness::{WAIT, start};
+use crate::harness::{WAIT, bearer, eventually, eventually_ok, start};
 
 /// Reads until EOF or error; returns the bytes and how long it took.
 async fn read_until_closed<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> (Vec<u8>, Duration) {
@@ -85,6 +85,7 @@ async fn slow_header_sender_is_dropped_at_header_timeout() {
     // Trickle a header byte now and then; the deadline covers the whole head.
     let trickle = async {
         for _ in 0..50 {
+            // A sleep: the slowness of this sender is what is tested.
             tokio::time::sleep(Duration::from_millis(100)).await;
             if tls.write_all(b"X").await.is_err() {
                 break;
@@ -131,21 +132,18 @@ async fn global_connection_cap_answers_503_with_retry_after() {
     .await;
     let token = gw.token("alice", &[]);
     let (held, _) = gw.connect(&token).await.expect("first connection");
-    let res = gw
-        .raw(&gw.upgrade_head("/ws", &[&format!("Authorization: Bearer {token}")]))
-        .await;
+    let res = gw.raw(&gw.upgrade_head("/ws", &[&bearer(&token)])).await;
     res.assert_refused(503);
     assert_eq!(res.header("retry-after"), Some("7"));
     // Releasing the held session frees the permit.
     drop(held);
-    let deadline = Instant::now() + WAIT;
-    loop {
+    eventually_ok(WAIT, "the permit to come back", async || {
         match gw.connect(&token).await {
-            Ok((_, r)) if r.status() == 101 => break,
-            _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
-            other => panic!("permit never came back: {other:?}"),
+            Ok((_, r)) if r.status() == 101 => Ok(()),
+            other => Err(other.map(|(_, r)| r.status())),
         }
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -156,13 +154,12 @@ async fn draining_answers_503_to_readyz_and_upgrades() {
     assert_eq!(ready.status, 200);
     assert_eq!(ready.header("access-control-allow-origin"), Some("*"));
     gw.begin_stop();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let ready = gw.get("/readyz").await;
-    assert_eq!(ready.status, 503);
+    eventually(WAIT, "/readyz to answer 503 once draining", async || {
+        (gw.get("/readyz").await.status == 503).then_some(())
+    })
+    .await;
     let health = gw.get("/healthz").await;
     assert_eq!(health.status, 200, "liveness stays up while draining");
-    let res = gw
-        .raw(&gw.upgrade_head("/ws", &[&format!("Authorization: Bearer {token}")]))
-        .await;
+    let res = gw.raw(&gw.upgrade_head("/ws", &[&bearer(&token)])).await;
     res.assert_refused(503);
 }

@@ -5,7 +5,7 @@
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::harness::{self, hs256_jwt, now, start};
+use crate::harness::{self, WAIT, bearer, eventually, hs256_jwt, now, start};
 
 #[tokio::test]
 async fn canary_token_never_appears_in_logs() {
@@ -41,7 +41,7 @@ async fn canary_token_never_appears_in_logs() {
         .collect();
 
     for token in canaries.iter().chain(std::iter::once(&huge)) {
-        let auth = format!("Authorization: Bearer {token}");
+        let auth = bearer(token);
         let proto = format!("Sec-WebSocket-Protocol: wsgate.v1, bearer.{token}");
         let lone_proto = format!("Sec-WebSocket-Protocol: bearer.{token}");
         let query = format!("/ws?access_token={token}");
@@ -82,15 +82,24 @@ async fn canary_token_never_appears_in_logs() {
     ws.send(Message::text(format!(r#"{{"op":"{marker}","id":1}}"#)))
         .await
         .unwrap();
-    let _ = tokio::time::timeout(harness::WAIT, ws.next()).await;
+    let _ = tokio::time::timeout(WAIT, ws.next()).await;
     ws.send(Message::binary(valid.clone().into_bytes()))
         .await
         .unwrap();
-    let _ = tokio::time::timeout(harness::WAIT, ws.next()).await;
+    let _ = tokio::time::timeout(WAIT, ws.next()).await;
 
-    // Let the server-side tasks finish logging.
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    let logs = harness::captured_logs();
+    // Its `session closed` line is the last thing the session logs.
+    let logs = eventually(
+        WAIT,
+        "the canary session's `session closed` line",
+        async || {
+            let logs = harness::captured_logs();
+            logs.lines()
+                .any(|l| l.contains("user=canary-user") && l.contains("session closed"))
+                .then_some(logs)
+        },
+    )
+    .await;
     assert!(
         logs.contains("request refused"),
         "trace capture is not working"

@@ -4,14 +4,7 @@
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::harness::{WAIT, hs256_jwt, start};
-
-/// The value of the sample line starting with `series ` in `text`.
-fn sample(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no sample {series} in:\n{text}"))
-}
+use crate::harness::{WAIT, admin_get, bearer, eventually, hs256_jwt, metric, start};
 
 #[tokio::test]
 async fn metrics_count_traffic_without_naming_anyone() {
@@ -44,9 +37,10 @@ async fn metrics_count_traffic_without_naming_anyone() {
         r#"{"sub":"x","exp":1}"#,
         &gw.secret(),
     );
-    let bearer = format!("Authorization: Bearer {expired}");
     assert_eq!(
-        gw.raw(&gw.upgrade_head("/ws", &[&bearer])).await.status,
+        gw.raw(&gw.upgrade_head("/ws", &[&bearer(&expired)]))
+            .await
+            .status,
         401
     );
     assert_eq!(gw.raw(&gw.upgrade_head("/ws", &[])).await.status, 401);
@@ -54,31 +48,31 @@ async fn metrics_count_traffic_without_naming_anyone() {
     let res = gw.get("/metrics").await;
     assert_eq!(res.status, 200);
     let text = res.body;
-    assert_eq!(sample(&text, "wsgate_upgrades_total{result=\"ok\"}"), 1.0);
+    assert_eq!(metric(&text, "wsgate_upgrades_total{result=\"ok\"}"), 1);
     assert_eq!(
-        sample(&text, "wsgate_upgrades_total{result=\"invalid_token\"}"),
-        1.0
+        metric(&text, "wsgate_upgrades_total{result=\"invalid_token\"}"),
+        1
     );
     assert_eq!(
-        sample(&text, "wsgate_upgrades_total{result=\"no_token\"}"),
-        1.0
+        metric(&text, "wsgate_upgrades_total{result=\"no_token\"}"),
+        1
     );
     assert_eq!(
-        sample(&text, "wsgate_auth_failures_total{reason=\"expired\"}"),
-        1.0
+        metric(&text, "wsgate_auth_failures_total{reason=\"expired\"}"),
+        1
     );
     assert_eq!(
-        sample(&text, "wsgate_auth_failures_total{reason=\"no_token\"}"),
-        1.0
+        metric(&text, "wsgate_auth_failures_total{reason=\"no_token\"}"),
+        1
     );
-    assert_eq!(sample(&text, "wsgate_sessions_open"), 1.0);
-    assert_eq!(sample(&text, "wsgate_subscriptions"), 1.0);
-    assert_eq!(sample(&text, "wsgate_messages_received_total"), 1.0);
-    assert_eq!(sample(&text, "wsgate_messages_delivered_total"), 1.0);
-    assert_eq!(sample(&text, "wsgate_publish_seconds_count"), 1.0);
+    assert_eq!(metric(&text, "wsgate_sessions_open"), 1);
+    assert_eq!(metric(&text, "wsgate_subscriptions"), 1);
+    assert_eq!(metric(&text, "wsgate_messages_received_total"), 1);
+    assert_eq!(metric(&text, "wsgate_messages_delivered_total"), 1);
+    assert_eq!(metric(&text, "wsgate_publish_seconds_count"), 1);
     // The session, the two refused requests and this scrape each shook hands.
-    assert!(sample(&text, "wsgate_tls_handshake_seconds_count") >= 4.0);
-    assert!(sample(&text, "wsgate_connections_open") >= 1.0);
+    assert!(metric(&text, "wsgate_tls_handshake_seconds_count") >= 4);
+    assert!(metric(&text, "wsgate_connections_open") >= 1);
     for secret in ["alice-metrics", "secret-room", &token, &expired] {
         assert!(!text.contains(secret), "{secret:.20} leaked into /metrics");
     }
@@ -86,24 +80,17 @@ async fn metrics_count_traffic_without_naming_anyone() {
     // The session's end is counted by reason, and the gauges come back down.
     ws.close(None).await.unwrap();
     while let Some(Ok(_)) = tokio::time::timeout(WAIT, ws.next()).await.unwrap() {}
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
+    let text = eventually(WAIT, "the close to be counted", async || {
         let text = gw.get("/metrics").await.body;
-        let closed = sample(
+        let closed = metric(
             &text,
             "wsgate_sessions_closed_total{reason=\"client_closed\"}",
         );
-        if closed == 1.0 {
-            assert_eq!(sample(&text, "wsgate_sessions_open"), 0.0);
-            assert_eq!(sample(&text, "wsgate_subscriptions"), 0.0);
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "close never counted"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+        (closed == 1).then_some(text)
+    })
+    .await;
+    assert_eq!(metric(&text, "wsgate_sessions_open"), 0);
+    assert_eq!(metric(&text, "wsgate_subscriptions"), 0);
     // A close the gateway sends is counted by code; the client's own is not.
     let (mut ws, _) = gw.connect(&token).await.expect("upgrade");
     ws.send(Message::binary(b"no".to_vec())).await.unwrap();
@@ -112,48 +99,18 @@ async fn metrics_count_traffic_without_naming_anyone() {
     gw.handle.reload_policies().expect("policy reload");
     gw.handle.reload_certs().expect("cert reload");
     let text = gw.get("/metrics").await.body;
+    assert_eq!(metric(&text, "wsgate_close_codes_total{code=\"1003\"}"), 1);
+    assert_eq!(metric(&text, "wsgate_close_codes_total{code=\"1000\"}"), 0);
     assert_eq!(
-        sample(&text, "wsgate_close_codes_total{code=\"1003\"}"),
-        1.0
+        metric(&text, "wsgate_sessions_closed_total{reason=\"binary\"}"),
+        1
     );
     assert_eq!(
-        sample(&text, "wsgate_close_codes_total{code=\"1000\"}"),
-        0.0
+        metric(&text, "wsgate_policy_reloads_total{result=\"ok\"}"),
+        1
     );
-    assert_eq!(
-        sample(&text, "wsgate_sessions_closed_total{reason=\"binary\"}"),
-        1.0
-    );
-    assert_eq!(
-        sample(&text, "wsgate_policy_reloads_total{result=\"ok\"}"),
-        1.0
-    );
-    assert_eq!(
-        sample(&text, "wsgate_cert_reloads_total{result=\"ok\"}"),
-        1.0
-    );
-    assert_eq!(sample(&text, "wsgate_admission_dropped_total"), 0.0);
-}
-
-/// A plain-HTTP GET on the admin listener; returns status line and body.
-pub(crate) async fn admin_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut out = String::new();
-    tokio::time::timeout(WAIT, tcp.read_to_string(&mut out))
-        .await
-        .expect("admin answer")
-        .unwrap();
-    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
-    (
-        head.lines().next().unwrap_or("").to_owned(),
-        body.to_owned(),
-    )
+    assert_eq!(metric(&text, "wsgate_cert_reloads_total{result=\"ok\"}"), 1);
+    assert_eq!(metric(&text, "wsgate_admission_dropped_total"), 0);
 }
 
 #[tokio::test]
@@ -174,13 +131,13 @@ async fn admin_listener_serves_metrics_and_health_in_plain_http() {
     assert_eq!(gw.get("/metrics").await.status, 404);
     // The admin listener reports the drain and keeps serving through it.
     gw.begin_stop();
-    let deadline = std::time::Instant::now() + WAIT;
-    while !admin_get(admin, "/readyz").await.0.contains(" 503 ") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "readyz never went 503"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    eventually(WAIT, "the admin /readyz to answer 503", async || {
+        admin_get(admin, "/readyz")
+            .await
+            .0
+            .contains(" 503 ")
+            .then_some(())
+    })
+    .await;
     assert!(admin_get(admin, "/metrics").await.0.contains(" 200 "));
 }

@@ -12,7 +12,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio_tungstenite::tungstenite::Message;
 use wsgate::Config;
 
-use crate::harness::{self, Endpoint, WAIT, Ws, hs256_jwt, masked_frame, now};
+use crate::harness::{self, Endpoint, WAIT, Ws, bearer, eventually, hs256_jwt, masked_frame, now};
 
 /// The binary, serving a test configuration, its stderr collected line by line.
 struct Proc {
@@ -165,7 +165,7 @@ async fn json_logs_never_contain_a_token_on_any_refusal_or_close_path() {
     // Refusals: every carrier, with a forged token and a valid one where it
     // still gets refused.
     for t in [&forged, &valid] {
-        let auth = format!("Authorization: Bearer {t}");
+        let auth = bearer(t);
         let proto = format!("Sec-WebSocket-Protocol: wsgate.v1, bearer.{t}");
         for head in [
             gw.upgrade_head("/ws", &[&auth, &proto]),
@@ -178,7 +178,7 @@ async fn json_logs_never_contain_a_token_on_any_refusal_or_close_path() {
         }
     }
     assert_eq!(
-        gw.raw(&gw.upgrade_head("/ws", &[&format!("Authorization: Bearer {forged}")]))
+        gw.raw(&gw.upgrade_head("/ws", &[&bearer(&forged)]))
             .await
             .status,
         401
@@ -247,7 +247,7 @@ async fn json_logs_never_contain_a_token_on_any_refusal_or_close_path() {
     welcome(&mut ws).await;
     assert_eq!(close_code(&mut ws).await, 4001);
 
-    let auth = format!("Authorization: Bearer {valid}");
+    let auth = bearer(&valid);
     let mut raw = gw.upgrade_by_hand(&[&auth]).await; // invalid UTF-8: 1007
     raw.write_all(&masked_frame(0x1, b"\xff\xfe canary"))
         .await
@@ -351,18 +351,13 @@ async fn sigterm_drains_hundreds_of_clients_with_1001_spread_over_the_window() {
         })
         .collect();
     gw.signal("TERM");
-    let readyz = loop {
-        let status = gw.get("/readyz").await.status;
-        if status == 503 || t0.elapsed() > Duration::from_secs(1) {
-            break (status, t0.elapsed());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert_eq!(
-        readyz.0, 503,
-        "readyz still {} after {:?}",
-        readyz.0, readyz.1
-    );
+    // Within a second of t0, as the drain promises.
+    let readyz = eventually(
+        Duration::from_secs(1).saturating_sub(t0.elapsed()),
+        "/readyz to answer 503 within 1 s of SIGTERM",
+        async || (gw.get("/readyz").await.status == 503).then(|| t0.elapsed()),
+    )
+    .await;
 
     let mut times = Vec::with_capacity(CLIENTS);
     for w in waiters {
@@ -390,8 +385,7 @@ async fn sigterm_drains_hundreds_of_clients_with_1001_spread_over_the_window() {
         buckets[i.min(11)] += 1;
     }
     eprintln!(
-        "drain: {CLIENTS} × 1001, first {first:?}, last {last:?}, per tenth of the window {buckets:?}, readyz 503 after {:?}",
-        readyz.1
+        "drain: {CLIENTS} × 1001, first {first:?}, last {last:?}, per tenth of the window {buckets:?}, readyz 503 after {readyz:?}"
     );
     assert!(
         buckets.iter().all(|&n| n <= CLIENTS / 4),

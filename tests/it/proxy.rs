@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use wsgate::config::ForwardedHeader;
 
-use crate::harness::{Gateway, WAIT, start};
+use crate::harness::{Gateway, WAIT, metric, start};
 
 fn v2(src: SocketAddr) -> Vec<u8> {
     let SocketAddr::V4(src) = src else {
@@ -79,8 +79,10 @@ async fn upgrade_after(
     }
 }
 
-async fn metric(gw: &Gateway, series: &str) -> u64 {
-    // From a trusted peer's LOCAL header, as a balancer's health check.
+/// The value of `series` on `/metrics`, scraped behind a PROXY header
+/// (the listener requires one) from a trusted peer's LOCAL header, as a
+/// balancer's health check sends.
+async fn proxied_metric(gw: &Gateway, series: &str) -> u64 {
     let mut tls = tls_after(gw, "127.0.0.1".parse().unwrap(), &local_v2())
         .await
         .expect("tls");
@@ -89,9 +91,7 @@ async fn metric(gw: &Gateway, series: &str) -> u64 {
         .unwrap();
     let mut out = String::new();
     let _ = tokio::time::timeout(WAIT, tls.read_to_string(&mut out)).await;
-    out.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{series} not in {out}"))
+    metric(&out, series)
 }
 
 fn local_v2() -> Vec<u8> {
@@ -122,10 +122,10 @@ async fn proxy_v1_and_v2_addresses_feed_the_per_address_limit_and_logs() {
     let (status, _other) = upgrade_after(&gw, &v1(b), &token, &[]).await;
     assert_eq!(status, 101);
     assert_eq!(
-        metric(&gw, "wsgate_proxy_headers_total{result=\"ok\"}").await,
+        proxied_metric(&gw, "wsgate_proxy_headers_total{result=\"ok\"}").await,
         3
     );
-    assert!(metric(&gw, "wsgate_proxy_headers_total{result=\"local\"}").await >= 1);
+    assert!(proxied_metric(&gw, "wsgate_proxy_headers_total{result=\"local\"}").await >= 1);
     let logs = crate::harness::captured_logs();
     assert!(
         logs.contains("client=203.0.113.7:4711"),
@@ -198,8 +198,8 @@ async fn stalled_or_malformed_proxy_headers_are_dropped() {
         started.elapsed() < Duration::from_millis(250),
         "malformed waited for the deadline"
     );
-    assert!(metric(&gw, "wsgate_proxy_headers_total{result=\"timeout\"}").await >= 1);
-    assert!(metric(&gw, "wsgate_proxy_headers_total{result=\"malformed\"}").await >= 2);
+    assert!(proxied_metric(&gw, "wsgate_proxy_headers_total{result=\"timeout\"}").await >= 1);
+    assert!(proxied_metric(&gw, "wsgate_proxy_headers_total{result=\"malformed\"}").await >= 2);
 }
 
 #[tokio::test]

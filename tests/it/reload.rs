@@ -4,13 +4,12 @@
 //! the directory, as Kubernetes does for Secrets, is picked up by polling.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 use wsgate::tools::certs::{self, CertPaths, Replace};
 
-use crate::harness::{Gateway, WAIT, Ws, start};
+use crate::harness::{Gateway, WAIT, Ws, eventually, start};
 
 /// The leaf certificate a new, full TLS handshake is served (DER). A
 /// resumed session would report the certificate of the session it resumes.
@@ -37,13 +36,6 @@ fn reissue(gw: &Gateway) -> CertPaths {
     let paths = CertPaths::in_dir(gw.dir.path());
     certs::generate(&paths, &[], Replace::Server).expect("reissue");
     paths
-}
-
-async fn metric(gw: &Gateway, series: &str) -> u64 {
-    let body = gw.get("/metrics").await.body;
-    body.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{series} not in /metrics"))
 }
 
 /// A live session still answers a ping.
@@ -75,7 +67,7 @@ async fn reload_serves_the_new_certificate_and_keeps_live_sessions() {
     assert_eq!(gw.handle.current_cert(), Some(new));
     still_alive(&mut live).await;
     assert_eq!(
-        metric(&gw, "wsgate_cert_reloads_total{result=\"ok\"}").await,
+        gw.metric("wsgate_cert_reloads_total{result=\"ok\"}").await,
         1
     );
 }
@@ -105,11 +97,12 @@ async fn broken_or_mismatched_pair_is_refused_and_the_old_one_serves() {
 
     still_alive(&mut live).await;
     assert_eq!(
-        metric(&gw, "wsgate_cert_reloads_total{result=\"failed\"}").await,
+        gw.metric("wsgate_cert_reloads_total{result=\"failed\"}")
+            .await,
         2
     );
     assert_eq!(
-        metric(&gw, "wsgate_cert_reloads_total{result=\"ok\"}").await,
+        gw.metric("wsgate_cert_reloads_total{result=\"ok\"}").await,
         0
     );
     // The logged reason names the file, never key material.
@@ -145,13 +138,12 @@ async fn symlink_swap_of_the_certificate_directory_is_picked_up() {
 
     let new = leaf(&v2.join("tls.crt"));
     assert_ne!(new, old);
-    let deadline = Instant::now() + WAIT;
-    while served(&gw).await != new {
-        assert!(Instant::now() < deadline, "the swap was never picked up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(WAIT, "the swapped certificate to be served", async || {
+        (served(&gw).await == new).then_some(())
+    })
+    .await;
     assert_eq!(
-        metric(&gw, "wsgate_cert_reloads_total{result=\"ok\"}").await,
+        gw.metric("wsgate_cert_reloads_total{result=\"ok\"}").await,
         1
     );
 }

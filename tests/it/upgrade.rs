@@ -8,31 +8,12 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 
 use crate::harness::{
-    self, Gateway, RawResponse, WAIT, Ws, assert_invalid_token, expect_close, hs256_jwt, now,
-    raw_jwt, start,
+    self, Gateway, RawResponse, WAIT, assert_invalid_token, bearer, eventually, expect_close,
+    hs256_jwt, now, raw_jwt, read_json, start,
 };
 
 async fn gateway() -> Gateway {
     start(|_, _| {}).await
-}
-
-fn bearer(token: &str) -> String {
-    format!("Authorization: Bearer {token}")
-}
-
-async fn next_text(ws: &mut Ws) -> serde_json::Value {
-    loop {
-        let msg = tokio::time::timeout(WAIT, ws.next())
-            .await
-            .expect("frame timed out")
-            .expect("stream ended")
-            .expect("frame");
-        match msg {
-            Message::Text(t) => return serde_json::from_str(&t).expect("json"),
-            Message::Ping(_) | Message::Pong(_) => continue,
-            other => panic!("unexpected {other:?}"),
-        }
-    }
 }
 
 /// A valid upgrade request with a bearer token, edited by `edit`, sent raw.
@@ -120,7 +101,7 @@ async fn connection_token_list_is_accepted() {
     );
     let (mut ws, res) = gw.connect_with(req).await.expect("upgrade");
     assert_eq!(res.status(), 101);
-    assert_eq!(next_text(&mut ws).await["op"], "welcome");
+    assert_eq!(read_json(&mut ws).await["op"], "welcome");
 }
 
 #[tokio::test]
@@ -361,7 +342,7 @@ async fn header_carrier_gets_welcome_and_pong() {
     let (mut ws, res) = gw.connect(&token).await.expect("upgrade");
     assert_eq!(res.status(), 101);
     assert!(res.headers().get("sec-websocket-protocol").is_none());
-    let welcome = next_text(&mut ws).await;
+    let welcome = read_json(&mut ws).await;
     assert_eq!(welcome["op"], "welcome");
     assert_eq!(welcome["user"], "alice");
     assert_eq!(welcome["heartbeat_ms"], 25_000);
@@ -372,27 +353,27 @@ async fn header_carrier_gets_welcome_and_pong() {
         .await
         .unwrap();
     assert_eq!(
-        next_text(&mut ws).await,
+        read_json(&mut ws).await,
         serde_json::json!({"op":"pong","id":5})
     );
     ws.send(Message::text(r#"{"op":"ping"}"#)).await.unwrap();
-    assert_eq!(next_text(&mut ws).await, serde_json::json!({"op":"pong"}));
+    assert_eq!(read_json(&mut ws).await, serde_json::json!({"op":"pong"}));
     ws.send(Message::text(r#"{"op":"fly","id":6}"#))
         .await
         .unwrap();
-    let err = next_text(&mut ws).await;
+    let err = read_json(&mut ws).await;
     assert_eq!(err["op"], "error");
     assert_eq!(err["id"], 6);
     assert_eq!(err["code"], "bad_request");
     ws.send(Message::text("not json")).await.unwrap();
-    let err = next_text(&mut ws).await;
+    let err = read_json(&mut ws).await;
     assert_eq!(err["code"], "bad_request");
     assert!(err.get("id").is_none());
     // Still alive after errors.
     ws.send(Message::text(r#"{"op":"ping","id":7}"#))
         .await
         .unwrap();
-    assert_eq!(next_text(&mut ws).await["id"], 7);
+    assert_eq!(read_json(&mut ws).await["id"], 7);
     ws.close(None).await.unwrap();
 }
 
@@ -411,7 +392,7 @@ async fn subprotocol_carrier_echoes_only_wsgate_v1() {
         res.headers().get("sec-websocket-protocol").unwrap(),
         "wsgate.v1"
     );
-    assert_eq!(next_text(&mut ws).await["user"], "bob");
+    assert_eq!(read_json(&mut ws).await["user"], "bob");
 }
 
 #[tokio::test]
@@ -503,7 +484,7 @@ async fn query_token_works_when_enabled() {
     let req = url.into_client_request().unwrap();
     let (mut ws, res) = gw.connect_with(req).await.expect("upgrade");
     assert_eq!(res.status(), 101);
-    assert_eq!(next_text(&mut ws).await["user"], "dave");
+    assert_eq!(read_json(&mut ws).await["user"], "dave");
 }
 
 #[tokio::test]
@@ -535,7 +516,7 @@ async fn silent_client_is_dropped_after_heartbeat_and_grace() {
     .await;
     // A client that keeps reading answers the pings and stays.
     let (mut live, _) = gw.connect(&gw.token("live", &[])).await.unwrap();
-    assert_eq!(next_text(&mut live).await["heartbeat_ms"], 200);
+    assert_eq!(read_json(&mut live).await["heartbeat_ms"], 200);
     let keep_reading = async {
         while let Some(Ok(msg)) = live.next().await {
             assert!(matches!(msg, Message::Ping(_)), "unexpected {msg:?}");
@@ -544,7 +525,9 @@ async fn silent_client_is_dropped_after_heartbeat_and_grace() {
     };
     // A client that reads nothing sends no pongs.
     let (mut silent, _) = gw.connect(&gw.token("silent", &[])).await.unwrap();
-    assert_eq!(next_text(&mut silent).await["op"], "welcome");
+    assert_eq!(read_json(&mut silent).await["op"], "welcome");
+    // Reading until a fixed time is the test: 1.2 s is past the silent
+    // client's heartbeat and grace, and within it nothing may end `live`.
     let _ = tokio::time::timeout(std::time::Duration::from_millis(1200), keep_reading).await;
     // Pings queued before the drop may come first; then the stream ends.
     let end = async {
@@ -565,7 +548,7 @@ async fn silent_client_is_dropped_after_heartbeat_and_grace() {
 async fn client_close_is_answered() {
     let gw = gateway().await;
     let (mut ws, _) = gw.connect(&gw.token("eve", &[])).await.unwrap();
-    assert_eq!(next_text(&mut ws).await["op"], "welcome");
+    assert_eq!(read_json(&mut ws).await["op"], "welcome");
     ws.close(None).await.unwrap();
     match tokio::time::timeout(harness::WAIT, ws.next())
         .await
@@ -580,7 +563,7 @@ async fn client_close_is_answered() {
 async fn binary_frame_closes_1003() {
     let gw = gateway().await;
     let (mut ws, _) = gw.connect(&gw.token("eve", &[])).await.unwrap();
-    assert_eq!(next_text(&mut ws).await["op"], "welcome");
+    assert_eq!(read_json(&mut ws).await["op"], "welcome");
     ws.send(Message::binary(vec![1u8, 2, 3])).await.unwrap();
     assert_eq!(expect_close(&mut ws).await, 1003);
 }
@@ -593,7 +576,7 @@ async fn oversized_message_closes_1009() {
     })
     .await;
     let (mut ws, _) = gw.connect(&gw.token("eve", &[])).await.unwrap();
-    assert_eq!(next_text(&mut ws).await["op"], "welcome");
+    assert_eq!(read_json(&mut ws).await["op"], "welcome");
     ws.send(Message::text(format!(
         r#"{{"op":"ping","pad":"{}"}}"#,
         "x".repeat(2000)
@@ -607,7 +590,7 @@ async fn oversized_message_closes_1009() {
 async fn shutdown_closes_sessions_with_1001() {
     let gw = gateway().await;
     let (mut ws, _) = gw.connect(&gw.token("eve", &[])).await.unwrap();
-    assert_eq!(next_text(&mut ws).await["op"], "welcome");
+    assert_eq!(read_json(&mut ws).await["op"], "welcome");
     gw.begin_stop();
     assert_eq!(expect_close(&mut ws).await, 1001);
     gw.stop().await;
@@ -619,7 +602,7 @@ async fn drain_spreads_1001_closes_over_the_window() {
     let mut sessions = Vec::new();
     for i in 0..8 {
         let (mut ws, _) = gw.connect(&gw.token(&format!("u{i}"), &[])).await.unwrap();
-        assert_eq!(next_text(&mut ws).await["op"], "welcome");
+        assert_eq!(read_json(&mut ws).await["op"], "welcome");
         sessions.push(ws);
     }
     let started = std::time::Instant::now();
@@ -664,11 +647,15 @@ async fn a_second_signal_closes_every_session_now() {
     let mut sessions = Vec::new();
     for i in 0..3 {
         let (mut ws, _) = gw.connect(&gw.token(&format!("h{i}"), &[])).await.unwrap();
-        assert_eq!(next_text(&mut ws).await["op"], "welcome");
+        assert_eq!(read_json(&mut ws).await["op"], "welcome");
         sessions.push(ws);
     }
     gw.begin_stop();
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // The second signal comes while the drain is under way.
+    eventually(WAIT, "/readyz to answer 503 once draining", async || {
+        (gw.get("/readyz").await.status == 503).then_some(())
+    })
+    .await;
     let hurried = std::time::Instant::now();
     gw.handle.hurry();
     for mut ws in sessions {
@@ -687,7 +674,7 @@ async fn token_expiry_closes_4001() {
         &gw.secret(),
     );
     let (mut ws, _) = gw.connect(&token).await.unwrap();
-    assert_eq!(next_text(&mut ws).await["op"], "welcome");
+    assert_eq!(read_json(&mut ws).await["op"], "welcome");
     assert_eq!(expect_close(&mut ws).await, 4001);
     // The token that just expired cannot open a new session, even within
     // the same wall-clock second (no welcome/4001 loop for reconnecting
