@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::harness::{WAIT, bearer, eventually, eventually_ok, start};
+use crate::harness::{WAIT, admin_get, bearer, eventually, eventually_ok, start};
 
 /// Reads until EOF or error; returns the bytes and how long it took.
 async fn read_until_closed<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> (Vec<u8>, Duration) {
@@ -162,4 +162,30 @@ async fn draining_answers_503_to_readyz_and_upgrades() {
     assert_eq!(health.status, 200, "liveness stays up while draining");
     let res = gw.raw(&gw.upgrade_head("/ws", &[&bearer(&token)])).await;
     res.assert_refused(503);
+}
+
+#[tokio::test]
+async fn the_admin_listener_keeps_the_same_header_limit() {
+    let gw = start(|c, _| {
+        c.server.max_header_bytes = 4096;
+        c.auth.max_token_bytes = 2048;
+        c.server.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let admin = gw.admin.expect("admin listener bound");
+    // Within hyper's 8 KiB read buffer, over the configured header limit:
+    // only the shared HTTP/1 builder's `max_header_size` refuses it.
+    let mut tcp = TcpStream::connect(admin).await.expect("connect admin");
+    let head = format!(
+        "GET /healthz HTTP/1.1\r\nHost: admin\r\nX-Fill: {}\r\nConnection: close\r\n\r\n",
+        "a".repeat(6000)
+    );
+    tcp.write_all(head.as_bytes()).await.expect("write");
+    let mut out = String::new();
+    tokio::time::timeout(WAIT, tcp.read_to_string(&mut out))
+        .await
+        .expect("admin answer")
+        .expect("read admin answer");
+    assert!(out.starts_with("HTTP/1.1 431"), "{out}");
+    assert!(admin_get(admin, "/healthz").await.0.contains(" 200 "));
 }
