@@ -241,7 +241,10 @@ async fn json_logs_never_contain_a_token_on_any_refusal_or_close_path() {
     }
     assert_eq!(close_code(&mut ws).await, 4008);
 
-    let short = token("canary-short", 1); // expiry: 4001
+    // Expiry: 4001. Two seconds, not one: `exp` is whole seconds, so a
+    // one-second token minted late in a second could be expired by the
+    // time a loaded machine finishes the handshake.
+    let short = token("canary-short", 2);
     tokens.push(short.clone());
     let (mut ws, _) = gw.connect(&short).await.expect("short token");
     welcome(&mut ws).await;
