@@ -12,22 +12,31 @@
 //! (counted, but not delivered to) until [`Hub::activate`], so the core
 //! can queue the `ok` of its subscribe before any message of the channel.
 //!
-//! In single-node mode ([`Hub::publish`]) a channel exists while it has
-//! subscribers: its `seq` starts at 1 with the first subscriber and
-//! restarts after the last one leaves. With a cluster broker the `seq`
+//! In single-node mode ([`Hub::publish`]) a channel without history
+//! exists while it has subscribers: its `seq` starts at 1 with the first
+//! subscriber and restarts after the last one leaves. A channel that
+//! keeps history ([`crate::history`]) is numbered and stored whether or
+//! not anyone is subscribed, and is kept until it has been idle for its
+//! age limit; its ring holds the very frames fanned out, and resumes are
+//! answered from it under the channel's lock, so nothing published in
+//! between can be missed or sent twice. With a cluster broker the `seq`
 //! comes from the broker ([`Hub::deliver`]), and the hub only remembers
 //! the last one delivered, to tell subscribers about gaps.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 
 use crate::channel::ChannelName;
-use crate::protocol::{ErrorCode, MessageTemplate, ServerFrame};
+use crate::history::{CHANNEL_OVERHEAD_BYTES, HistoryRules, Position, Ring, Unrecovered};
+use crate::metrics::Metrics;
+use crate::protocol::{ErrorCode, MessageTemplate, PositionOk, ServerFrame};
 
 /// The notice subscribers get when their channel may have lost messages.
 const GAP_MESSAGE: &str = "messages on this channel may have been missed; resubscribe or resync";
@@ -69,6 +78,8 @@ struct Channel {
     /// delivered to, still counted until they leave, so the count of
     /// subscribers changes only through [`Hub::join`] and [`Hub::leave`].
     cut: Vec<u64>,
+    /// The channel's recent frames, on a channel that keeps history.
+    history: Option<Box<Ring>>,
 }
 
 impl Channel {
@@ -121,23 +132,66 @@ pub struct Published {
     pub slow: usize,
 }
 
-/// The subscription table.
+/// What [`Hub::activate`] did about a resume.
+pub type Resumed = Option<Result<(), Unrecovered>>;
+
+/// The subscription table, and the single-node history store.
 #[derive(Debug)]
 pub struct Hub {
     shards: Box<[Mutex<HashMap<ChannelName, Channel>>]>,
     hasher: std::collections::hash_map::RandomState,
-}
-
-impl Default for Hub {
-    fn default() -> Self {
-        Self {
-            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
-            hasher: std::collections::hash_map::RandomState::new(),
-        }
-    }
+    /// Which channels keep history here: none with a cluster broker,
+    /// whose history lives in Redis.
+    rules: HistoryRules,
+    /// `history_bytes` and `history_channels` are kept here, live.
+    metrics: Arc<Metrics>,
+    /// Set while one caller evicts, so the others do not pile on.
+    evicting: AtomicBool,
 }
 
 impl Hub {
+    pub fn new(rules: HistoryRules, metrics: Arc<Metrics>) -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            hasher: std::collections::hash_map::RandomState::new(),
+            rules,
+            metrics,
+            evicting: AtomicBool::new(false),
+        }
+    }
+
+    /// A new entry for `channel`, with a ring when it keeps history.
+    fn new_entry(&self, channel: &ChannelName, now: Instant) -> Channel {
+        let history = self.rules.limits(channel).map(|limits| {
+            self.store_changed(CHANNEL_OVERHEAD_BYTES as isize, 1);
+            Box::new(Ring::new(limits, now))
+        });
+        Channel {
+            history,
+            ..Channel::default()
+        }
+    }
+
+    fn store_changed(&self, bytes: isize, channels: i64) {
+        if bytes != 0 {
+            self.metrics
+                .history_bytes
+                .fetch_add(bytes as i64, Ordering::Relaxed);
+        }
+        if channels != 0 {
+            self.metrics
+                .history_channels
+                .fetch_add(channels, Ordering::Relaxed);
+        }
+    }
+
+    /// Forgets `entry`'s ring in the accounting (the entry is dropped).
+    fn forget(&self, entry: &Channel) {
+        if let Some(ring) = &entry.history {
+            self.store_changed(-((ring.bytes() + CHANNEL_OVERHEAD_BYTES) as isize), -1);
+        }
+    }
+
     fn shard(
         &self,
         channel: &ChannelName,
@@ -153,7 +207,9 @@ impl Hub {
     /// delivered to.
     pub fn join(&self, channel: &ChannelName, subscriber: Subscriber) -> Joined {
         let mut shard = self.shard(channel);
-        let entry = shard.entry(channel.clone()).or_default();
+        let entry = shard
+            .entry(channel.clone())
+            .or_insert_with(|| self.new_entry(channel, Instant::now()));
         if entry.has(subscriber.session) {
             return Joined::Already;
         }
@@ -162,19 +218,70 @@ impl Hub {
         if first { Joined::First } else { Joined::Again }
     }
 
-    /// Starts delivering `channel`'s messages to a pending `session`.
-    /// Returns false when it is not pending there (it left meanwhile).
-    pub fn activate(&self, channel: &ChannelName, session: u64) -> bool {
+    /// Starts delivering `channel`'s messages to a pending `session`. Under
+    /// the channel's lock, first queues the subscribe's `ok` (when `id` is
+    /// set: with the channel's position on a history channel, and the
+    /// resume's outcome when `since` is set) and the frames a resume
+    /// replays, so live messages follow them with no gap and no repeat.
+    /// Returns what became of the resume; `None` also when the session is
+    /// not pending there (it left meanwhile).
+    pub fn activate(
+        &self,
+        channel: &ChannelName,
+        session: u64,
+        id: Option<u64>,
+        since: Option<&Position>,
+    ) -> Resumed {
         let mut shard = self.shard(channel);
-        let Some(entry) = shard.get_mut(channel) else {
-            return false;
-        };
-        let Some(at) = entry.pending.iter().position(|s| s.session == session) else {
-            return false;
-        };
+        let entry = shard.get_mut(channel)?;
+        let at = entry.pending.iter().position(|s| s.session == session)?;
         let subscriber = entry.pending.swap_remove(at);
+        let ring = entry.history.as_deref();
+        let replay = since.map(|since| match ring {
+            None => Err(Unrecovered::NoHistory),
+            Some(ring) => ring.missed(since, entry.seq, self.rules.max_replay),
+        });
+        let resumed = replay
+            .as_ref()
+            .map(|r| r.as_ref().map(|_| ()).map_err(|e| *e));
+        if let Some(id) = id {
+            let position = ring.map(|r| (r.epoch.as_str(), entry.seq));
+            let outcome = resumed.map(|r| r.map_err(Unrecovered::as_str));
+            let ok = PositionOk::new(id, position, outcome).encode();
+            subscriber.send(Utf8Bytes::from(ok));
+        }
+        if let Some(Ok(frames)) = replay {
+            for frame in frames {
+                subscriber.send(frame.clone());
+            }
+        }
         entry.subscribers.push(subscriber);
-        true
+        resumed
+    }
+
+    /// The last `limit` stored frames of `channel` and its position, or
+    /// `None` when it keeps no history here. A history channel not seen
+    /// yet starts its numbering (seq 0), so a client may resume from it.
+    pub fn history(
+        &self,
+        channel: &ChannelName,
+        limit: usize,
+    ) -> Option<(Position, Vec<Utf8Bytes>)> {
+        self.rules.limits(channel)?;
+        let now = Instant::now();
+        let mut shard = self.shard(channel);
+        let entry = shard
+            .entry(channel.clone())
+            .or_insert_with(|| self.new_entry(channel, now));
+        let seq = entry.seq;
+        let ring = entry.history.as_deref_mut()?;
+        let freed = ring.expire(now);
+        self.store_changed(-(freed as isize), 0);
+        let position = Position {
+            epoch: ring.epoch.clone(),
+            seq,
+        };
+        Some((position, ring.last(limit).cloned().collect()))
     }
 
     /// Removes `session` from `channel`, pending or not.
@@ -190,17 +297,22 @@ impl Hub {
         if entry.len() == before {
             return Left::NotThere;
         }
-        if entry.is_empty() {
-            shard.remove(channel);
-            Left::Last
-        } else {
-            Left::Others
+        if !entry.is_empty() {
+            return Left::Others;
         }
+        // A history channel outlives its subscribers (the sweep forgets it
+        // once idle for its age limit); any other goes now.
+        if entry.history.is_none() {
+            shard.remove(channel);
+        }
+        Left::Last
     }
 
     /// Whether `channel` has a local subscriber, pending ones included.
     pub fn has_subscribers(&self, channel: &ChannelName) -> bool {
-        self.shard(channel).contains_key(channel)
+        self.shard(channel)
+            .get(channel)
+            .is_some_and(|e| !e.is_empty())
     }
 
     /// Every channel with a local subscriber, pending ones included.
@@ -210,17 +322,94 @@ impl Hub {
             let shard = shard
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            names.extend(shard.keys().cloned());
+            names.extend(
+                shard
+                    .iter()
+                    .filter(|(_, e)| !e.is_empty())
+                    .map(|(c, _)| c.clone()),
+            );
         }
         names
+    }
+
+    /// Drops history past its age, and forgets history channels with no
+    /// subscriber idle past their age limit. Run now and then.
+    pub fn sweep(&self, now: Instant) {
+        for shard in &self.shards {
+            let mut shard = shard
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            shard.retain(|_, entry| {
+                let idle = entry.is_empty();
+                let Some(ring) = entry.history.as_deref_mut() else {
+                    return true;
+                };
+                let freed = ring.expire(now);
+                self.store_changed(-(freed as isize), 0);
+                if idle && ring.is_stale(now) {
+                    self.forget(entry);
+                    return false;
+                }
+                true
+            });
+        }
+    }
+
+    /// Evicts whole history channels, least recently active first, until
+    /// the store is under 90 % of `history.max_bytes` (so one eviction
+    /// makes room for many publications). An evicted channel with
+    /// subscribers keeps its `seq` and starts a new epoch; one without is
+    /// forgotten. Called outside any shard lock.
+    fn evict(&self) {
+        if self.evicting.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let target = (self.rules.max_bytes / 10 * 9) as i64;
+        let mut idle: Vec<(Instant, ChannelName)> = Vec::new();
+        for shard in &self.shards {
+            let shard = shard
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            idle.extend(
+                shard
+                    .iter()
+                    .filter_map(|(c, e)| e.history.as_ref().map(|r| (r.last_activity, c.clone()))),
+            );
+        }
+        idle.sort_unstable_by_key(|(at, _)| *at);
+        for (_, channel) in idle {
+            if self.metrics.history_bytes.load(Ordering::Relaxed) <= target {
+                break;
+            }
+            let mut shard = self.shard(&channel);
+            let Some(entry) = shard.get_mut(&channel) else {
+                continue;
+            };
+            self.metrics
+                .history_evictions
+                .fetch_add(1, Ordering::Relaxed);
+            if entry.is_empty() {
+                self.forget(entry);
+                shard.remove(&channel);
+            } else if let Some(ring) = entry.history.as_deref_mut() {
+                let freed = ring.restart();
+                self.store_changed(-(freed as isize), 0);
+            }
+        }
+        self.evicting.store(false, Ordering::Release);
     }
 
     /// Delivers one publication to every subscriber of `channel`, in `seq`
     /// order per channel.
     pub fn publish(&self, channel: &ChannelName, message: &MessageTemplate) -> Published {
         let mut shard = self.shard(channel);
-        let Some(entry) = shard.get_mut(channel) else {
-            return Published::default();
+        let entry = match shard.get_mut(channel) {
+            Some(entry) => entry,
+            // Numbered and stored with nobody subscribed, on a history channel.
+            None if self.rules.limits(channel).is_some() => shard
+                .entry(channel.clone())
+                .or_insert_with(|| self.new_entry(channel, Instant::now())),
+            None => return Published::default(),
         };
         entry.seq += 1;
         let frame = Utf8Bytes::from(message.with_seq(entry.seq));
@@ -229,6 +418,14 @@ impl Hub {
             ..Published::default()
         };
         push(entry, None, &frame, &mut out);
+        if let Some(ring) = entry.history.as_deref_mut() {
+            let grown = ring.push(entry.seq, &frame, Instant::now());
+            self.store_changed(grown, 0);
+            drop(shard);
+            if self.metrics.history_bytes.load(Ordering::Relaxed) > self.rules.max_bytes as i64 {
+                self.evict();
+            }
+        }
         out
     }
 
@@ -335,6 +532,10 @@ mod tests {
     use super::*;
     use serde_json::value::RawValue;
 
+    fn hub() -> Hub {
+        Hub::new(HistoryRules::default(), Arc::new(Metrics::default()))
+    }
+
     fn sub(session: u64, depth: usize) -> (Subscriber, mpsc::Receiver<Utf8Bytes>) {
         let (tx, rx) = mpsc::channel(depth);
         (
@@ -354,7 +555,7 @@ mod tests {
 
     #[test]
     fn fan_out_in_order_and_cut_off_only_the_slow_one() {
-        let hub = Hub::default();
+        let hub = hub();
         let ch = ChannelName::parse("chat:a").unwrap();
         let (fast, mut fast_rx) = sub(1, 16);
         let (slow, _slow_rx) = sub(2, 2);
@@ -367,7 +568,10 @@ mod tests {
             0,
             "pending subscribers get nothing"
         );
-        assert!(hub.activate(&ch, 1) && hub.activate(&ch, 2));
+        assert!(
+            hub.activate(&ch, 1, None, None).is_none()
+                && hub.activate(&ch, 2, None, None).is_none()
+        );
         for n in 1..=3 {
             hub.publish(&ch, &msg(&ch, n));
         }
@@ -391,11 +595,11 @@ mod tests {
 
     #[test]
     fn delivered_seq_gaps_are_announced_and_duplicates_dropped() {
-        let hub = Hub::default();
+        let hub = hub();
         let ch = ChannelName::parse("chat:a").unwrap();
         let (a, mut rx) = sub(1, 16);
         hub.join(&ch, a);
-        hub.activate(&ch, 1);
+        hub.activate(&ch, 1, None, None);
         assert_eq!(hub.deliver(&ch, 7, &msg(&ch, 7)).delivered, 1);
         assert_eq!(hub.deliver(&ch, 7, &msg(&ch, 7)).delivered, 0, "duplicate");
         hub.deliver(&ch, 8, &msg(&ch, 8));
@@ -423,7 +627,7 @@ mod tests {
 
     #[test]
     fn empty_channels_are_forgotten() {
-        let hub = Hub::default();
+        let hub = hub();
         let ch = ChannelName::parse("x").unwrap();
         let (a, _rx) = sub(1, 4);
         hub.join(&ch, a);
@@ -431,7 +635,8 @@ mod tests {
         assert!(hub.has_subscribers(&ch), "pending ones count");
         assert_eq!(hub.leave(&ch, 1), Left::Last);
         assert_eq!(hub.leave(&ch, 1), Left::NotThere);
-        assert!(!hub.activate(&ch, 1), "left meanwhile");
+        hub.activate(&ch, 1, None, None);
+        assert!(!hub.has_subscribers(&ch), "left meanwhile: not added back");
         assert_eq!(hub.channels(), 0);
         assert_eq!(hub.publish(&ch, &msg(&ch, 1)), Published::default());
     }

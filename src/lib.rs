@@ -60,6 +60,7 @@ mod broker;
 pub mod channel;
 pub mod config;
 mod gateway;
+mod history;
 mod hub;
 pub mod identity;
 mod metrics;

@@ -74,6 +74,16 @@ pub const PROXY_RESULTS: [&str; 5] = ["ok", "local", "untrusted", "malformed", "
 /// away by `auth.jwks_min_refresh_interval_ms` (no fetch happened).
 pub const JWKS_FETCH_RESULTS: [&str; 3] = ["ok", "failed", "throttled"];
 
+/// Labels of `wsgate_resumes_total{outcome}`: a `subscribe` with `since`
+/// that replayed what was missed, or why it could not.
+pub const RESUME_OUTCOMES: [&str; 5] = [
+    "recovered",
+    "epoch_changed",
+    "trimmed",
+    "too_many",
+    "no_history",
+];
+
 /// A counter per label value of a fixed set.
 #[derive(Debug)]
 pub struct LabeledCounter<const N: usize> {
@@ -198,6 +208,16 @@ pub struct Metrics {
     pub handshake: Histogram,
     /// From a decoded `publish` to its frames being in every outbox.
     pub publish: Histogram,
+    /// Resumes by outcome.
+    pub resumes: LabeledCounter<5>,
+    /// `history` requests answered.
+    pub history_reads: AtomicU64,
+    /// Bytes of stored history (frames plus a fixed cost per channel).
+    pub history_bytes: AtomicI64,
+    /// Channels whose history is kept.
+    pub history_channels: AtomicI64,
+    /// Channels evicted whole to stay under `history.max_bytes`.
+    pub history_evictions: AtomicU64,
 }
 
 const RESULTS: [&str; 2] = ["ok", "failed"];
@@ -250,6 +270,11 @@ impl Default for Metrics {
             keys: Arc::default(),
             handshake: Histogram::new(),
             publish: Histogram::new(),
+            resumes: LabeledCounter::new(&RESUME_OUTCOMES),
+            history_reads: AtomicU64::new(0),
+            history_bytes: AtomicI64::new(0),
+            history_channels: AtomicI64::new(0),
+            history_evictions: AtomicU64::new(0),
         }
     }
 }
@@ -363,6 +388,36 @@ impl Metrics {
             "wsgate_jwks_fetches_total",
             "result",
             "JWKS URL fetches by result; throttled: an unknown-kid refresh refused without a fetch.",
+        );
+        self.resumes.render(
+            &mut out,
+            "wsgate_resumes_total",
+            "outcome",
+            "Subscribes with since, by outcome.",
+        );
+        counter(
+            &mut out,
+            "wsgate_history_reads_total",
+            "History requests answered.",
+            self.history_reads.load(Ordering::Relaxed),
+        );
+        gauge(
+            &mut out,
+            "wsgate_history_bytes",
+            "Bytes of stored history on this gateway (frames plus 256 per channel).",
+            load(&self.history_bytes),
+        );
+        gauge(
+            &mut out,
+            "wsgate_history_channels",
+            "Channels whose history this gateway keeps.",
+            load(&self.history_channels),
+        );
+        counter(
+            &mut out,
+            "wsgate_history_evictions_total",
+            "Channels evicted whole to stay under history.max_bytes.",
+            self.history_evictions.load(Ordering::Relaxed),
         );
         self.handshake.render(
             &mut out,

@@ -10,6 +10,12 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 
 use crate::channel::ChannelName;
+use crate::history::Position;
+
+/// Messages a `history` request returns when it names no `limit`.
+pub const DEFAULT_HISTORY_LIMIT: usize = 50;
+/// Most messages one `history` request may ask for.
+pub const MAX_HISTORY_LIMIT: usize = 1000;
 
 /// A request from a client, decoded from one text frame.
 #[derive(Debug, Clone)]
@@ -17,6 +23,8 @@ pub enum ClientFrame<'a> {
     Subscribe {
         id: Option<u64>,
         channel: ChannelName,
+        /// The last position the client saw: replay what came after it.
+        since: Option<Position>,
     },
     Unsubscribe {
         id: Option<u64>,
@@ -34,6 +42,12 @@ pub enum ClientFrame<'a> {
     Ping {
         id: Option<u64>,
     },
+    History {
+        id: Option<u64>,
+        channel: ChannelName,
+        /// 1 to [`MAX_HISTORY_LIMIT`]; [`DEFAULT_HISTORY_LIMIT`] when absent.
+        limit: usize,
+    },
 }
 
 /// The flat shape every request shares; unknown fields are ignored.
@@ -49,6 +63,18 @@ struct Wire<'a> {
     data: Option<&'a RawValue>,
     #[serde(borrow, default)]
     token: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    since: Option<&'a RawValue>,
+    #[serde(default)]
+    limit: Option<serde_json::Value>,
+}
+
+/// `since` as the contract has it.
+#[derive(Deserialize)]
+struct Since<'a> {
+    #[serde(borrow)]
+    epoch: Cow<'a, str>,
+    seq: u64,
 }
 
 /// `data: null` is a value to publish, not an absent field.
@@ -127,6 +153,85 @@ impl MessageTemplate {
     }
 }
 
+/// The `ok` of a `subscribe`, with the channel's position on a history
+/// channel and, for a resume, whether the missed messages follow
+/// (protocol.md §5). Written as `{"op":"ok",…}`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PositionOk<'a> {
+    op: &'static str,
+    id: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    epoch: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seq: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    recovered: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'static str>,
+}
+
+impl<'a> PositionOk<'a> {
+    /// `position` is `None` on a channel without history; `resume` is
+    /// `None` for a plain subscribe, else `Ok` (recovered) or the reason.
+    pub fn new(
+        id: u64,
+        position: Option<(&'a str, u64)>,
+        resume: Option<Result<(), &'static str>>,
+    ) -> Self {
+        Self {
+            op: "ok",
+            id,
+            epoch: position.map(|(e, _)| e),
+            seq: position.map(|(_, s)| s),
+            recovered: resume.map(|r| r.is_ok()),
+            reason: resume.and_then(Result::err),
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|_| {
+            r#"{"op":"error","code":"internal","message":"encoding failed"}"#.to_owned()
+        })
+    }
+
+    /// The `ok` of a `history` request: this position and `messages`, each
+    /// cut from a stored `message` frame of `channel` (no re-encoding).
+    pub fn with_messages<'f>(
+        &self,
+        channel: &ChannelName,
+        frames: impl Iterator<Item = &'f str>,
+    ) -> String {
+        let mut out = self.encode();
+        out.pop(); // the closing brace
+        out.push_str(r#","messages":["#);
+        let prefix = message_prefix(channel);
+        let mut first = true;
+        for frame in frames {
+            // Every stored frame was made by `MessageTemplate` for this
+            // channel; one that was not is left out rather than garbled.
+            let Some(rest) = frame.strip_prefix(&prefix) else {
+                continue;
+            };
+            if !first {
+                out.push(',');
+            }
+            first = false;
+            out.push('{');
+            out.push_str(rest);
+        }
+        out.push_str("]}");
+        out
+    }
+}
+
+/// What every `message` frame of `channel` starts with, up to `from`.
+fn message_prefix(channel: &ChannelName) -> String {
+    format!(
+        r#"{{"op":"message","channel":{},"#,
+        serde_json::to_string(channel.as_str()).unwrap_or_default()
+    )
+}
+
 /// Stable error codes of the contract.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -139,6 +244,7 @@ pub enum ErrorCode {
     TokenMismatch,
     InvalidToken,
     Internal,
+    NoHistory,
 }
 
 /// Why a text frame could not be decoded into a [`ClientFrame`].
@@ -179,6 +285,19 @@ pub fn decode(text: &str) -> Result<ClientFrame<'_>, DecodeError> {
         "subscribe" => ClientFrame::Subscribe {
             id,
             channel: channel()?,
+            since: match wire.since {
+                None => None,
+                Some(raw) => Some(
+                    serde_json::from_str::<Since<'_>>(raw.get())
+                        .map(|s| Position {
+                            epoch: s.epoch.into_owned(),
+                            seq: s.seq,
+                        })
+                        .map_err(|_| {
+                            bad("`since` must be an object with a string `epoch` and an unsigned integer `seq`".into())
+                        })?,
+                ),
+            },
         },
         "unsubscribe" => ClientFrame::Unsubscribe {
             id,
@@ -199,6 +318,18 @@ pub fn decode(text: &str) -> Result<ClientFrame<'_>, DecodeError> {
                 .ok_or_else(|| bad("missing field `token`".into()))?,
         },
         "ping" => ClientFrame::Ping { id },
+        "history" => ClientFrame::History {
+            id,
+            channel: channel()?,
+            limit: match &wire.limit {
+                None => DEFAULT_HISTORY_LIMIT,
+                Some(v) => v
+                    .as_u64()
+                    .filter(|n| (1..=MAX_HISTORY_LIMIT as u64).contains(n))
+                    .map(|n| n as usize)
+                    .ok_or_else(|| bad("`limit` must be an integer from 1 to 1000".into()))?,
+            },
+        },
         _ => return Err(bad("unknown op".into())),
     })
 }
@@ -304,8 +435,47 @@ mod tests {
         assert_eq!(ok(r#"{"op":"ping"}"#).unwrap(), "Ping { id: None }");
         assert!(matches!(
             decode(r#"{"op":"subscribe","id":1,"channel":"chat:lobby"}"#),
-            Ok(ClientFrame::Subscribe { id: Some(1), channel }) if channel == ch("chat:lobby")
+            Ok(ClientFrame::Subscribe { id: Some(1), channel, since: None }) if channel == ch("chat:lobby")
         ));
+        let resume =
+            r#"{"op":"subscribe","id":2,"channel":"a","since":{"epoch":"q7f3k2","seq":41}}"#;
+        assert!(matches!(
+            decode(resume),
+            Ok(ClientFrame::Subscribe { since: Some(Position { epoch, seq: 41 }), .. }) if epoch == "q7f3k2"
+        ));
+        // `since: null` is no resume, like an absent field.
+        assert!(matches!(
+            decode(r#"{"op":"subscribe","channel":"a","since":null}"#),
+            Ok(ClientFrame::Subscribe { since: None, .. })
+        ));
+        for bad in [
+            r#"{"op":"subscribe","id":3,"channel":"a","since":5}"#,
+            r#"{"op":"subscribe","id":3,"channel":"a","since":{"epoch":1,"seq":2}}"#,
+            r#"{"op":"subscribe","id":3,"channel":"a","since":{"epoch":"e","seq":-1}}"#,
+            r#"{"op":"subscribe","id":3,"channel":"a","since":{"epoch":"e"}}"#,
+        ] {
+            let e = decode(bad).unwrap_err();
+            assert_eq!(e.id, Some(3), "{bad}");
+            assert!(e.message.contains("since"), "{bad}: {}", e.message);
+        }
+        assert!(matches!(
+            decode(r#"{"op":"history","id":7,"channel":"a"}"#),
+            Ok(ClientFrame::History {
+                limit: DEFAULT_HISTORY_LIMIT,
+                ..
+            })
+        ));
+        assert!(matches!(
+            decode(r#"{"op":"history","id":7,"channel":"a","limit":1000}"#),
+            Ok(ClientFrame::History { limit: 1000, .. })
+        ));
+        for bad in ["0", "1001", "\"5\"", "2.5", "-1"] {
+            let text = format!(r#"{{"op":"history","id":8,"channel":"a","limit":{bad}}}"#);
+            assert!(
+                decode(&text).unwrap_err().message.contains("limit"),
+                "{bad}"
+            );
+        }
         assert!(matches!(
             decode(r#"{"op":"unsubscribe","channel":"a"}"#),
             Ok(ClientFrame::Unsubscribe { id: None, channel }) if channel == ch("a")
@@ -395,6 +565,41 @@ mod tests {
         assert_eq!(
             v,
             serde_json::json!({"op":"message","channel":"chat:x","from":"a\"b","seq":42,"data":{"text":"hi"}})
+        );
+    }
+
+    #[test]
+    fn position_oks_and_history_items() {
+        assert_eq!(
+            PositionOk::new(2, Some(("q7", 41)), None).encode(),
+            r#"{"op":"ok","id":2,"epoch":"q7","seq":41}"#
+        );
+        assert_eq!(
+            PositionOk::new(2, Some(("q7", 44)), Some(Ok(()))).encode(),
+            r#"{"op":"ok","id":2,"epoch":"q7","seq":44,"recovered":true}"#
+        );
+        assert_eq!(
+            PositionOk::new(2, None, Some(Err("no_history"))).encode(),
+            r#"{"op":"ok","id":2,"recovered":false,"reason":"no_history"}"#
+        );
+        let c = ch("chat:lobby");
+        let data = RawValue::from_string(r#"{"t":"hi"}"#.into()).unwrap();
+        let frames = [
+            MessageTemplate::new(&c, "bob", &data).with_seq(42),
+            MessageTemplate::new(&c, "carol", &data).with_seq(43),
+        ];
+        let text = PositionOk::new(7, Some(("q7", 43)), None)
+            .with_messages(&c, frames.iter().map(String::as_str));
+        assert_eq!(
+            text,
+            r#"{"op":"ok","id":7,"epoch":"q7","seq":43,"messages":[{"from":"bob","seq":42,"data":{"t":"hi"}},{"from":"carol","seq":43,"data":{"t":"hi"}}]}"#
+        );
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["messages"][1]["from"], "carol");
+        let empty = PositionOk::new(7, Some(("q7", 0)), None).with_messages(&c, std::iter::empty());
+        assert_eq!(
+            empty,
+            r#"{"op":"ok","id":7,"epoch":"q7","seq":0,"messages":[]}"#
         );
     }
 }

@@ -43,6 +43,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub admission: AdmissionConfig,
     pub cluster: ClusterConfig,
+    pub history: HistoryConfig,
     pub policy: PolicyConfig,
     pub log: LogConfig,
 }
@@ -364,6 +365,60 @@ impl Default for ClusterConfig {
             channel_ttl_s: 86_400,
             command_timeout_ms: 1_000,
             reconnect_max_ms: 5_000,
+        }
+    }
+}
+
+/// Which channels keep history for resume and the `history` op
+/// (protocol.md §5), and how much.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistoryConfig {
+    /// The channels that keep history, by pattern (policy syntax: `*` one
+    /// token, a final `>` one or more; no templates); the first match
+    /// decides. Empty: no channel keeps history.
+    pub channels: Vec<HistoryRule>,
+    /// Most messages one resume (`subscribe` with `since`) replays; more
+    /// missed than this answers `too_many`. Capped at
+    /// `websocket.outbox_frames` − 2, so a replay fits in the outbox.
+    pub max_replay: usize,
+    /// Bytes the stored messages of all channels may take together on a
+    /// single gateway (each channel also counts 256 bytes); past it the
+    /// channels published to least recently are evicted whole (their
+    /// epoch changes).
+    pub max_bytes: usize,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        Self {
+            channels: vec![HistoryRule::default()],
+            max_replay: 300,
+            max_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// One history rule: a channel pattern and what its channels keep.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistoryRule {
+    /// Channel pattern, e.g. `chat:*`.
+    pub pattern: String,
+    /// Most messages kept per channel.
+    pub max_messages: usize,
+    /// Messages older than this are dropped, in seconds; a channel with no
+    /// subscriber and no publication for this long is forgotten (and gets
+    /// a new epoch when it is used again).
+    pub max_age_s: u64,
+}
+
+impl Default for HistoryRule {
+    fn default() -> Self {
+        Self {
+            pattern: "chat:*".to_owned(),
+            max_messages: 100,
+            max_age_s: 600,
         }
     }
 }

@@ -141,6 +141,29 @@ impl Config {
                     .into(),
             );
         }
+        let h = &self.history;
+        if h.max_replay == 0 {
+            return bad("history.max_replay must be at least 1".into());
+        }
+        for rule in &h.channels {
+            if rule.pattern.is_empty() || rule.max_messages == 0 || rule.max_age_s == 0 {
+                return bad(format!(
+                    "history.channels: pattern {:?} needs a pattern, max_messages and max_age_s above 0",
+                    rule.pattern
+                ));
+            }
+            if rule.max_messages > 100_000 {
+                return bad(format!(
+                    "history.channels: pattern {:?} keeps at most 100000 messages",
+                    rule.pattern
+                ));
+            }
+        }
+        if !h.channels.is_empty() && h.max_bytes < 1024 * 1024 {
+            return bad(
+                "history.max_bytes must be at least 1 MiB when channels keep history".into(),
+            );
+        }
         if !(32..=128).contains(&self.admission.ipv6_prefix_len) {
             return bad("admission.ipv6_prefix_len must be between 32 and 128".into());
         }

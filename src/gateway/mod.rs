@@ -28,11 +28,12 @@ use crate::auth::Verifier;
 use crate::broker::{AnyBroker, BrokerError, RedisWorker};
 use crate::channel::ChannelName;
 use crate::config::Config;
+use crate::history::{HistoryRules, Position};
 use crate::hub::{Hub, Left, Published, Subscriber};
 use crate::identity::Identity;
 use crate::metrics::Metrics;
 use crate::policy::{Action, PolicySet, PolicyStore};
-use crate::protocol::ErrorCode;
+use crate::protocol::{ErrorCode, ServerFrame};
 
 /// Why the core refused a request. Each has a stable wire code apart
 /// from its text.
@@ -45,6 +46,8 @@ pub enum CoreError {
     /// The broker could not take the request; nothing was done.
     #[error("{}", unavailable_text(*.0))]
     Unavailable(Action),
+    #[error("this channel keeps no history")]
+    NoHistory,
 }
 
 fn unavailable_text(action: Action) -> &'static str {
@@ -61,6 +64,7 @@ impl CoreError {
             Self::Forbidden(_) => ErrorCode::Forbidden,
             Self::TooManySubscriptions => ErrorCode::TooManySubscriptions,
             Self::Unavailable(_) => ErrorCode::Internal,
+            Self::NoHistory => ErrorCode::NoHistory,
         }
     }
 }
@@ -81,6 +85,15 @@ impl Caller<'_> {
             Err(CoreError::Forbidden(action))
         }
     }
+}
+
+/// What a subscribe asks for besides the channel.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SubscribeOptions<'a> {
+    /// The request's id: its `ok` is queued only when set.
+    pub id: Option<u64>,
+    /// Resume: replay what came after this position.
+    pub since: Option<&'a Position>,
 }
 
 /// One connection's subscriptions, kept by its caller and changed only
@@ -130,8 +143,15 @@ impl Gateway {
         metrics: Arc<Metrics>,
         verifier: Verifier,
         policies: PolicyStore,
+        history: HistoryRules,
     ) -> Result<(Self, Option<RedisWorker>), ::redis::RedisError> {
-        let hub = Arc::new(Hub::default());
+        // With a Redis backplane, history lives in Redis, not in the hub.
+        let local_history = if config.cluster.redis_url.is_none() {
+            history
+        } else {
+            HistoryRules::default()
+        };
+        let hub = Arc::new(Hub::new(local_history, Arc::clone(&metrics)));
         let (broker, worker) =
             AnyBroker::new(&config.cluster, Arc::clone(&hub), Arc::clone(&metrics))?;
         let gateway = Self {
@@ -169,9 +189,11 @@ impl Gateway {
     }
 
     /// Subscribes `subscriber` to `channel` for `caller`, checking the
-    /// policy and the connection's subscription limit. `ok` is queued to
-    /// the subscriber before any message of the channel can be. A channel
-    /// already subscribed is answered `ok` again and changes nothing.
+    /// policy and the connection's subscription limit. The `ok` (with the
+    /// channel's position on a history channel) and, for a resume, the
+    /// missed messages are queued to the subscriber before any live
+    /// message of the channel. A channel already subscribed is answered
+    /// `ok` again and changes nothing.
     ///
     /// # Errors
     /// Forbidden, over the limit, or the broker could not subscribe.
@@ -181,11 +203,11 @@ impl Gateway {
         subscriber: &Subscriber,
         caller: Caller<'_>,
         channel: &ChannelName,
-        ok: Option<Utf8Bytes>,
+        options: SubscribeOptions<'_>,
     ) -> Result<(), CoreError> {
         if subs.contains(channel) {
-            if let Some(ok) = ok {
-                subscriber.send(ok);
+            if let Some(id) = options.id {
+                subscriber.send(Utf8Bytes::from(ServerFrame::Ok { id }.encode()));
             }
             return Ok(());
         }
@@ -203,10 +225,13 @@ impl Gateway {
             }
             return Err(CoreError::Unavailable(Action::Subscribe));
         }
-        if let Some(ok) = ok {
-            subscriber.send(ok);
+        let resumed = self
+            .hub
+            .activate(channel, subscriber.session, options.id, options.since);
+        if let Some(outcome) = resumed {
+            let label = outcome.map_or_else(|why| why.as_str(), |()| "recovered");
+            self.metrics.resumes.inc(label);
         }
-        self.hub.activate(channel, subscriber.session);
         subs.channels.insert(channel.clone());
         self.metrics.subscriptions.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -264,6 +289,32 @@ impl Gateway {
         if self.hub.leave(channel, session) == Left::Last {
             self.broker.release();
         }
+    }
+
+    /// The last `limit` messages of `channel` (oldest first, as stored
+    /// `message` frames) and its position, for `caller`, who needs the
+    /// `subscribe` permission (subscribed or not).
+    ///
+    /// # Errors
+    /// Forbidden, or the channel keeps no history.
+    pub fn history(
+        &self,
+        caller: Caller<'_>,
+        channel: &ChannelName,
+        limit: usize,
+    ) -> Result<(Position, Vec<Utf8Bytes>), CoreError> {
+        caller.check(Action::Subscribe, channel)?;
+        let page = self
+            .hub
+            .history(channel, limit)
+            .ok_or(CoreError::NoHistory)?;
+        self.metrics.history_reads.fetch_add(1, Ordering::Relaxed);
+        Ok(page)
+    }
+
+    /// Drops history past its age and forgets idle history channels.
+    pub fn sweep(&self) {
+        self.hub.sweep(Instant::now());
     }
 
     /// Publishes `data` on `channel` as `caller`. `accepted` runs once the

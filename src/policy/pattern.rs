@@ -94,6 +94,23 @@ impl Pattern {
 
     /// Whether `channel` matches for this `identity`.
     pub fn matches(&self, channel: &ChannelName, identity: &Identity) -> bool {
+        self.matches_for(channel, Some(identity))
+    }
+
+    /// Whether `channel` matches for nobody in particular: a template
+    /// never does.
+    pub fn matches_channel(&self, channel: &ChannelName) -> bool {
+        self.matches_for(channel, None)
+    }
+
+    /// Whether the pattern holds `{sub}` or `{claim.NAME}`.
+    pub fn has_templates(&self) -> bool {
+        self.segments
+            .iter()
+            .any(|s| matches!(s, Segment::Sub | Segment::Claim(_)))
+    }
+
+    fn matches_for(&self, channel: &ChannelName, identity: Option<&Identity>) -> bool {
         let mut tokens = channel.tokens();
         for segment in &*self.segments {
             let Some(token) = tokens.next() else {
@@ -102,10 +119,9 @@ impl Pattern {
             let ok = match segment {
                 Segment::Literal(l) => **l == *token,
                 Segment::One => true,
-                Segment::Sub => template_matches(&identity.user, token),
+                Segment::Sub => identity.is_some_and(|i| template_matches(&i.user, token)),
                 Segment::Claim(name) => identity
-                    .claims
-                    .get(&**name)
+                    .and_then(|i| i.claims.get(&**name))
                     .and_then(super::claim_text)
                     .is_some_and(|v| template_matches(&v, token)),
             };

@@ -154,9 +154,9 @@ async fn read_proxy_header(
     Ok(header)
 }
 
-/// Forgets idle addresses now and then, so the admission table holds only
-/// recent activity.
-pub(super) async fn sweep_admission(shared: Arc<Shared>) {
+/// Upkeep: forgets idle addresses now and then, so the admission table holds only
+/// recent activity, and drops history past its age.
+pub(super) async fn sweep(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(Duration::from_secs(10));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -165,5 +165,6 @@ pub(super) async fn sweep_admission(shared: Arc<Shared>) {
             _ = tick.tick() => {}
         }
         shared.gateway.admission.sweep(std::time::Instant::now());
+        shared.gateway.sweep();
     }
 }

@@ -29,6 +29,7 @@ use crate::auth::{KeyError, Verifier};
 use crate::broker::RedisWorker;
 use crate::config::{Config, ConfigError};
 use crate::gateway::Gateway;
+use crate::history::HistoryRules;
 use crate::metrics::Metrics;
 use crate::policy::{PolicyError, PolicyStore};
 use crate::tls;
@@ -115,8 +116,10 @@ impl Server {
             None => None,
         };
         let upgrade = UpgradePolicy::from_config(&config)?;
+        let history = HistoryRules::compile(&config.history, config.websocket.outbox_frames)
+            .map_err(ConfigError::Invalid)?;
         // The URL may carry a password: the error names only what is wrong.
-        let (gateway, broker_worker) = Gateway::new(config, metrics, verifier, policies)
+        let (gateway, broker_worker) = Gateway::new(config, metrics, verifier, policies, history)
             .map_err(|e| StartError::Redis(e.to_string()))?;
         let shared = Arc::new(Shared {
             gateway: Arc::new(gateway),
@@ -197,7 +200,7 @@ impl Server {
             Arc::clone(&shared),
             shared.shutdown.clone(),
         ));
-        tokio::spawn(conn::sweep_admission(Arc::clone(&shared)));
+        tokio::spawn(conn::sweep(Arc::clone(&shared)));
         tokio::spawn(reload::watch_certs(
             Arc::clone(&shared),
             shared.shutdown.clone(),

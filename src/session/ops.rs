@@ -13,9 +13,9 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use super::close::CloseReason;
 use super::{Session, expiry_instant};
 use crate::channel::ChannelName;
-use crate::gateway::{Caller, CoreError};
+use crate::gateway::{Caller, CoreError, SubscribeOptions};
 use crate::hub::Subscriber;
-use crate::protocol::{self, ClientFrame, ErrorCode, ServerFrame};
+use crate::protocol::{self, ClientFrame, ErrorCode, PositionOk, ServerFrame};
 
 /// Consecutive frames that are not JSON objects before closing with 1008.
 const MAX_BAD_FRAMES: u32 = 8;
@@ -26,8 +26,11 @@ impl Session<'_> {
     /// channel after its `unsubscribe` ok). A full outbox means the client
     /// is not reading: it is cut off like any slow reader.
     fn reply(&mut self, frame: &ServerFrame<'_>) {
-        let text = Utf8Bytes::from(frame.encode());
-        self.subscriber().send(text);
+        self.reply_text(frame.encode());
+    }
+
+    fn reply_text(&mut self, text: String) {
+        self.subscriber().send(Utf8Bytes::from(text));
     }
 
     /// This session as a hub subscriber, creating the outbox on first use.
@@ -91,7 +94,16 @@ impl Session<'_> {
         self.bad_frames = 0;
         match frame {
             ClientFrame::Ping { id } => self.reply(&ServerFrame::Pong { id }),
-            ClientFrame::Subscribe { id, channel } => self.subscribe(id, &channel).await,
+            ClientFrame::Subscribe { id, channel, since } => {
+                let options = SubscribeOptions {
+                    id,
+                    since: since.as_ref(),
+                };
+                self.subscribe(id, &channel, options).await;
+            }
+            ClientFrame::History { id, channel, limit } => {
+                return self.history(id, &channel, limit);
+            }
             ClientFrame::Unsubscribe { id, channel } => {
                 let gateway = self.gateway;
                 if gateway.unsubscribe(&mut self.subscriptions, self.ctx.number, &channel) {
@@ -113,8 +125,12 @@ impl Session<'_> {
         None
     }
 
-    async fn subscribe(&mut self, id: Option<u64>, channel: &ChannelName) {
-        let ok = id.map(|id| Utf8Bytes::from(ServerFrame::Ok { id }.encode()));
+    async fn subscribe(
+        &mut self,
+        id: Option<u64>,
+        channel: &ChannelName,
+        options: SubscribeOptions<'_>,
+    ) {
         self.subscriber();
         let Some(subscriber) = &self.subscriber else {
             return;
@@ -125,11 +141,68 @@ impl Session<'_> {
         };
         let subscribed = self
             .gateway
-            .subscribe(&mut self.subscriptions, subscriber, caller, channel, ok)
+            .subscribe(
+                &mut self.subscriptions,
+                subscriber,
+                caller,
+                channel,
+                options,
+            )
             .await;
         if let Err(e) = subscribed {
             self.core_error(id, e, channel);
         }
+    }
+
+    /// Takes one token of the connection's request budget; a connection
+    /// that keeps asking past it is closed (4008).
+    fn spend(
+        &mut self,
+        id: Option<u64>,
+        channel: &ChannelName,
+        what: &str,
+    ) -> Result<bool, CloseReason> {
+        let rate = self.rate;
+        if self.bucket.take(rate, Instant::now().into_std()).is_ok() {
+            self.strikes = 0;
+            return Ok(true);
+        }
+        self.strikes += 1;
+        if self.strikes >= self.gateway.config.limits.rate_limit_strikes {
+            return Err(CloseReason::RateLimited);
+        }
+        self.error(id, ErrorCode::RateLimited, what, Some(channel));
+        Ok(false)
+    }
+
+    /// `history`: the last messages of a channel in one `ok`. It costs a
+    /// token of the same budget as `publish`.
+    fn history(
+        &mut self,
+        id: Option<u64>,
+        channel: &ChannelName,
+        limit: usize,
+    ) -> Option<CloseReason> {
+        match self.spend(id, channel, "request rate exceeded") {
+            Err(reason) => return Some(reason),
+            Ok(false) => return None,
+            Ok(true) => {}
+        }
+        let caller = Caller {
+            identity: &self.ctx.identity,
+            policy: &self.policy,
+        };
+        match self.gateway.history(caller, channel, limit) {
+            Ok((position, frames)) => {
+                if let Some(id) = id {
+                    let ok = PositionOk::new(id, Some((&position.epoch, position.seq)), None)
+                        .with_messages(channel, frames.iter().map(Utf8Bytes::as_str));
+                    self.reply_text(ok);
+                }
+            }
+            Err(e) => self.core_error(id, e, channel),
+        }
+        None
     }
 
     async fn publish(
@@ -138,21 +211,11 @@ impl Session<'_> {
         channel: &ChannelName,
         data: &RawValue,
     ) -> Option<CloseReason> {
-        let rate = self.rate;
-        if self.bucket.take(rate, Instant::now().into_std()).is_err() {
-            self.strikes += 1;
-            if self.strikes >= self.gateway.config.limits.rate_limit_strikes {
-                return Some(CloseReason::RateLimited);
-            }
-            self.error(
-                id,
-                ErrorCode::RateLimited,
-                "publish rate exceeded",
-                Some(channel),
-            );
-            return None;
+        match self.spend(id, channel, "publish rate exceeded") {
+            Err(reason) => return Some(reason),
+            Ok(false) => return None,
+            Ok(true) => {}
         }
-        self.strikes = 0;
         // The ok is encoded up front: the core has it queued the moment
         // the publication is certain, which may be before its own echo.
         // Fire-and-forget publishing (no id) never creates an outbox.

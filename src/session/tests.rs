@@ -50,7 +50,8 @@ fn gateway(adjust: impl FnOnce(&mut Config)) -> Arc<Gateway> {
     let metrics = Arc::new(Metrics::default());
     let verifier = Verifier::with_metrics(&config, Arc::clone(&metrics.keys)).expect("verifier");
     let policies = PolicyStore::load(&config.policy.dir).expect("policies");
-    let (gateway, worker) = Gateway::new(config, metrics, verifier, policies).expect("gateway");
+    let (gateway, worker) =
+        Gateway::new(config, metrics, verifier, policies, Default::default()).expect("gateway");
     assert!(worker.is_none(), "the local broker needs no worker");
     Arc::new(gateway)
 }

@@ -765,6 +765,17 @@ pub fn bearer_request_to(url: &str, token: &str) -> http::Request<()> {
 
 /// The next text frame as JSON within `limit`, skipping pings and pongs;
 /// `None` when nothing came in time. Panics on a close or a non-text frame.
+/// Whether `frame` is the `ok` of request `id`, ignoring the position
+/// (`epoch`, `seq`) that a subscribe on a history channel adds.
+pub fn is_ok(frame: &Json, id: u64) -> bool {
+    let mut plain = frame.clone();
+    if let Some(fields) = plain.as_object_mut() {
+        fields.remove("epoch");
+        fields.remove("seq");
+    }
+    plain == json!({"op": "ok", "id": id})
+}
+
 pub async fn try_read_json(ws: &mut Ws, limit: Duration) -> Option<Json> {
     let next = async {
         loop {
@@ -917,9 +928,20 @@ impl Client {
         reply
     }
 
-    pub async fn subscribe(&mut self, channel: &str) {
-        self.ok(json!({"op": "subscribe", "channel": channel}))
+    /// Subscribes; the `ok` may carry the channel's position (`epoch`,
+    /// `seq`) on a history channel, which a version 1 client ignores.
+    /// Returns the `ok`.
+    pub async fn subscribe(&mut self, channel: &str) -> Json {
+        let id = self.next_id + 1;
+        let reply = self
+            .call(json!({"op": "subscribe", "channel": channel}))
             .await;
+        assert!(
+            is_ok(&reply, id),
+            "{} subscribed to {channel}: {reply}",
+            self.user
+        );
+        reply
     }
 
     pub async fn publish(&mut self, channel: &str, data: Json) {
