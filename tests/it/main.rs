@@ -10,6 +10,7 @@ mod deploy;
 mod doctor;
 mod haproxy;
 mod harness;
+mod history;
 mod jwks;
 mod limits;
 mod logs;
