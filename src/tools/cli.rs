@@ -137,6 +137,9 @@ pub fn load_config(args: &ConfigArgs) -> Result<(Config, Vec<String>), BoxError>
 pub fn check_config(args: &ConfigArgs) -> Result<(), BoxError> {
     let (config, ignored) = load_config(args)?;
     config.validate()?;
+    // The history patterns compile as `serve` compiles them.
+    crate::history::HistoryRules::compile(&config.history, config.websocket.outbox_frames)
+        .map_err(crate::config::ConfigError::Invalid)?;
     for name in ignored {
         println!("note: {name} names no configuration section; ignored");
     }

@@ -94,6 +94,7 @@ pub fn diagnose(config: &Config, env: &Environment) -> Vec<Finding> {
     check_origins(config, &mut out);
     check_tls(config, env, &mut out);
     check_heartbeat(config, &mut out);
+    check_history(config, &mut out);
     check_policies(config, &mut out);
     check_network(config, &mut out);
     check_open_files(config, env, &mut out);
@@ -482,6 +483,51 @@ fn check_heartbeat(config: &Config, out: &mut Findings) {
             format!("a ping every {ms} ms"),
         );
     }
+}
+
+/// `[history]`: patterns that compile, a replay that fits the outbox,
+/// and a backplane that does not serve history yet.
+fn check_history(config: &Config, out: &mut Findings) {
+    let h = &config.history;
+    let outbox = config.websocket.outbox_frames;
+    if let Err(e) = crate::history::HistoryRules::compile(h, outbox) {
+        out.push(Level::Error, "history.channels", e);
+        return;
+    }
+    if h.channels.is_empty() {
+        out.push(Level::Ok, "history.channels", "no channel keeps history");
+        return;
+    }
+    if config.cluster.redis_url.is_some() {
+        out.push(
+            Level::Warning,
+            "history.channels",
+            "with cluster.redis_url set, resume and history are not served yet \
+             (answered no_history); clients resubscribing after a drain miss what was \
+             published meanwhile",
+        );
+    }
+    if h.max_replay + 2 > outbox {
+        out.push(
+            Level::Note,
+            "history.max_replay",
+            format!(
+                "{} is capped at websocket.outbox_frames - 2 = {}, so a replay fits in the outbox",
+                h.max_replay,
+                outbox.saturating_sub(2)
+            ),
+        );
+    }
+    let patterns: Vec<&str> = h.channels.iter().map(|r| r.pattern.as_str()).collect();
+    out.push(
+        Level::Ok,
+        "history.channels",
+        format!(
+            "{} keep history, {} MiB at most in all",
+            patterns.join(", "),
+            h.max_bytes / (1024 * 1024)
+        ),
+    );
 }
 
 fn check_policies(config: &Config, out: &mut Findings) {

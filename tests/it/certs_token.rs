@@ -235,6 +235,17 @@ fn check_config_reports_problems_without_binding() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("bogus"));
 
+    // A history pattern is compiled as `serve` compiles it.
+    std::fs::write(
+        dir.path().join("history.toml"),
+        "[[history.channels]]\npattern = \"user:{sub}\"\nmax_messages = 10\nmax_age_s = 60\n",
+    )
+    .unwrap();
+    let bad = wsgate(&["check-config", "--config", "history.toml"], dir.path());
+    assert!(!bad.status.success());
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(stderr.contains("history.channels") && stderr.contains("templates"), "{stderr}");
+
     std::fs::remove_file(&paths.server_key).unwrap();
     let missing = wsgate(&["check-config"], dir.path());
     assert!(!missing.status.success());
