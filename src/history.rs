@@ -20,7 +20,7 @@ use crate::policy::Pattern;
 pub const CHANNEL_OVERHEAD_BYTES: usize = 256;
 
 /// A place in a channel's numbering: `seq` within `epoch`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Position {
     pub epoch: String,
     pub seq: u64,

@@ -73,13 +73,25 @@ struct Channel {
     seq: u64,
     subscribers: Vec<Subscriber>,
     /// Joined but not yet delivered to (see [`Hub::activate`]).
-    pending: Vec<Subscriber>,
+    pending: Vec<Pending>,
     /// Sessions cut off (full outbox) or ending (closed outbox): no longer
     /// delivered to, still counted until they leave, so the count of
     /// subscribers changes only through [`Hub::join`] and [`Hub::leave`].
     cut: Vec<u64>,
     /// The channel's recent frames, on a channel that keeps history.
     history: Option<Box<Ring>>,
+    /// With a cluster broker: the epoch of the last message delivered
+    /// here (`seq` holds its number).
+    epoch: Option<Box<str>>,
+}
+
+/// A subscriber that has joined but is not delivered to yet.
+#[derive(Debug)]
+struct Pending {
+    subscriber: Subscriber,
+    /// While its position is read from the cluster broker: the messages
+    /// delivered meanwhile (epoch, seq, frame), sent after the replay.
+    buffer: Option<Vec<(Box<str>, u64, Utf8Bytes)>>,
 }
 
 impl Channel {
@@ -92,10 +104,8 @@ impl Channel {
     }
 
     fn has(&self, session: u64) -> bool {
-        self.subscribers
-            .iter()
-            .chain(&self.pending)
-            .any(|s| s.session == session)
+        self.subscribers.iter().any(|s| s.session == session)
+            || self.pending.iter().any(|p| p.subscriber.session == session)
             || self.cut.contains(&session)
     }
 }
@@ -204,8 +214,9 @@ impl Hub {
     }
 
     /// Adds `subscriber` to `channel` as pending: counted, not yet
-    /// delivered to.
-    pub fn join(&self, channel: &ChannelName, subscriber: Subscriber) -> Joined {
+    /// delivered to. With `buffer`, messages delivered to the channel
+    /// meanwhile are kept for it (see [`Hub::activate_read`]).
+    pub fn join(&self, channel: &ChannelName, subscriber: Subscriber, buffer: bool) -> Joined {
         let mut shard = self.shard(channel);
         let entry = shard
             .entry(channel.clone())
@@ -214,7 +225,10 @@ impl Hub {
             return Joined::Already;
         }
         let first = entry.is_empty();
-        entry.pending.push(subscriber);
+        entry.pending.push(Pending {
+            subscriber,
+            buffer: buffer.then(Vec::new),
+        });
         if first { Joined::First } else { Joined::Again }
     }
 
@@ -234,8 +248,11 @@ impl Hub {
     ) -> Resumed {
         let mut shard = self.shard(channel);
         let entry = shard.get_mut(channel)?;
-        let at = entry.pending.iter().position(|s| s.session == session)?;
-        let subscriber = entry.pending.swap_remove(at);
+        let at = entry
+            .pending
+            .iter()
+            .position(|p| p.subscriber.session == session)?;
+        let subscriber = entry.pending.swap_remove(at).subscriber;
         let ring = entry.history.as_deref();
         let replay = since.map(|since| match ring {
             None => Err(Unrecovered::NoHistory),
@@ -257,6 +274,53 @@ impl Hub {
         }
         entry.subscribers.push(subscriber);
         resumed
+    }
+
+    /// Starts delivering to a pending `session` whose position was read
+    /// from the cluster broker: queues the `ok` (with `read`'s position and
+    /// outcome), the replayed frames, then the messages delivered while it
+    /// waited that lie above the replay, so none is missed or repeated.
+    /// Returns false when the session is not pending there.
+    pub fn activate_read(
+        &self,
+        channel: &ChannelName,
+        session: u64,
+        id: Option<u64>,
+        read: &crate::broker::Read,
+    ) -> bool {
+        let mut shard = self.shard(channel);
+        let Some(entry) = shard.get_mut(channel) else {
+            return false;
+        };
+        let Some(at) = entry
+            .pending
+            .iter()
+            .position(|p| p.subscriber.session == session)
+        else {
+            return false;
+        };
+        let Pending { subscriber, buffer } = entry.pending.swap_remove(at);
+        if let Some(id) = id {
+            let outcome = read.outcome.map(|r| r.map_err(Unrecovered::as_str));
+            let ok = PositionOk::new(id, Some((&read.epoch, read.seq)), outcome).encode();
+            subscriber.send(Utf8Bytes::from(ok));
+        }
+        for frame in &read.frames {
+            subscriber.send(frame.clone());
+        }
+        for (epoch, seq, frame) in buffer.unwrap_or_default() {
+            // Above the replay in its epoch, or a numbering begun since.
+            if *epoch != *read.epoch || seq > read.seq {
+                subscriber.send(frame);
+            }
+        }
+        if entry.seq == 0 && entry.epoch.is_none() {
+            // The position a gap notice names until a message arrives.
+            entry.epoch = Some(read.epoch.as_str().into());
+            entry.seq = read.seq;
+        }
+        entry.subscribers.push(subscriber);
+        true
     }
 
     /// The last `limit` stored frames of `channel` and its position, or
@@ -292,7 +356,7 @@ impl Hub {
         };
         let before = entry.len();
         entry.subscribers.retain(|s| s.session != session);
-        entry.pending.retain(|s| s.session != session);
+        entry.pending.retain(|p| p.subscriber.session != session);
         entry.cut.retain(|s| *s != session);
         if entry.len() == before {
             return Left::NotThere;
@@ -429,27 +493,44 @@ impl Hub {
         out
     }
 
-    /// Delivers a publication numbered elsewhere (by the cluster broker).
-    /// A `seq` that skips ahead of the last one delivered here first gets
-    /// every subscriber a gap notice; one at or below it (a duplicate) is
-    /// dropped.
-    pub fn deliver(&self, channel: &ChannelName, seq: u64, message: &MessageTemplate) -> Published {
+    /// Delivers a publication numbered elsewhere (by the cluster broker),
+    /// `seq` within `epoch`. A `seq` that skips ahead of the last one
+    /// delivered here, or a new epoch, first gets every subscriber a gap
+    /// notice naming the last position delivered; one at or below it in
+    /// the same epoch (a duplicate) is dropped. Subscribers still waiting
+    /// for their position keep it for later.
+    pub fn deliver(
+        &self,
+        channel: &ChannelName,
+        epoch: &str,
+        seq: u64,
+        message: &MessageTemplate,
+    ) -> Published {
         let mut shard = self.shard(channel);
         let Some(entry) = shard.get_mut(channel) else {
             return Published::default();
         };
-        if entry.seq != 0 && seq <= entry.seq {
+        let same_epoch = entry.epoch.as_deref().is_none_or(|e| e == epoch);
+        if same_epoch && entry.seq != 0 && seq <= entry.seq {
             return Published::default();
         }
-        let gap = entry.seq != 0 && seq > entry.seq + 1;
+        let gap = if same_epoch {
+            entry.seq != 0 && seq > entry.seq + 1
+        } else {
+            true
+        };
+        let notice = gap.then(|| gap_notice(channel, entry.epoch.as_deref(), entry.seq));
+        if !same_epoch || entry.epoch.is_none() {
+            entry.epoch = Some(epoch.into());
+        }
         entry.seq = seq;
         let frame = Utf8Bytes::from(message.with_seq(seq));
-        let notice = gap.then(|| gap_notice(channel));
         let mut out = Published {
             seq,
             ..Published::default()
         };
         push(entry, notice.as_ref(), &frame, &mut out);
+        buffer(entry, epoch, seq, &frame);
         out
     }
 
@@ -459,12 +540,13 @@ impl Hub {
     pub fn notify_gap(&self, channels: &[ChannelName]) -> usize {
         let mut told = 0;
         for channel in channels {
-            let notice = gap_notice(channel);
             let mut shard = self.shard(channel);
             let Some(entry) = shard.get_mut(channel) else {
                 continue;
             };
+            let notice = gap_notice(channel, entry.epoch.as_deref(), entry.seq);
             entry.seq = 0;
+            entry.epoch = None;
             let mut out = Published::default();
             push(entry, None, &notice, &mut out);
             told += out.delivered;
@@ -515,16 +597,44 @@ fn push(entry: &mut Channel, notice: Option<&Utf8Bytes>, frame: &Utf8Bytes, out:
     });
 }
 
-fn gap_notice(channel: &ChannelName) -> Utf8Bytes {
-    Utf8Bytes::from(
-        ServerFrame::Error {
-            id: None,
-            code: ErrorCode::Internal,
-            message: GAP_MESSAGE,
-            channel: Some(channel.as_str()),
+/// Keeps `frame` for every pending subscriber that waits for its
+/// position; one whose wait outgrows its outbox is cut off, as a slow
+/// reader would be.
+fn buffer(entry: &mut Channel, epoch: &str, seq: u64, frame: &Utf8Bytes) {
+    let cut = &mut entry.cut;
+    entry.pending.retain_mut(|p| {
+        let Some(buffer) = &mut p.buffer else {
+            return true;
+        };
+        if buffer.len() >= p.subscriber.outbox.max_capacity() {
+            p.subscriber.slow.cancel();
+            cut.push(p.subscriber.session);
+            return false;
         }
-        .encode(),
-    )
+        buffer.push((epoch.into(), seq, frame.clone()));
+        true
+    });
+}
+
+/// The notice that messages of `channel` may have been missed, naming the
+/// last position delivered here when there is one.
+fn gap_notice(channel: &ChannelName, epoch: Option<&str>, seq: u64) -> Utf8Bytes {
+    let mut text = ServerFrame::Error {
+        id: None,
+        code: ErrorCode::Internal,
+        message: GAP_MESSAGE,
+        channel: Some(channel.as_str()),
+    }
+    .encode();
+    if let Some(epoch) = epoch {
+        text.pop();
+        text.push_str(r#","epoch":"#);
+        text.push_str(&serde_json::to_string(epoch).unwrap_or_default());
+        text.push_str(r#","seq":"#);
+        text.push_str(itoa::Buffer::new().format(seq));
+        text.push('}');
+    }
+    Utf8Bytes::from(text)
 }
 
 #[cfg(test)]
@@ -560,9 +670,9 @@ mod tests {
         let (fast, mut fast_rx) = sub(1, 16);
         let (slow, _slow_rx) = sub(2, 2);
         let slow_token = slow.slow.clone();
-        assert_eq!(hub.join(&ch, fast.clone()), Joined::First);
-        assert_eq!(hub.join(&ch, fast), Joined::Already, "idempotent");
-        assert_eq!(hub.join(&ch, slow), Joined::Again);
+        assert_eq!(hub.join(&ch, fast.clone(), false), Joined::First);
+        assert_eq!(hub.join(&ch, fast, false), Joined::Already, "idempotent");
+        assert_eq!(hub.join(&ch, slow, false), Joined::Again);
         assert_eq!(
             hub.publish(&ch, &msg(&ch, 0)).delivered,
             0,
@@ -598,12 +708,16 @@ mod tests {
         let hub = hub();
         let ch = ChannelName::parse("chat:a").unwrap();
         let (a, mut rx) = sub(1, 16);
-        hub.join(&ch, a);
+        hub.join(&ch, a, false);
         hub.activate(&ch, 1, None, None);
-        assert_eq!(hub.deliver(&ch, 7, &msg(&ch, 7)).delivered, 1);
-        assert_eq!(hub.deliver(&ch, 7, &msg(&ch, 7)).delivered, 0, "duplicate");
-        hub.deliver(&ch, 8, &msg(&ch, 8));
-        hub.deliver(&ch, 11, &msg(&ch, 11));
+        assert_eq!(hub.deliver(&ch, "e1", 7, &msg(&ch, 7)).delivered, 1);
+        assert_eq!(
+            hub.deliver(&ch, "e1", 7, &msg(&ch, 7)).delivered,
+            0,
+            "duplicate"
+        );
+        hub.deliver(&ch, "e1", 8, &msg(&ch, 8));
+        hub.deliver(&ch, "e1", 11, &msg(&ch, 11));
         let frames: Vec<String> = std::iter::from_fn(|| rx.try_recv().ok())
             .map(|f| f.as_str().to_owned())
             .collect();
@@ -621,7 +735,7 @@ mod tests {
                 .contains("may have been missed")
         );
         // After a notice, the next seq starts afresh: no second notice.
-        hub.deliver(&ch, 20, &msg(&ch, 20));
+        hub.deliver(&ch, "e1", 20, &msg(&ch, 20));
         assert!(rx.try_recv().unwrap().as_str().contains(r#""seq":20"#));
     }
 
@@ -630,7 +744,7 @@ mod tests {
         let hub = hub();
         let ch = ChannelName::parse("x").unwrap();
         let (a, _rx) = sub(1, 4);
-        hub.join(&ch, a);
+        hub.join(&ch, a, false);
         assert_eq!(hub.channels(), 1);
         assert!(hub.has_subscribers(&ch), "pending ones count");
         assert_eq!(hub.leave(&ch, 1), Left::Last);
@@ -639,5 +753,90 @@ mod tests {
         assert!(!hub.has_subscribers(&ch), "left meanwhile: not added back");
         assert_eq!(hub.channels(), 0);
         assert_eq!(hub.publish(&ch, &msg(&ch, 1)), Published::default());
+    }
+
+    #[test]
+    fn a_read_position_is_followed_by_the_buffered_messages_above_it() {
+        use crate::broker::Read;
+        let hub = hub();
+        let ch = ChannelName::parse("chat:a").unwrap();
+        let (live, mut live_rx) = sub(1, 64);
+        hub.join(&ch, live, false);
+        hub.activate(&ch, 1, None, None);
+        let (resumer, mut rx) = sub(2, 64);
+        hub.join(&ch, resumer, true);
+        // Delivered while the resumer's read is in flight: 6 and 7.
+        hub.deliver(&ch, "e1", 6, &msg(&ch, 6));
+        hub.deliver(&ch, "e1", 7, &msg(&ch, 7));
+        assert!(rx.try_recv().is_err(), "nothing before the ok");
+        // The read saw the channel at 6: it replays 5..=6.
+        let read = Read {
+            epoch: "e1".into(),
+            seq: 6,
+            outcome: Some(Ok(())),
+            frames: [5, 6]
+                .map(|n| Utf8Bytes::from(msg(&ch, n).with_seq(u64::from(n))))
+                .to_vec(),
+        };
+        assert!(hub.activate_read(&ch, 2, Some(9), &read));
+        hub.deliver(&ch, "e1", 8, &msg(&ch, 8));
+        let frames: Vec<String> = std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|f| f.as_str().to_owned())
+            .collect();
+        assert_eq!(
+            frames[0],
+            r#"{"op":"ok","id":9,"epoch":"e1","seq":6,"recovered":true}"#
+        );
+        let seqs: Vec<u64> = frames[1..]
+            .iter()
+            .map(|f| {
+                serde_json::from_str::<serde_json::Value>(f).unwrap()["seq"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(
+            seqs,
+            [5, 6, 7, 8],
+            "replay, then the buffered 7 (not 6), then live"
+        );
+        assert_eq!(std::iter::from_fn(|| live_rx.try_recv().ok()).count(), 3);
+
+        // A buffer that outgrows the outbox cuts its subscriber off.
+        let (small, _small_rx) = sub(3, 2);
+        let token = small.slow.clone();
+        hub.join(&ch, small, true);
+        for n in 9..=11 {
+            hub.deliver(&ch, "e1", n, &msg(&ch, n as u32));
+        }
+        assert!(token.is_cancelled());
+        assert!(
+            !hub.activate_read(&ch, 3, None, &read),
+            "cut off, not pending"
+        );
+        assert_eq!(hub.leave(&ch, 3), Left::Others);
+    }
+
+    #[test]
+    fn a_new_epoch_is_a_gap_not_a_duplicate() {
+        let hub = hub();
+        let ch = ChannelName::parse("chat:a").unwrap();
+        let (a, mut rx) = sub(1, 16);
+        hub.join(&ch, a, false);
+        hub.activate(&ch, 1, None, None);
+        hub.deliver(&ch, "e1", 40, &msg(&ch, 40));
+        // Redis lost the counter: numbering starts again in a new epoch.
+        assert_eq!(hub.deliver(&ch, "e2", 1, &msg(&ch, 1)).delivered, 1);
+        let frames: Vec<String> = std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|f| f.as_str().to_owned())
+            .collect();
+        assert_eq!(frames.len(), 3, "{frames:?}");
+        assert!(
+            frames[1].contains(r#""code":"internal""#)
+                && frames[1].ends_with(r#","epoch":"e1","seq":40}"#),
+            "the notice names the last position delivered: {}",
+            frames[1]
+        );
+        assert!(frames[2].contains(r#""seq":1"#));
     }
 }

@@ -24,12 +24,29 @@ use std::sync::Arc;
 
 use serde_json::value::RawValue;
 
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use self::redis::ReadFor;
 pub use self::redis::{RedisBroker, RedisWorker};
 use crate::channel::ChannelName;
 use crate::config::ClusterConfig;
+use crate::history::{HistoryRules, Position, Unrecovered};
 use crate::hub::{Hub, Published};
 use crate::metrics::Metrics;
 use crate::protocol::MessageTemplate;
+
+/// A channel's position read from the cluster broker, with what a resume
+/// or a history request asked for.
+#[derive(Debug, Clone)]
+pub struct Read {
+    pub epoch: String,
+    pub seq: u64,
+    /// For a resume: recovered (`frames` are the missed messages) or why
+    /// not; `None` for a position or a history read.
+    pub outcome: Option<Result<(), Unrecovered>>,
+    /// `message` frames, oldest first.
+    pub frames: Vec<Utf8Bytes>,
+}
 
 /// Why the broker could not do what was asked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -44,7 +61,7 @@ pub enum BrokerError {
 pub enum AnyBroker {
     /// In process: one node, nothing to install.
     Local(Arc<Hub>),
-    Redis(RedisBroker),
+    Redis(Box<RedisBroker>),
 }
 
 impl AnyBroker {
@@ -55,14 +72,15 @@ impl AnyBroker {
     /// A `redis_url` that does not parse.
     pub fn new(
         cfg: &ClusterConfig,
+        history: HistoryRules,
         hub: Arc<Hub>,
         metrics: Arc<Metrics>,
     ) -> Result<(Self, Option<RedisWorker>), ::redis::RedisError> {
         match &cfg.redis_url {
             None => Ok((Self::Local(hub), None)),
             Some(url) => {
-                let (broker, worker) = RedisBroker::new(url, cfg, hub, metrics)?;
-                Ok((Self::Redis(broker), Some(worker)))
+                let (broker, worker) = RedisBroker::new(url, cfg, history, hub, metrics)?;
+                Ok((Self::Redis(Box::new(broker)), Some(worker)))
             }
         }
     }
@@ -104,6 +122,43 @@ impl AnyBroker {
     pub fn release(&self) {
         if let Self::Redis(b) = self {
             b.release();
+        }
+    }
+
+    /// Whether history lives in this broker rather than in the hub.
+    pub fn keeps_history(&self) -> bool {
+        matches!(self, Self::Redis(_))
+    }
+
+    /// A history channel's position, and the missed messages for a
+    /// resume from `since`; through Redis, shared by concurrent callers.
+    ///
+    /// # Errors
+    /// The broker is unreachable, or keeps no history (in process).
+    pub async fn read_position(
+        &self,
+        channel: &ChannelName,
+        since: Option<&Position>,
+    ) -> Result<Arc<Read>, BrokerError> {
+        let what = since.map_or(ReadFor::Position, |p| ReadFor::Resume(p.clone()));
+        match self {
+            Self::Local(_) => Err(BrokerError::Unavailable),
+            Self::Redis(b) => b.read(channel, what).await,
+        }
+    }
+
+    /// The last `limit` messages of a history channel and its position.
+    ///
+    /// # Errors
+    /// As [`AnyBroker::read_position`].
+    pub async fn read_history(
+        &self,
+        channel: &ChannelName,
+        limit: usize,
+    ) -> Result<Arc<Read>, BrokerError> {
+        match self {
+            Self::Local(_) => Err(BrokerError::Unavailable),
+            Self::Redis(b) => b.read(channel, ReadFor::History(limit)).await,
         }
     }
 

@@ -12,29 +12,132 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::BrokerError;
+use futures_util::FutureExt;
+use futures_util::future::{BoxFuture, Shared};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use super::{BrokerError, Read};
 use crate::channel::ChannelName;
 use crate::config::ClusterConfig;
+use crate::history::{HistoryRules, Position, Unrecovered};
 use crate::hub::{Hub, Published};
 use crate::metrics::Metrics;
 use crate::protocol::MessageTemplate;
 
-/// Takes the channel's next `seq`, appends to its history stream (trimmed
-/// by length and, when set, by age), refreshes both keys' expiry and
-/// publishes `seq` and the payload, all atomically.
-const PUBLISH_SCRIPT: &str = r"
-local seq = redis.call('INCR', KEYS[1])
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'seq', seq, 'msg', ARGV[5])
-local age = tonumber(ARGV[3])
-if age > 0 then
+/// What a read is for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(super) enum ReadFor {
+    /// The position alone (a plain subscribe).
+    Position,
+    /// A resume from a position.
+    Resume(Position),
+    /// The last messages, at most this many.
+    History(usize),
+}
+
+/// One read in flight, shared by every caller that asks the same thing
+/// meanwhile: a reconnect storm is one read per channel and position.
+type SharedRead = Shared<BoxFuture<'static, Result<Arc<Read>, BrokerError>>>;
+
+/// The channel's epoch, in a numbering that starts now: the server's
+/// clock in microseconds, in hex (scripts run one at a time, so no two
+/// numberings of a channel share one; a restarted Redis has moved on).
+const NEW_EPOCH: &str = r"
+local function new_epoch(key, ttl)
   local t = redis.call('TIME')
-  local min = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - age
-  redis.call('XTRIM', KEYS[2], 'MINID', '~', min)
+  local epoch = string.format('%x%05x', tonumber(t[1]), tonumber(t[2]))
+  redis.call('SET', key, epoch, 'EX', ttl * 2)
+  return epoch
 end
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('EXPIRE', KEYS[2], ARGV[4])
-redis.call('PUBLISH', ARGV[1], seq .. ' ' .. ARGV[5])
+";
+
+/// Takes the channel's next `seq` (a counter that did not exist starts a
+/// new epoch and an empty history), appends the message to the channel's
+/// history stream when it keeps history (trimmed by length and age),
+/// refreshes the keys' expiry (the epoch's is longer, so a counter never
+/// outlives it) and publishes `seq`, the epoch and the payload, all
+/// atomically. KEYS: seq, history, epoch. ARGV: topic, max_len (0: no
+/// history), max_age_ms (0: none), ttl_s, payload.
+const PUBLISH_SCRIPT: &str = r"
+local ttl = tonumber(ARGV[4])
+local fresh = redis.call('EXISTS', KEYS[1]) == 0
+local seq = redis.call('INCR', KEYS[1])
+local epoch = redis.call('GET', KEYS[3])
+if fresh or not epoch then
+  redis.call('DEL', KEYS[2])
+  epoch = new_epoch(KEYS[3], ttl)
+else
+  redis.call('EXPIRE', KEYS[3], ttl * 2)
+end
+local max_len = tonumber(ARGV[2])
+if max_len > 0 then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', max_len, '*', 'seq', seq, 'msg', ARGV[5])
+  local age = tonumber(ARGV[3])
+  if age > 0 then
+    local t = redis.call('TIME')
+    local min = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - age
+    redis.call('XTRIM', KEYS[2], 'MINID', '~', min)
+  end
+  redis.call('EXPIRE', KEYS[2], ttl)
+end
+redis.call('EXPIRE', KEYS[1], ttl)
+redis.call('PUBLISH', ARGV[1], seq .. ' ' .. epoch .. ' ' .. ARGV[5])
 return seq
+";
+
+/// A channel's position and, atomically with it, what a resume or a
+/// history request needs. A channel never numbered starts at seq 0 in a
+/// new epoch here, so a client can resume from it. KEYS: seq, history,
+/// epoch. ARGV: mode (`position`, `resume`, `history`), since epoch,
+/// since seq, max_replay, history limit, ttl_s. Returns the epoch, the
+/// seq, the outcome (`position`, `recovered`, `epoch_changed`, `trimmed`,
+/// `too_many`, `history`) and the entries' seq and payload, oldest first.
+const READ_SCRIPT: &str = r"
+local ttl = tonumber(ARGV[6])
+local seq = redis.call('GET', KEYS[1])
+local epoch = redis.call('GET', KEYS[3])
+if not seq then
+  redis.call('SET', KEYS[1], 0, 'EX', ttl)
+  redis.call('DEL', KEYS[2])
+  seq = 0
+  epoch = new_epoch(KEYS[3], ttl)
+elseif not epoch then
+  epoch = new_epoch(KEYS[3], ttl)
+end
+seq = tonumber(seq)
+local mode = ARGV[1]
+local outcome = mode
+local count = 0
+if mode == 'resume' then
+  local since = tonumber(ARGV[3])
+  if ARGV[2] ~= epoch or since > seq then
+    outcome = 'epoch_changed'
+  elseif seq - since > tonumber(ARGV[4]) then
+    outcome = 'too_many'
+  else
+    outcome = 'recovered'
+    count = seq - since
+  end
+elseif mode == 'history' then
+  count = tonumber(ARGV[5])
+end
+local out = {epoch, seq, outcome}
+if count > 0 then
+  local entries = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', count)
+  if mode == 'resume' then
+    local oldest = entries[#entries]
+    if #entries < count or tonumber(oldest[2][2]) ~= seq - count + 1 then
+      out[3] = 'trimmed'
+      return out
+    end
+  end
+  for i = #entries, 1, -1 do
+    local fields = entries[i][2]
+    table.insert(out, fields[2])
+    table.insert(out, fields[4])
+  end
+end
+return out
 ";
 
 /// Channels Redis has confirmed a SUBSCRIBE for on the live connection.
@@ -52,11 +155,13 @@ struct SubscribeRequest {
 /// Publishes through Redis; see the module documentation.
 pub struct RedisBroker {
     prefix: String,
-    history_max_len: u64,
-    history_max_age_ms: u64,
+    /// Which channels keep history, and how much, in Redis.
+    rules: HistoryRules,
     ttl_s: u64,
     timeout: Duration,
     script: redis::Script,
+    read_script: Arc<redis::Script>,
+    reads: Mutex<std::collections::HashMap<(ChannelName, ReadFor), SharedRead>>,
     /// The command connection, once the worker has made it.
     commands: Arc<Mutex<Option<redis::aio::ConnectionManager>>>,
     subs: Arc<Mutex<Confirmed>>,
@@ -76,6 +181,49 @@ impl std::fmt::Debug for RedisBroker {
 
 /// Keys and the pub/sub channel of a wsgate channel. The `{…}` hash tag
 /// keeps a channel's keys in one Redis Cluster slot.
+fn epoch_key(prefix: &str, channel: &ChannelName) -> String {
+    format!("{prefix}:{{{}}}:epoch", channel.as_str())
+}
+
+/// The read script's answer: epoch, seq, outcome, then seq and payload
+/// pairs, oldest first, turned into `message` frames.
+fn parse_read(channel: &ChannelName, value: &redis::Value) -> Option<Read> {
+    let redis::Value::Array(items) = value else {
+        return None;
+    };
+    let text = |v: &redis::Value| -> Option<String> { redis::from_redis_value(v.clone()).ok() };
+    let number = |v: &redis::Value| -> Option<u64> { redis::from_redis_value(v.clone()).ok() };
+    let epoch = text(items.first()?)?;
+    let seq = number(items.get(1)?)?;
+    let outcome = match text(items.get(2)?)?.as_str() {
+        "position" | "history" => None,
+        "recovered" => Some(Ok(())),
+        "epoch_changed" => Some(Err(Unrecovered::EpochChanged)),
+        "trimmed" => Some(Err(Unrecovered::Trimmed)),
+        "too_many" => Some(Err(Unrecovered::TooMany)),
+        _ => return None,
+    };
+    let mut frames = Vec::with_capacity(items.len().saturating_sub(3) / 2);
+    for pair in items.get(3..)?.chunks(2) {
+        let [s, payload] = pair else {
+            return None;
+        };
+        let s = number(s)?;
+        let payload = text(payload)?;
+        let (from, data) = parse_payload(&payload)?;
+        let data: &RawValue = serde_json::from_str(data).ok()?;
+        frames.push(Utf8Bytes::from(
+            MessageTemplate::new(channel, from, data).with_seq(s),
+        ));
+    }
+    Some(Read {
+        epoch,
+        seq,
+        outcome,
+        frames,
+    })
+}
+
 fn seq_key(prefix: &str, channel: &ChannelName) -> String {
     format!("{prefix}:{{{}}}:seq", channel.as_str())
 }
@@ -94,20 +242,26 @@ fn payload(from: &str, data: &RawValue) -> String {
 }
 
 /// Splits `"<seq> <from length> <from><data>"`.
-fn parse_message(bytes: &[u8]) -> Option<(u64, &str, &str)> {
+fn parse_message(bytes: &[u8]) -> Option<(u64, &str, &str, &str)> {
     let text = std::str::from_utf8(bytes).ok()?;
     let (seq, rest) = text.split_once(' ')?;
-    let (len, rest) = rest.split_once(' ')?;
+    let (epoch, rest) = rest.split_once(' ')?;
+    let (from, data) = parse_payload(rest)?;
+    Some((seq.parse().ok()?, epoch, from, data))
+}
+
+/// Splits a stored payload, `"<from length> <from><data>"`.
+fn parse_payload(text: &str) -> Option<(&str, &str)> {
+    let (len, rest) = text.split_once(' ')?;
     let len: usize = len.parse().ok()?;
-    let from = rest.get(..len)?;
-    let data = rest.get(len..)?;
-    Some((seq.parse().ok()?, from, data))
+    Some((rest.get(..len)?, rest.get(len..)?))
 }
 
 impl RedisBroker {
     pub(super) fn new(
         url: &str,
         cfg: &ClusterConfig,
+        rules: HistoryRules,
         hub: Arc<Hub>,
         metrics: Arc<Metrics>,
     ) -> Result<(Self, RedisWorker), redis::RedisError> {
@@ -120,11 +274,12 @@ impl RedisBroker {
         let timeout = Duration::from_millis(cfg.command_timeout_ms);
         let broker = Self {
             prefix: cfg.prefix.clone(),
-            history_max_len: cfg.history_max_len,
-            history_max_age_ms: cfg.history_max_age_s.saturating_mul(1000),
+            rules,
             ttl_s: cfg.channel_ttl_s,
             timeout,
-            script: redis::Script::new(PUBLISH_SCRIPT),
+            script: redis::Script::new(&format!("{NEW_EPOCH}{PUBLISH_SCRIPT}")),
+            read_script: Arc::new(redis::Script::new(&format!("{NEW_EPOCH}{READ_SCRIPT}"))),
+            reads: Mutex::default(),
             commands: Arc::clone(&commands),
             subs: Arc::clone(&subs),
             requests: tx,
@@ -166,12 +321,17 @@ impl RedisBroker {
         let Some(mut conn) = conn else {
             return Err(BrokerError::Unavailable);
         };
+        let (max_len, max_age_ms) = self
+            .rules
+            .limits(channel)
+            .map_or((0, 0), |l| (l.max_messages, l.max_age.as_millis() as u64));
         let mut invocation = self.script.key(seq_key(&self.prefix, channel));
         invocation
             .key(history_key(&self.prefix, channel))
+            .key(epoch_key(&self.prefix, channel))
             .arg(topic(&self.prefix, channel))
-            .arg(self.history_max_len)
-            .arg(self.history_max_age_ms)
+            .arg(max_len)
+            .arg(max_age_ms)
             .arg(self.ttl_s)
             .arg(payload(from, data));
         // A timeout may hide a publication that did happen; it is still
@@ -191,6 +351,93 @@ impl RedisBroker {
             }
             Err(_) => Err(BrokerError::Unavailable),
         }
+    }
+
+    /// Reads `channel`'s position, and what `what` asks for, atomically.
+    /// Callers asking the same of the same channel meanwhile share one
+    /// read.
+    ///
+    /// # Errors
+    /// Redis is unreachable or did not answer in time.
+    pub(super) async fn read(
+        &self,
+        channel: &ChannelName,
+        what: ReadFor,
+    ) -> Result<Arc<Read>, BrokerError> {
+        let key = (channel.clone(), what);
+        let shared = {
+            let mut reads = self.reads.lock().unwrap_or_else(PoisonError::into_inner);
+            match reads.get(&key) {
+                Some(read) => read.clone(),
+                None => {
+                    let read = self.start_read(&key.0, key.1.clone())?.shared();
+                    reads.insert(key.clone(), read.clone());
+                    read
+                }
+            }
+        };
+        let result = shared.await;
+        // The first to finish forgets it; later callers start a fresh read.
+        self.reads
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&key);
+        result
+    }
+
+    fn start_read(
+        &self,
+        channel: &ChannelName,
+        what: ReadFor,
+    ) -> Result<BoxFuture<'static, Result<Arc<Read>, BrokerError>>, BrokerError> {
+        let conn = self
+            .commands
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let Some(mut conn) = conn else {
+            return Err(BrokerError::Unavailable);
+        };
+        let (mode, since_epoch, since_seq, limit) = match what {
+            ReadFor::Position => ("position", String::new(), 0, 0),
+            ReadFor::Resume(p) => ("resume", p.epoch, p.seq, 0),
+            ReadFor::History(n) => ("history", String::new(), 0, n),
+        };
+        let keys = [
+            seq_key(&self.prefix, channel),
+            history_key(&self.prefix, channel),
+            epoch_key(&self.prefix, channel),
+        ];
+        let (script, timeout, channel) =
+            (Arc::clone(&self.read_script), self.timeout, channel.clone());
+        let (max_replay, ttl_s) = (self.rules.max_replay, self.ttl_s);
+        Ok(async move {
+            let mut invocation = script.key(&keys[0]);
+            invocation
+                .key(&keys[1])
+                .key(&keys[2])
+                .arg(mode)
+                .arg(since_epoch)
+                .arg(since_seq)
+                .arg(max_replay)
+                .arg(limit)
+                .arg(ttl_s);
+            let answer =
+                tokio::time::timeout(timeout, invocation.invoke_async::<redis::Value>(&mut conn))
+                    .await;
+            match answer {
+                Ok(Ok(value)) => parse_read(&channel, &value).map(Arc::new).ok_or_else(|| {
+                    warn!("ignored a malformed history read from redis");
+                    BrokerError::Unavailable
+                }),
+                Ok(Err(e)) => {
+                    debug!(error = %e, "history read from redis failed");
+                    Err(BrokerError::Unavailable)
+                }
+                Err(_) => Err(BrokerError::Unavailable),
+            }
+        }
+        .boxed())
     }
 
     pub(super) async fn subscribe(&self, channel: &ChannelName) -> Result<(), BrokerError> {
@@ -414,16 +661,17 @@ impl RedisWorker {
             .strip_prefix(&self.prefix)
             .and_then(|rest| rest.strip_prefix(":msg:"))
             .and_then(|c| ChannelName::parse(c).ok());
-        let parsed = parse_message(message.get_payload_bytes()).and_then(|(seq, from, data)| {
-            let data: &RawValue = serde_json::from_str(data).ok()?;
-            Some((seq, from, data))
-        });
-        let (Some(channel), Some((seq, from, data))) = (channel, parsed) else {
+        let parsed =
+            parse_message(message.get_payload_bytes()).and_then(|(seq, epoch, from, data)| {
+                let data: &RawValue = serde_json::from_str(data).ok()?;
+                Some((seq, epoch, from, data))
+            });
+        let (Some(channel), Some((seq, epoch, from, data))) = (channel, parsed) else {
             warn!("ignored a malformed message from redis");
             return;
         };
         let template = MessageTemplate::new(&channel, from, data);
-        let published = self.hub.deliver(&channel, seq, &template);
+        let published = self.hub.deliver(&channel, epoch, seq, &template);
         metrics
             .messages_delivered
             .fetch_add(published.delivered as u64, Ordering::Relaxed);
@@ -450,14 +698,15 @@ mod tests {
     fn payload_round_trips_any_user_id() {
         let data = RawValue::from_string(r#"{"t":"a b"}"#.into()).unwrap();
         for from in ["alice", "a b", "x 3 y", "ünï", ""] {
-            let wire = format!("42 {}", payload(from, &data));
+            let wire = format!("42 18c3f2a0b1c2d {}", payload(from, &data));
             assert_eq!(
                 parse_message(wire.as_bytes()),
-                Some((42, from, r#"{"t":"a b"}"#))
+                Some((42, "18c3f2a0b1c2d", from, r#"{"t":"a b"}"#))
             );
         }
-        assert_eq!(parse_message(b"x 1 a{}"), None);
-        assert_eq!(parse_message(b"1 9 a{}"), None);
+        assert_eq!(parse_message(b"x e 1 a{}"), None);
+        assert_eq!(parse_message(b"1 e 9 a{}"), None);
+        assert_eq!(parse_message(b"1 1 a{}"), None, "no epoch");
     }
 
     #[test]
@@ -465,6 +714,7 @@ mod tests {
         let ch = ChannelName::parse("chat:lobby").unwrap();
         assert_eq!(seq_key("wsgate", &ch), "wsgate:{chat:lobby}:seq");
         assert_eq!(history_key("wsgate", &ch), "wsgate:{chat:lobby}:history");
+        assert_eq!(epoch_key("wsgate", &ch), "wsgate:{chat:lobby}:epoch");
         assert_eq!(topic("wsgate", &ch), "wsgate:msg:chat:lobby");
     }
 }

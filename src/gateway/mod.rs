@@ -124,6 +124,8 @@ pub struct Gateway {
     pub admission: Arc<Admission>,
     hub: Arc<Hub>,
     broker: AnyBroker,
+    /// Which channels keep history (in the hub, or in Redis).
+    history: HistoryRules,
     /// Open sessions per user, for `limits.max_connections_per_user`.
     users: Mutex<HashMap<String, usize>>,
     /// Source of process-unique session numbers.
@@ -147,13 +149,17 @@ impl Gateway {
     ) -> Result<(Self, Option<RedisWorker>), ::redis::RedisError> {
         // With a Redis backplane, history lives in Redis, not in the hub.
         let local_history = if config.cluster.redis_url.is_none() {
-            history
+            history.clone()
         } else {
             HistoryRules::default()
         };
         let hub = Arc::new(Hub::new(local_history, Arc::clone(&metrics)));
-        let (broker, worker) =
-            AnyBroker::new(&config.cluster, Arc::clone(&hub), Arc::clone(&metrics))?;
+        let (broker, worker) = AnyBroker::new(
+            &config.cluster,
+            history.clone(),
+            Arc::clone(&hub),
+            Arc::clone(&metrics),
+        )?;
         let gateway = Self {
             admission: Arc::new(Admission::new(&config.admission)),
             config,
@@ -162,6 +168,7 @@ impl Gateway {
             policies,
             hub,
             broker,
+            history,
             users: Mutex::default(),
             next_session: AtomicU64::new(1),
             draining: AtomicBool::new(false),
@@ -215,19 +222,39 @@ impl Gateway {
         if subs.len() >= self.config.limits.max_subscriptions {
             return Err(CoreError::TooManySubscriptions);
         }
+        // Through Redis, a history channel's position is read once the
+        // subscription is confirmed; messages delivered meanwhile wait in
+        // the hub and follow the replay, so none is missed or repeated.
+        let read_position = self.broker.keeps_history() && self.history.limits(channel).is_some();
         // Counted (pending) before the broker is asked, so a release that
         // races with this join never drops a channel it needs.
-        self.hub.join(channel, subscriber.clone());
+        self.hub.join(channel, subscriber.clone(), read_position);
         // Every joiner waits for the confirmation, not only the first.
-        if self.broker.subscribe(channel).await.is_err() {
-            if self.hub.leave(channel, subscriber.session) == Left::Last {
-                self.broker.release();
+        let read = match self.broker.subscribe(channel).await {
+            Ok(()) if read_position => self
+                .broker
+                .read_position(channel, options.since)
+                .await
+                .map(Some),
+            Ok(()) => Ok(None),
+            Err(e) => Err(e),
+        };
+        let resumed = match read {
+            Err(_) => {
+                if self.hub.leave(channel, subscriber.session) == Left::Last {
+                    self.broker.release();
+                }
+                return Err(CoreError::Unavailable(Action::Subscribe));
             }
-            return Err(CoreError::Unavailable(Action::Subscribe));
-        }
-        let resumed = self
-            .hub
-            .activate(channel, subscriber.session, options.id, options.since);
+            Ok(Some(read)) => {
+                self.hub
+                    .activate_read(channel, subscriber.session, options.id, &read);
+                read.outcome
+            }
+            Ok(None) => self
+                .hub
+                .activate(channel, subscriber.session, options.id, options.since),
+        };
         if let Some(outcome) = resumed {
             let label = outcome.map_or_else(|why| why.as_str(), |()| "recovered");
             self.metrics.resumes.inc(label);
@@ -297,17 +324,31 @@ impl Gateway {
     ///
     /// # Errors
     /// Forbidden, or the channel keeps no history.
-    pub fn history(
+    pub async fn history(
         &self,
         caller: Caller<'_>,
         channel: &ChannelName,
         limit: usize,
     ) -> Result<(Position, Vec<Utf8Bytes>), CoreError> {
         caller.check(Action::Subscribe, channel)?;
-        let page = self
-            .hub
-            .history(channel, limit)
-            .ok_or(CoreError::NoHistory)?;
+        let page = if self.broker.keeps_history() {
+            if self.history.limits(channel).is_none() {
+                return Err(CoreError::NoHistory);
+            }
+            let read =
+                self.broker.read_history(channel, limit).await.map_err(
+                    |BrokerError::Unavailable| CoreError::Unavailable(Action::Subscribe),
+                )?;
+            let position = Position {
+                epoch: read.epoch.clone(),
+                seq: read.seq,
+            };
+            (position, read.frames.clone())
+        } else {
+            self.hub
+                .history(channel, limit)
+                .ok_or(CoreError::NoHistory)?
+        };
         self.metrics.history_reads.fetch_add(1, Ordering::Relaxed);
         Ok(page)
     }

@@ -102,7 +102,7 @@ impl Session<'_> {
                 self.subscribe(id, &channel, options).await;
             }
             ClientFrame::History { id, channel, limit } => {
-                return self.history(id, &channel, limit);
+                return self.history(id, &channel, limit).await;
             }
             ClientFrame::Unsubscribe { id, channel } => {
                 let gateway = self.gateway;
@@ -177,7 +177,7 @@ impl Session<'_> {
 
     /// `history`: the last messages of a channel in one `ok`. It costs a
     /// token of the same budget as `publish`.
-    fn history(
+    async fn history(
         &mut self,
         id: Option<u64>,
         channel: &ChannelName,
@@ -192,7 +192,7 @@ impl Session<'_> {
             identity: &self.ctx.identity,
             policy: &self.policy,
         };
-        match self.gateway.history(caller, channel, limit) {
+        match self.gateway.history(caller, channel, limit).await {
             Ok((position, frames)) => {
                 if let Some(id) = id {
                     let ok = PositionOk::new(id, Some((&position.epoch, position.seq)), None)

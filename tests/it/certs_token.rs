@@ -244,7 +244,10 @@ fn check_config_reports_problems_without_binding() {
     let bad = wsgate(&["check-config", "--config", "history.toml"], dir.path());
     assert!(!bad.status.success());
     let stderr = String::from_utf8_lossy(&bad.stderr);
-    assert!(stderr.contains("history.channels") && stderr.contains("templates"), "{stderr}");
+    assert!(
+        stderr.contains("history.channels") && stderr.contains("templates"),
+        "{stderr}"
+    );
 
     std::fs::remove_file(&paths.server_key).unwrap();
     let missing = wsgate(&["check-config"], dir.path());

@@ -66,7 +66,7 @@ impl Drop for RedisServer {
 }
 
 /// Two replicas on `redis`, sharing one HMAC secret so a token works on both.
-async fn replicas(redis: &RedisServer) -> (Gateway, Gateway) {
+pub(crate) async fn replicas(redis: &RedisServer) -> (Gateway, Gateway) {
     let url = redis.url();
     let a = start(|c, _| {
         c.cluster.redis_url = Some(url.clone());
@@ -88,7 +88,7 @@ async fn replicas(redis: &RedisServer) -> (Gateway, Gateway) {
     (a, b)
 }
 
-async fn wait_ready(gw: &Gateway, status: u16) {
+pub(crate) async fn wait_ready(gw: &Gateway, status: u16) {
     eventually_ok(
         WAIT,
         &format!("/readyz to answer {status}"),

@@ -6,6 +6,7 @@
 use serde_json::{Value as Json, json};
 use wsgate::config::HistoryRule;
 
+use crate::cluster::{RedisServer, replicas, wait_ready};
 use crate::harness::{Client, Gateway, WAIT, eventually, start};
 
 /// A gateway whose `chat:*` keeps `max_messages`, replaying at most
@@ -346,4 +347,171 @@ async fn resumes_racing_a_publisher_get_every_seq_exactly_once_in_order() {
             .then_some(())
     })
     .await;
+}
+
+/// Through Redis: a client that last saw seq 5 on one replica resumes on
+/// the other and gets exactly 6..=10, then live messages.
+#[tokio::test]
+async fn through_redis_a_client_resumes_on_another_replica() {
+    let redis = RedisServer::start().await;
+    let (a, b) = replicas(&redis).await;
+    let mut bob = Client::join(&b, "bob", &["member"]).await;
+    let mut alice = Client::join(&a, "alice", &["member"]).await;
+    let ok = alice.subscribe("chat:lobby").await;
+    let epoch = ok["epoch"].as_str().expect("epoch").to_owned();
+    assert_eq!(ok["seq"], 0, "{ok}");
+
+    publish_n(&mut bob, "chat:lobby", 1..=5).await;
+    assert_eq!(
+        next_seqs(&mut alice, "chat:lobby", 5).await,
+        [1, 2, 3, 4, 5]
+    );
+    drop(alice);
+    publish_n(&mut bob, "chat:lobby", 6..=10).await;
+
+    let mut alice = Client::join(&b, "alice", &["member"]).await;
+    let ok = resume(&mut alice, "chat:lobby", &epoch, 5).await;
+    assert_eq!(
+        (
+            ok["recovered"].as_bool(),
+            ok["epoch"].as_str(),
+            ok["seq"].as_u64()
+        ),
+        (Some(true), Some(&*epoch), Some(10)),
+        "{ok}"
+    );
+    assert_eq!(
+        next_seqs(&mut alice, "chat:lobby", 5).await,
+        [6, 7, 8, 9, 10]
+    );
+    publish_n(&mut bob, "chat:lobby", 11..=11).await;
+    assert_eq!(next_seqs(&mut alice, "chat:lobby", 1).await, [11]);
+    alice.assert_quiet("nothing repeated").await;
+
+    // History through Redis, from either replica.
+    let page = bob
+        .call(json!({"op": "history", "channel": "chat:lobby", "limit": 2}))
+        .await;
+    assert_eq!(page["seq"], 11, "{page}");
+    assert_eq!(page["epoch"].as_str(), Some(&*epoch));
+    assert_eq!(
+        page["messages"],
+        json!([
+            {"from": "bob", "seq": 10, "data": {"n": 10}},
+            {"from": "bob", "seq": 11, "data": {"n": 11}},
+        ])
+    );
+    // Too many, a future seq, and a channel without history.
+    let mut carol = Client::join(&a, "carol", &["member"]).await;
+    let ok = resume(&mut carol, "chat:lobby", &epoch, 99).await;
+    assert_eq!(ok["reason"], "epoch_changed", "{ok}");
+    let ok = resume(&mut carol, "user:carol", &epoch, 0).await;
+    assert_eq!(ok["reason"], "no_history", "{ok}");
+    carol
+        .error(
+            json!({"op": "history", "channel": "user:carol"}),
+            "no_history",
+        )
+        .await;
+}
+
+/// Redis loses the counter: a client holding a position of the old epoch
+/// is told `epoch_changed`, never a wrong "recovered".
+#[tokio::test]
+async fn through_redis_a_lost_counter_is_an_epoch_change() {
+    let mut redis = RedisServer::start().await;
+    let (a, b) = replicas(&redis).await;
+    let mut bob = Client::join(&b, "bob", &["member"]).await;
+    let mut alice = Client::join(&a, "alice", &["member"]).await;
+    let epoch = alice.subscribe("chat:x").await["epoch"]
+        .as_str()
+        .expect("epoch")
+        .to_owned();
+    publish_n(&mut bob, "chat:x", 1..=3).await;
+    assert_eq!(next_seqs(&mut alice, "chat:x", 3).await, [1, 2, 3]);
+    drop(alice);
+
+    redis.stop();
+    redis.restart().await;
+    wait_ready(&a, 200).await;
+    wait_ready(&b, 200).await;
+    // The new numbering reaches past the old position.
+    let mut bob = Client::join(&b, "bob", &["member"]).await;
+    publish_n(&mut bob, "chat:x", 1..=5).await;
+
+    let mut alice = Client::join(&a, "alice", &["member"]).await;
+    let ok = resume(&mut alice, "chat:x", &epoch, 3).await;
+    assert_eq!(
+        (
+            ok["recovered"].as_bool(),
+            ok["reason"].as_str(),
+            ok["seq"].as_u64()
+        ),
+        (Some(false), Some("epoch_changed"), Some(5)),
+        "{ok}"
+    );
+    assert_ne!(ok["epoch"].as_str(), Some(&*epoch));
+    alice.assert_quiet("nothing replayed").await;
+}
+
+/// Through Redis, resumes racing a publisher on the other replica: every
+/// client ends with every seq after its position, once, in order.
+#[tokio::test]
+async fn through_redis_resumes_racing_a_publisher_lose_and_repeat_nothing() {
+    const CLIENTS: usize = 30;
+    const BEFORE: u64 = 50;
+    const TOTAL: u64 = 400;
+    let redis = RedisServer::start().await;
+    let (a, b) = replicas(&redis).await;
+    let mut publisher = Client::join(&a, "pub", &["member"]).await;
+    let mut watcher = Client::join(&b, "watch", &["member"]).await;
+    let epoch = watcher.subscribe("chat:race").await["epoch"]
+        .as_str()
+        .expect("epoch")
+        .to_owned();
+    publish_n(&mut publisher, "chat:race", 1..=BEFORE).await;
+    let publishing = tokio::spawn(async move {
+        for n in BEFORE + 1..=TOTAL {
+            publisher
+                .send(&json!({"op": "publish", "channel": "chat:race", "data": {"n": n}}))
+                .await;
+            if n % 4 == 0 {
+                // Pacing only: spreads the stream over the resumes.
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+        }
+        publisher
+    });
+    let mut resumers = Vec::with_capacity(CLIENTS);
+    for i in 0..CLIENTS {
+        let mut c = Client::join(&b, &format!("r{i}"), &["member"]).await;
+        let since = (i as u64 * 7) % BEFORE;
+        let epoch = epoch.clone();
+        resumers.push(tokio::spawn(async move {
+            let ok = resume(&mut c, "chat:race", &epoch, since).await;
+            assert_eq!(ok["recovered"], true, "{ok}");
+            let at = ok["seq"].as_u64().expect("seq");
+            let seqs = next_seqs(&mut c, "chat:race", (TOTAL - since) as usize).await;
+            (since, at, seqs)
+        }));
+    }
+    let _publisher = publishing.await.expect("publisher");
+    let mut mid_stream = 0;
+    for r in resumers {
+        let (since, at, seqs) = r.await.expect("resumer");
+        let expected: Vec<u64> = (since + 1..=TOTAL).collect();
+        assert_eq!(seqs, expected, "resumed from {since} at {at}");
+        if at > BEFORE && at < TOTAL {
+            mid_stream += 1;
+        }
+    }
+    eprintln!(
+        "replay/live race through redis: {CLIENTS} clients resumed while {} messages were published ({mid_stream} of them mid-stream); each got every seq after its position exactly once, in order",
+        TOTAL - BEFORE
+    );
+    assert!(mid_stream > 0, "no resume raced the publisher");
+    assert_eq!(
+        next_seqs(&mut watcher, "chat:race", TOTAL as usize).await,
+        (1..=TOTAL).collect::<Vec<_>>()
+    );
 }
