@@ -332,9 +332,10 @@ pub struct ClusterConfig {
     pub redis_url: Option<String>,
     /// Prefix of every Redis key and pub/sub channel the gateway uses.
     pub prefix: String,
-    /// Messages kept per channel in its history stream (approximately).
+    /// No longer used (the `[history]` rules decide what Redis keeps);
+    /// still accepted so that existing files load.
     pub history_max_len: u64,
-    /// Age after which history entries are trimmed, in seconds; 0: by length only.
+    /// No longer used, as `history_max_len`.
     pub history_max_age_s: u64,
     /// A channel's `seq` and history expire this long after its last
     /// publication, in seconds.

@@ -485,8 +485,7 @@ fn check_heartbeat(config: &Config, out: &mut Findings) {
     }
 }
 
-/// `[history]`: patterns that compile, a replay that fits the outbox,
-/// and a backplane that does not serve history yet.
+/// `[history]`: patterns that compile, and a replay that fits the outbox.
 fn check_history(config: &Config, out: &mut Findings) {
     let h = &config.history;
     let outbox = config.websocket.outbox_frames;
@@ -497,15 +496,6 @@ fn check_history(config: &Config, out: &mut Findings) {
     if h.channels.is_empty() {
         out.push(Level::Ok, "history.channels", "no channel keeps history");
         return;
-    }
-    if config.cluster.redis_url.is_some() {
-        out.push(
-            Level::Warning,
-            "history.channels",
-            "with cluster.redis_url set, resume and history are not served yet \
-             (answered no_history); clients resubscribing after a drain miss what was \
-             published meanwhile",
-        );
     }
     if h.max_replay + 2 > outbox {
         out.push(

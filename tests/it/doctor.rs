@@ -291,16 +291,12 @@ fn each_risky_setting_gets_its_own_warning() {
         (
             "remote Redis without a password",
             Box::new(|k| k.redis_url = Some("redis://10.0.0.5:6379/".into())),
-            // The default chat:* history is not served through Redis yet.
-            &[
-                "warning: cluster.redis_url: ",
-                "warning: history.channels: ",
-            ],
+            &["warning: cluster.redis_url: "],
         ),
         (
             "remote Redis with a password",
             Box::new(|k| k.redis_url = Some("redis://:s3cret@10.0.0.5:6379/".into())),
-            &["warning: history.channels: "],
+            &[],
         ),
         // Notes, not warnings: these are sound choices, only worth knowing.
         ("TLS 1.2 allowed", Box::new(|k| k.tls13_only = false), &[]),
