@@ -126,6 +126,19 @@ impl Unrecovered {
     }
 }
 
+/// A channel's position read from the cluster broker (Redis), with what a resume
+/// or a history request asked for.
+#[derive(Debug, Clone)]
+pub struct Read {
+    pub epoch: String,
+    pub seq: u64,
+    /// For a resume: recovered (`frames` are the missed messages) or why
+    /// not; `None` for a position or a history read.
+    pub outcome: Option<Result<(), Unrecovered>>,
+    /// `message` frames, oldest first.
+    pub frames: Vec<Utf8Bytes>,
+}
+
 /// One stored frame.
 #[derive(Debug)]
 struct Stored {

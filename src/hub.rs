@@ -34,7 +34,7 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 
 use crate::channel::ChannelName;
-use crate::history::{CHANNEL_OVERHEAD_BYTES, HistoryRules, Position, Ring, Unrecovered};
+use crate::history::{CHANNEL_OVERHEAD_BYTES, HistoryRules, Position, Read, Ring, Unrecovered};
 use crate::metrics::Metrics;
 use crate::protocol::{ErrorCode, MessageTemplate, PositionOk, ServerFrame};
 
@@ -286,7 +286,7 @@ impl Hub {
         channel: &ChannelName,
         session: u64,
         id: Option<u64>,
-        read: &crate::broker::Read,
+        read: &Read,
     ) -> bool {
         let mut shard = self.shard(channel);
         let Some(entry) = shard.get_mut(channel) else {
@@ -757,7 +757,6 @@ mod tests {
 
     #[test]
     fn a_read_position_is_followed_by_the_buffered_messages_above_it() {
-        use crate::broker::Read;
         let hub = hub();
         let ch = ChannelName::parse("chat:a").unwrap();
         let (live, mut live_rx) = sub(1, 64);

@@ -24,29 +24,14 @@ use std::sync::Arc;
 
 use serde_json::value::RawValue;
 
-use tokio_tungstenite::tungstenite::Utf8Bytes;
-
 use self::redis::ReadFor;
 pub use self::redis::{RedisBroker, RedisWorker};
 use crate::channel::ChannelName;
 use crate::config::ClusterConfig;
-use crate::history::{HistoryRules, Position, Unrecovered};
+use crate::history::{HistoryRules, Position, Read};
 use crate::hub::{Hub, Published};
 use crate::metrics::Metrics;
 use crate::protocol::MessageTemplate;
-
-/// A channel's position read from the cluster broker, with what a resume
-/// or a history request asked for.
-#[derive(Debug, Clone)]
-pub struct Read {
-    pub epoch: String,
-    pub seq: u64,
-    /// For a resume: recovered (`frames` are the missed messages) or why
-    /// not; `None` for a position or a history read.
-    pub outcome: Option<Result<(), Unrecovered>>,
-    /// `message` frames, oldest first.
-    pub frames: Vec<Utf8Bytes>,
-}
 
 /// Why the broker could not do what was asked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

@@ -16,10 +16,10 @@ use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use super::{BrokerError, Read};
+use super::BrokerError;
 use crate::channel::ChannelName;
 use crate::config::ClusterConfig;
-use crate::history::{HistoryRules, Position, Unrecovered};
+use crate::history::{HistoryRules, Position, Read, Unrecovered};
 use crate::hub::{Hub, Published};
 use crate::metrics::Metrics;
 use crate::protocol::MessageTemplate;
