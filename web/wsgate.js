@@ -1,4 +1,4 @@
-// wsgate.js: the JavaScript client of the wsgate wire contract, version 1
+// wsgate.js: the JavaScript client of the wsgate wire contract, version 1.1
 // (docs/protocol.md). A dependency-free ES module for browsers and Node.
 //
 //   import { WsgateClient } from './wsgate.js';
@@ -6,6 +6,14 @@
 //   await client.connect();
 //   await client.subscribe('chat:lobby', (m) => console.log(m.from, m.data));
 //   await client.publish('chat:lobby', { text: 'hi' });
+//   const { messages } = await client.history('chat:lobby', 50);
+//   client.on('unrecovered', ({ channel, reason }) => resync(channel));
+//
+// On a channel that keeps history the client remembers the last position
+// (epoch and seq) it saw and resumes from it on every reconnect (1001 from
+// a draining gateway included): what was missed is replayed before live
+// messages, each exactly once. When that is not possible the gateway says
+// why, and the client emits 'unrecovered' so the application can resync.
 //
 // In Node 20 pass the `ws` package's WebSocket: `{ WebSocket, wsOptions: { ca } }`.
 
@@ -29,6 +37,7 @@ export const ErrorCode = Object.freeze({
   BAD_REQUEST: 'bad_request',
   FORBIDDEN: 'forbidden',
   NOT_SUBSCRIBED: 'not_subscribed',
+  NO_HISTORY: 'no_history',
   RATE_LIMITED: 'rate_limited',
   TOO_MANY_SUBSCRIPTIONS: 'too_many_subscriptions',
   TOKEN_MISMATCH: 'token_mismatch',
@@ -162,7 +171,9 @@ export class WsgateClient {
     };
     this._state = 'idle';
     this._listeners = new Map();
-    this._subs = new Map(); // channel -> { handler, waiters: [{resolve, reject}], confirmed }
+    // channel -> { handler, waiters: [{resolve, reject}], confirmed,
+    //              position: {epoch, seq} | null (history channels) }
+    this._subs = new Map();
     this._pending = new Map(); // id -> { resolve, reject, timer, op, channel }
     this._nextId = 1;
     this._ws = null; // the current socket
@@ -240,14 +251,23 @@ export class WsgateClient {
     this._finish({ code: 1000, reason: 'client closed' });
   }
 
-  async subscribe(channel, handler) {
+  /**
+   * Subscribes `handler` to `channel`'s messages, now or as soon as a
+   * connection opens. `since` ({epoch, seq}, e.g. saved by the application
+   * from position()) resumes from there; otherwise the client resumes from
+   * what it saw itself after every reconnect.
+   */
+  async subscribe(channel, handler, { since } = {}) {
     if (typeof handler !== 'function') throw new TypeError('subscribe: handler must be a function');
     let entry = this._subs.get(channel);
     if (entry) {
       entry.handler = handler;
     } else {
-      entry = { handler, waiters: [], confirmed: false };
+      entry = { handler, waiters: [], confirmed: false, position: null };
       this._subs.set(channel, entry);
+    }
+    if (since && typeof since.epoch === 'string' && Number.isInteger(since.seq)) {
+      entry.position = { epoch: since.epoch, seq: since.seq };
     }
     if (!this._ready) {
       if (this._state === 'closed') {
@@ -261,8 +281,10 @@ export class WsgateClient {
   }
 
   async _subscribeNow(channel, entry) {
+    const since = entry.position ? { epoch: entry.position.epoch, seq: entry.position.seq } : undefined;
+    let ok;
     try {
-      await this._request({ op: 'subscribe', channel });
+      ok = await this._request(since ? { op: 'subscribe', channel, since } : { op: 'subscribe', channel });
     } catch (err) {
       if (err.code !== 'closed' && err.code !== 'timeout' && this._subs.get(channel) === entry) {
         // Refused by the gateway: forget it.
@@ -272,7 +294,47 @@ export class WsgateClient {
       throw err;
     }
     entry.confirmed = true;
+    if (typeof ok?.epoch === 'string' && Number.isInteger(ok.seq)) {
+      // Recovered: the replay that follows the ok moves the position on.
+      // Otherwise (a first subscribe, or nothing replayed) it starts here.
+      if (!(since && ok.recovered === true)) entry.position = { epoch: ok.epoch, seq: ok.seq };
+    }
+    if (since && ok?.recovered === false) {
+      this._emit('unrecovered', {
+        channel, reason: ok.reason, since, epoch: ok.epoch, seq: ok.seq,
+      });
+    }
     for (const w of entry.waiters.splice(0)) w.resolve();
+  }
+
+  /** Resubscribes `channel` from its last position (after a gap notice). */
+  async _recover(channel) {
+    const entry = this._subs.get(channel);
+    if (!entry || !this._ready) return;
+    try {
+      await this._request({ op: 'unsubscribe', channel });
+    } catch (err) {
+      if (err.code !== 'not_subscribed') return; // closed: the reconnect resumes
+    }
+    if (this._subs.get(channel) !== entry) return;
+    await this._subscribeNow(channel, entry).catch((err) => {
+      if (err.code !== 'closed' && err.code !== 'timeout') this._emit('error', err);
+    });
+  }
+
+  /** The last position seen on a history channel ({epoch, seq}), or null. */
+  position(channel) {
+    const p = this._subs.get(channel)?.position;
+    return p ? { epoch: p.epoch, seq: p.seq } : null;
+  }
+
+  /**
+   * The last `limit` (1–1000, default 50) messages of a history channel,
+   * oldest first: { epoch, seq, messages: [{from, seq, data}] }.
+   */
+  async history(channel, limit = 50) {
+    const ok = await this._request({ op: 'history', channel, limit });
+    return { epoch: ok.epoch, seq: ok.seq, messages: ok.messages ?? [] };
   }
 
   async unsubscribe(channel) {
@@ -437,6 +499,10 @@ export class WsgateClient {
             const entry = this._subs.get(frame.channel);
             this._subs.delete(frame.channel);
             if (entry) for (const w of entry.waiters.splice(0)) w.reject(err);
+          } else if (frame.code === 'internal' && frame.channel && this._subs.get(frame.channel)?.position) {
+            // A replica may have missed messages (Redis gap notice): resume
+            // from the last position seen, or learn the new epoch.
+            this._recover(frame.channel);
           }
           this._emit('error', err);
         }
@@ -447,6 +513,11 @@ export class WsgateClient {
         // after unsubscribe() or an ended subscription is dropped.
         const entry = this._subs.get(frame.channel);
         if (!entry) return;
+        if (entry.position && Number.isInteger(frame.seq)) {
+          // Never hand the application a message twice.
+          if (frame.seq <= entry.position.seq) return;
+          entry.position.seq = frame.seq;
+        }
         try { entry.handler(frame); } catch (err) { rethrowLater(err); }
         this._emit('message', frame);
         return;

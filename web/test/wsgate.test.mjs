@@ -643,3 +643,70 @@ test('browser-like WebSocket: /readyz decides between refused and down', async (
     assert.equal(good.state, 'open');
   });
 });
+
+// ---------------------------------------------------------------- history and resume
+
+test('a reconnect resumes: the missed messages are replayed once, in order, then live', async (t) => {
+  t.after(closeAll);
+  const { Spy, sockets, sent } = spyWebSocket();
+  const alice = makeClient(gw, { sub: 'alice', WebSocket: Spy });
+  const bob = makeClient(gw, { sub: 'bob' });
+  await Promise.all([alice.connect(), bob.connect()]);
+  const box = inbox();
+  await alice.subscribe('chat:resume', box);
+  const start = alice.position('chat:resume');
+  assert.equal(typeof start.epoch, 'string');
+  for (const n of [1, 2, 3]) await bob.publish('chat:resume', { n });
+  await box.waitFor(3);
+  assert.deepEqual(alice.position('chat:resume'), { epoch: start.epoch, seq: start.seq + 3 });
+
+  // The connection drops; three more are published while alice is away.
+  const away = waitEvent(alice, 'state', (s) => s.state === 'reconnecting');
+  sockets.at(-1).terminate();
+  await away;
+  for (const n of [4, 5, 6]) await bob.publish('chat:resume', { n });
+  const unrecovered = [];
+  alice.on('unrecovered', (u) => unrecovered.push(u));
+  await waitEvent(alice, 'state', (s) => s.state === 'open');
+  await box.waitFor(6);
+  await bob.publish('chat:resume', { n: 7 });
+  await box.waitFor(7);
+  await alice.ping();
+  assert.deepEqual(box.frames.map((m) => m.data.n), [1, 2, 3, 4, 5, 6, 7], 'each once, in order');
+  const seqs = box.frames.map((m) => m.seq);
+  assert.deepEqual(seqs, seqs.map((_, i) => start.seq + 1 + i), 'consecutive');
+  assert.deepEqual(unrecovered, []);
+  const resume = sent.filter((f) => f.op === 'subscribe').at(-1);
+  assert.deepEqual(resume.since, { epoch: start.epoch, seq: start.seq + 3 });
+});
+
+test('history() returns the last messages; a restart is reported as unrecovered', async () => {
+  await withGateway({}, async (g) => {
+    const alice = makeClient(g, { sub: 'alice' });
+    const bob = makeClient(g, { sub: 'bob' });
+    await Promise.all([alice.connect(), bob.connect()]);
+    for (const n of [1, 2, 3, 4]) await bob.publish('chat:scroll', { n });
+    const page = await alice.history('chat:scroll', 3);
+    assert.deepEqual(page.messages.map((m) => [m.from, m.data.n]), [['bob', 2], ['bob', 3], ['bob', 4]]);
+    assert.equal(page.seq, page.messages.at(-1).seq);
+    await assert.rejects(alice.history('user:alice'), (e) => e.code === 'no_history');
+
+    const box = inbox();
+    await alice.subscribe('chat:scroll', box);
+    const before = alice.position('chat:scroll');
+    const unrecovered = waitEvent(alice, 'unrecovered', () => true, 15000);
+    await g.restart();
+    const u = await unrecovered;
+    assert.equal(u.channel, 'chat:scroll');
+    assert.equal(u.reason, 'epoch_changed');
+    assert.deepEqual(u.since, before);
+    assert.notEqual(u.epoch, before.epoch);
+    // The client follows the new numbering from here.
+    assert.deepEqual(alice.position('chat:scroll'), { epoch: u.epoch, seq: u.seq });
+    const bob2 = makeClient(g, { sub: 'bob' });
+    await bob2.connect();
+    await bob2.publish('chat:scroll', { n: 5 });
+    const frames = await box.waitFor(1);
+    assert.equal(frames[0].data.n, 5);
+  });
+});
