@@ -58,7 +58,8 @@ const app = {
   devFreshToken: null, // a just-minted dev token that getToken hands out once
   tokenInUse: null,    // the token getToken last handed out
   devAvailable: false,
-  // channel -> { status: 'joining' | 'joined' | 'pending', unread, lastSeq }
+  // channel -> { status: 'joining' | 'joined' | 'pending', unread, lastSeq,
+  //              scrolled: its recent history was shown }
   channels: new Map(),
   active: null,        // the channel shown and written to
   countdown: null,
@@ -364,6 +365,7 @@ function connect() {
   client.on('state', mine(onState));
   client.on('welcome', mine(onWelcome));
   client.on('error', mine(onClientError));
+  client.on('unrecovered', mine(onUnrecovered));
   client.on('closed', mine(onClosed));
   // Channels joined before (with another token, or before a Disconnect)
   // are joined again on this connection.
@@ -393,7 +395,7 @@ function onWelcome(w) {
     // On a phone, make room for the conversation once connected.
     if (narrow.matches) ui.connCard.open = false;
   } else {
-    systemLine('Reconnected. Messages sent while you were away are not shown.', null);
+    systemLine('Reconnected. Rooms that keep history catch up on what you missed.', null);
     if (ui.notice.dataset.kind !== 'error') clearNotice();
   }
   scheduleExpiryWarning();
@@ -456,6 +458,19 @@ function onClosed({ code, reason, refused }) {
 }
 
 /** Errors not answering a request of the page: ended subscriptions, failed refreshes. */
+/** A resume that could not replay what was missed (protocol.md §6). */
+function onUnrecovered({ channel, reason }) {
+  const why = {
+    epoch_changed: 'the room started over (the gateway restarted or forgot it)',
+    trimmed: 'they are no longer kept',
+    too_many: 'too many were missed to replay',
+    no_history: 'this room keeps no history',
+  }[reason] ?? reason;
+  systemLine(`Messages sent to ${channel} while you were away could not be recovered: ${why}.`, channel);
+  const entry = app.channels.get(channel);
+  if (entry) entry.lastSeq = null; // the numbering may have started again
+}
+
 function onClientError(err) {
   if (err?.code === 'forbidden' && err.channel) {
     // The gateway ended the subscription (policy change, refreshed token),
@@ -544,12 +559,28 @@ async function subscribe(channel) {
   entry.status = 'joining';
   renderChips();
   try {
+    // A room that keeps history: show its recent messages, then subscribe
+    // from exactly where they end, so nothing is shown twice or skipped.
+    // After a reconnect the client resumes by itself.
+    let since;
+    if (!entry.scrolled && !client.position(channel)) {
+      const page = await client.history(channel, 50).catch((err) => {
+        if (err?.code === 'no_history' || err?.code === 'forbidden') return null;
+        throw err;
+      });
+      if (app.client !== client || app.channels.get(channel) !== entry) return;
+      if (page) {
+        entry.scrolled = true;
+        if (page.messages.length > 0) systemLine(`Recent messages in ${channel}:`, channel);
+        for (const m of page.messages) onMessage({ op: 'message', channel, ...m });
+        since = { epoch: page.epoch, seq: page.seq };
+      }
+    }
     await client.subscribe(channel, (msg) => {
       if (app.client === client) onMessage(msg);
-    });
+    }, { since });
     if (app.client !== client || app.channels.get(channel) !== entry) return;
     entry.status = 'joined';
-    entry.lastSeq = null;
   } catch (err) {
     if (app.client !== client || app.channels.get(channel) !== entry) return;
     if (err?.code === 'closed' || err?.code === 'timeout') {
@@ -569,7 +600,6 @@ async function subscribe(channel) {
 function markChannelsPending() {
   for (const entry of app.channels.values()) {
     entry.status = 'pending';
-    entry.lastSeq = null; // `seq` may start again after a reconnect
   }
   renderChips();
 }

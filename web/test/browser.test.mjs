@@ -223,6 +223,9 @@ test('a gateway restart shows reconnecting, then open; the channel is re-joined'
     assert.ok(seen.some((s) => s.includes('the server is restarting or shutting down (1001)')),
       `the close code's meaning is shown: ${seen.join(' | ')}`);
     await p.locator('#messages .sys', { hasText: 'Reconnected' }).waitFor();
+    // chat:lobby keeps history, but a restarted single gateway starts a new
+    // epoch: the page says what could not be recovered.
+    await p.locator('#messages .sys', { hasText: 'could not be recovered: the room started over' }).waitFor();
   }
   await send(alice, 'Back after the restart');
   const seq = await received(bob, 'alice', 'Back after the restart');
@@ -230,6 +233,23 @@ test('a gateway restart shows reconnecting, then open; the channel is re-joined'
   await send(bob, 'Welcome back');
   await received(alice, 'bob', 'Welcome back');
   noProblems(alice, bob);
+});
+
+test('joining a room shows its recent messages, then live ones, none twice', async () => {
+  const erin = await openPage(DESKTOP);
+  await signIn(erin, 'erin', 'member');
+  await join(erin, 'chat:lobby');
+  await joined(erin, 'chat:lobby');
+  // Sent before erin came: shown as the room's recent history.
+  await erin.locator('#messages .sys', { hasText: 'Recent messages in chat:lobby' }).waitFor();
+  const history = await received(erin, 'bob', 'Welcome back');
+  await send(alice, 'Hello Erin');
+  assert.equal(await received(erin, 'alice', 'Hello Erin'), history + 1, 'live right after the history');
+  const seqs = await erin.locator('#messages .msg').evaluateAll((els) => els.map((e) => Number(e.dataset.seq)));
+  assert.equal(new Set(seqs).size, seqs.length, `no message twice: ${seqs}`);
+  await erin.screenshot({ path: path.join(ARTIFACTS, 'chat-history.png') });
+  noProblems(erin);
+  await erin.context().close();
 });
 
 test('a pasted token that expires: the page says it cannot renew it', async () => {
