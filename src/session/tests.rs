@@ -230,7 +230,8 @@ async fn an_expired_token_closes_with_4001_at_exp_plus_leeway() {
     let latest = end.duration_since(SystemTime::now()).expect("future");
     let mut s = Running::start(&gateway, 1, identity("alice", exp)).await;
     let earliest = end.duration_since(SystemTime::now()).expect("future");
-    assert!(earliest > Duration::from_secs(13), "{earliest:?}");
+    // Room for a loaded machine between the two readings.
+    assert!(earliest > Duration::from_secs(10), "{earliest:?}");
 
     advance_to(s.started + earliest - MS).await;
     s.assert_running();
