@@ -450,6 +450,12 @@ def details_table(runs):
                 f"errors {x.get('errors')}; latency µs p50 {lat.get('p50')} p90 {lat.get('p90')} "
                 f"p99 {lat.get('p99')} max {lat.get('max')}"
             )
+        elif mode == "resume":
+            what = (
+                f"{x.get('recovered')}/{x.get('connections')} recovered, {x.get('failed')} failed, "
+                f"{x.get('missed_per_client')} replayed each; all live after {fmt(x.get('to_live_s'), ' s', 2)}; "
+                f"server CPU {fmt(x.get('server_cpu_s'), ' s', 2)}; Redis commands {x.get('redis_commands')}"
+            )
         elif mode == "connect":
             lat = x.get("latency_ms") or {}
             what = (
@@ -586,6 +592,39 @@ def render_md(runs, mach, rows, quick, svg_name, notes=None):
                 b = None if b is None else b * scale
                 table.append((f"window {w}: {label}", fmt(a, unit, nd), fmt(b, unit, nd), fmt(ratio(b, a), "×", 2)))
         add(md_table(("figure", "one node", "two replicas via Redis", "Redis / one node"), table))
+        add("")
+    storms = [(label, get(runs, s, srv)) for label, s, srv in (
+        ("one gateway", "resume", W),
+        ("two replicas via Redis", "cluster-resume", "wsgate-redis"),
+    )]
+    if any(run for _, run in storms):
+        add("## Reconnect storm: resume after a drain")
+        add("")
+        add(
+            "`wsgate bench resume`: N clients subscribed to one history channel drop their "
+            "connections at once (as a drain's 1001 makes them do), messages are published "
+            "meanwhile, and all N reconnect at once and subscribe with `since`: on the same "
+            "gateway, or on the other replica through Redis. Time until every client has its `ok` "
+            "and its replay, the resuming gateway's CPU per client (full TLS handshake, upgrade, "
+            "JWT and resume: ECDSA certificate) and Redis commands per client."
+        )
+        add("")
+        table = []
+        for label, run in storms:
+            if not run:
+                continue
+            table.append((
+                label,
+                fmt(res(run, "connections"), nd=0),
+                fmt(res(run, "recovered"), nd=0),
+                fmt(res(run, "missed_per_client"), nd=0),
+                fmt(res(run, "to_live_s"), " s", 2),
+                fmt(res(run, "resumes_per_s"), "/s", 0),
+                fmt(res(run, "server_cpu_us_per_client"), " µs", 0),
+                fmt(res(run, "redis_commands_per_client"), "", 3),
+            ))
+        add(md_table(("where", "clients", "recovered", "replayed each", "all live after",
+                      "resumes/s", "gateway CPU per client", "Redis commands per client"), table))
         add("")
     if notes:
         add("## Notes")

@@ -20,9 +20,11 @@
 #   BENCH_SOAK=0  (seconds: hold wsgate's 10,000 idle connections that long
 #                  instead of BENCH_HOLD, e.g. 600 for the 10-minute
 #                  heartbeat soak, which then adds 9 minutes to the run)
-#   BENCH_ONLY="idle idle-big fanout-w100 fanout-w1 connect cluster-w100 cluster-w1"
+#   BENCH_ONLY="idle idle-big fanout-w100 fanout-w1 connect resume cluster-w100 cluster-w1 cluster-resume"
 #              (a subset; cluster-*: two wsgate replicas on a private
-#              redis-server, subscribers on one, the publisher on the other)
+#              redis-server, subscribers on one, the publisher on the other;
+#              resume: BENCH_RESUME_N clients drop and resume at once)
+#   BENCH_RESUME_N=10000/1000
 #   BENCH_SERVERS="wsgate node"   BENCH_PORT=9443 (wsgate; the peer uses +1)
 #   BENCH_DOCS=dir  where the report goes (default docs/, or the work dir
 #                   when BENCH_QUICK=1)   BENCH_KEEP=1  keep the work dir
@@ -37,10 +39,11 @@ cd "$ROOT"
 
 QUICK=${BENCH_QUICK:-0}
 if [[ $QUICK == 1 ]]; then
-  d_idle=1000 d_big=2000 d_hold=5 d_big_hold=5 d_subs=200 d_dur=3 d_warm=1 d_conn=300
+  d_idle=1000 d_big=2000 d_hold=5 d_big_hold=5 d_subs=200 d_dur=3 d_warm=1 d_conn=300 d_resume=1000
 else
-  d_idle=10000 d_big=18000 d_hold=60 d_big_hold=20 d_subs=1000 d_dur=10 d_warm=2 d_conn=2000
+  d_idle=10000 d_big=18000 d_hold=60 d_big_hold=20 d_subs=1000 d_dur=10 d_warm=2 d_conn=2000 d_resume=10000
 fi
+RESUME_N=${BENCH_RESUME_N:-$d_resume}
 IDLE_N=${BENCH_IDLE_N:-$d_idle}
 IDLE_BIG_N=${BENCH_IDLE_BIG_N:-$d_big}
 HOLD=${BENCH_HOLD:-$d_hold}
@@ -52,7 +55,7 @@ SIZE=${BENCH_SIZE:-100}
 DURATION=${BENCH_DURATION:-$d_dur}
 WARMUP=${BENCH_WARMUP:-$d_warm}
 CONNECT_N=${BENCH_CONNECT_N:-$d_conn}
-ONLY=${BENCH_ONLY:-"idle idle-big fanout-w100 fanout-w1 connect cluster-w100 cluster-w1"}
+ONLY=${BENCH_ONLY:-"idle idle-big fanout-w100 fanout-w1 connect resume cluster-w100 cluster-w1 cluster-resume"}
 SERVERS=${BENCH_SERVERS:-"wsgate node"}
 WS_PORT=${BENCH_PORT:-9443}
 NODE_PORT=$((WS_PORT + 1))
@@ -270,7 +273,7 @@ run_bench() {
   local mode=$1
   shift
   local args=("$mode" --url "$url" --ca "$(ca_file "$cert")" --secret "$WORK/hmac.secret" "${plain[@]}" "$@")
-  if [[ $mode == idle ]]; then args+=(--server-pid "$SPID"); fi
+  if [[ $mode == idle || $mode == resume ]]; then args+=(--server-pid "$SPID"); fi
   local tag=$scenario-$server-$cert out err samples rc=0
   out=$WORK/logs/$tag.out err=$WORK/logs/$tag.err samples=$WORK/logs/$tag.samples
   log "$scenario: $server ($cert): wsgate bench ${args[*]}"
@@ -323,6 +326,11 @@ for cert in rsa ecdsa; do
       run_bench "connect-$cert" "$server" "$cert" connect --connections "$CONNECT_N" --concurrency 50
     fi
   done
+  # History and resume are wsgate's: the peer has nothing to compare.
+  if [[ $server == wsgate ]] && want resume; then
+    run_bench resume wsgate ecdsa resume --connections "$RESUME_N" --concurrency 200 \
+      --missed 10 --sources "$IDLE_SOURCES"
+  fi
 done
 
 # Two replicas on one Redis: subscribers on replica B, the publisher on
@@ -361,6 +369,13 @@ run_cluster_bench() { # scenario window
   local args=(fanout --url "wss://127.0.0.1:$B_PORT/ws" --publish-url "wss://127.0.0.1:$WS_PORT/ws"
     --ca "$(ca_file ecdsa)" --secret "$WORK/hmac.secret" --subscribers "$SUBS" --size "$SIZE"
     --window "$window" --duration "$DURATION" --warmup "$WARMUP")
+  if [[ $window == resume ]]; then
+    # Subscribed on A, resumed on B (as after A drains), through Redis.
+    args=(resume --url "wss://127.0.0.1:$WS_PORT/ws" --resume-url "wss://127.0.0.1:$B_PORT/ws"
+      --ca "$(ca_file ecdsa)" --secret "$WORK/hmac.secret" --connections "$RESUME_N"
+      --concurrency 200 --missed 10 --sources "$IDLE_SOURCES" --server-pid "$bpid"
+      --redis-url "redis://127.0.0.1:$REDIS_PORT/")
+  fi
   local out=$logd/$scenario.out samples=$logd/$scenario.samples rc=0
   log "$scenario: 2 replicas + redis: wsgate bench ${args[*]}"
   taskset -c "$CLIENT_CPU" "$BIN" bench "${args[@]}" >"$out" 2> >(tee "$logd/$scenario.err" >&2) &
@@ -390,6 +405,7 @@ if [[ " $SERVERS " == *" wsgate "* ]]; then
   for window in 100 1; do
     if want "cluster-w$window"; then run_cluster_bench "cluster-w$window" "$window"; fi
   done
+  if want cluster-resume; then run_cluster_bench cluster-resume resume; fi
 fi
 log "benchmarks took $((SECONDS - started)) s"
 

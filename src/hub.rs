@@ -83,6 +83,10 @@ struct Channel {
     /// With a cluster broker: the epoch of the last message delivered
     /// here (`seq` holds its number).
     epoch: Option<Box<str>>,
+    /// With a cluster broker: the last position read for a subscribe, and
+    /// what it was read from (`since`), shared by the subscribers that
+    /// ask the same while nothing newer has been delivered here.
+    read: Option<Box<(Option<Position>, Arc<Read>)>>,
 }
 
 /// A subscriber that has joined but is not delivered to yet.
@@ -323,6 +327,33 @@ impl Hub {
         true
     }
 
+    /// A read of `channel`'s position (from `since`) that is still exact
+    /// for a subscriber that joined before this call: nothing delivered
+    /// here lies above it, and what arrives from now on is buffered for
+    /// the subscriber. A reconnect storm then costs one read per channel
+    /// and position, not one per client.
+    pub fn cached_read(
+        &self,
+        channel: &ChannelName,
+        since: Option<&Position>,
+    ) -> Option<Arc<Read>> {
+        let shard = self.shard(channel);
+        let entry = shard.get(channel)?;
+        let (key, read) = entry.read.as_deref()?;
+        let current = match entry.epoch.as_deref() {
+            None => entry.seq == 0,
+            Some(epoch) => *epoch == *read.epoch && entry.seq <= read.seq,
+        };
+        (key.as_ref() == since && current).then(|| Arc::clone(read))
+    }
+
+    /// Keeps `read` (made from `since`) for [`Hub::cached_read`].
+    pub fn store_read(&self, channel: &ChannelName, since: Option<&Position>, read: &Arc<Read>) {
+        if let Some(entry) = self.shard(channel).get_mut(channel) {
+            entry.read = Some(Box::new((since.cloned(), Arc::clone(read))));
+        }
+    }
+
     /// The last `limit` stored frames of `channel` and its position, or
     /// `None` when it keeps no history here. A history channel not seen
     /// yet starts its numbering (seq 0), so a client may resume from it.
@@ -547,6 +578,8 @@ impl Hub {
             let notice = gap_notice(channel, entry.epoch.as_deref(), entry.seq);
             entry.seq = 0;
             entry.epoch = None;
+            // What was read before the outage may miss what it lost.
+            entry.read = None;
             let mut out = Published::default();
             push(entry, None, &notice, &mut out);
             told += out.delivered;
@@ -837,5 +870,46 @@ mod tests {
             frames[1]
         );
         assert!(frames[2].contains(r#""seq":1"#));
+    }
+
+    #[test]
+    fn a_cached_read_serves_while_nothing_newer_was_delivered() {
+        let hub = hub();
+        let ch = ChannelName::parse("chat:a").unwrap();
+        let (a, _rx) = sub(1, 16);
+        hub.join(&ch, a, true);
+        let since = Position {
+            epoch: "e1".into(),
+            seq: 3,
+        };
+        let read = Arc::new(Read {
+            epoch: "e1".into(),
+            seq: 5,
+            outcome: Some(Ok(())),
+            frames: Vec::new(),
+        });
+        assert!(
+            hub.cached_read(&ch, Some(&since)).is_none(),
+            "nothing stored yet"
+        );
+        hub.store_read(&ch, Some(&since), &read);
+        assert!(hub.cached_read(&ch, Some(&since)).is_some());
+        assert!(hub.cached_read(&ch, None).is_none(), "another question");
+        hub.deliver(&ch, "e1", 5, &msg(&ch, 5));
+        assert!(
+            hub.cached_read(&ch, Some(&since)).is_some(),
+            "5 is in the read"
+        );
+        hub.deliver(&ch, "e1", 6, &msg(&ch, 6));
+        assert!(
+            hub.cached_read(&ch, Some(&since)).is_none(),
+            "6 was delivered after it"
+        );
+        hub.store_read(&ch, Some(&since), &read);
+        hub.notify_gap(std::slice::from_ref(&ch));
+        assert!(
+            hub.cached_read(&ch, Some(&since)).is_none(),
+            "an outage voids it"
+        );
     }
 }

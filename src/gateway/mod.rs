@@ -231,11 +231,16 @@ impl Gateway {
         self.hub.join(channel, subscriber.clone(), read_position);
         // Every joiner waits for the confirmation, not only the first.
         let read = match self.broker.subscribe(channel).await {
-            Ok(()) if read_position => self
-                .broker
-                .read_position(channel, options.since)
-                .await
-                .map(Some),
+            Ok(()) if read_position => match self.hub.cached_read(channel, options.since) {
+                Some(read) => Ok(Some(read)),
+                None => {
+                    let read = self.broker.read_position(channel, options.since).await;
+                    if let Ok(read) = &read {
+                        self.hub.store_read(channel, options.since, read);
+                    }
+                    read.map(Some)
+                }
+            },
             Ok(()) => Ok(None),
             Err(e) => Err(e),
         };

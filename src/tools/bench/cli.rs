@@ -79,6 +79,32 @@ pub enum BenchCommand {
         #[arg(long)]
         publish_url: Option<String>,
     },
+    /// A reconnect storm: N clients subscribed to a history channel drop
+    /// at once, `--missed` messages are published, and all N reconnect and
+    /// resume at once (on `--resume-url`, another replica, when given).
+    Resume {
+        #[command(flatten)]
+        target: BenchTarget,
+        #[arg(long)]
+        connections: usize,
+        #[arg(long, default_value_t = 200)]
+        concurrency: usize,
+        /// A channel that keeps history.
+        #[arg(long, default_value = "chat:resume")]
+        channel: String,
+        /// Messages published while the clients are away (each replays them).
+        #[arg(long, default_value_t = 10)]
+        missed: usize,
+        /// Resume on this URL instead of `--url` (another replica, same CA).
+        #[arg(long)]
+        resume_url: Option<String>,
+        /// The pid of the gateway clients resume on, for its CPU time.
+        #[arg(long)]
+        server_pid: Option<u32>,
+        /// The Redis the replicas share, for its command count.
+        #[arg(long)]
+        redis_url: Option<String>,
+    },
     /// Authenticated connections per second (TLS + upgrade + JWT).
     Connect {
         #[command(flatten)]
@@ -173,6 +199,48 @@ pub fn run(command: BenchCommand) -> Result<(), BoxError> {
                     Duration::from_secs(duration),
                     Duration::from_secs(warmup),
                     &channel,
+                )
+                .await?;
+                serde_json::to_string(&report)?
+            }
+            BenchCommand::Resume {
+                target: t,
+                connections,
+                concurrency,
+                channel,
+                missed,
+                resume_url,
+                server_pid,
+                redis_url,
+            } => {
+                let first = target(&t, connections + 1).await?;
+                let then = match resume_url {
+                    Some(url) => {
+                        target(
+                            &BenchTarget {
+                                url,
+                                ca: t.ca.clone(),
+                                secret: t.secret.clone(),
+                                token: t.token.clone(),
+                                carrier: t.carrier.clone(),
+                                plain: t.plain,
+                                sources: t.sources,
+                            },
+                            connections + 1,
+                        )
+                        .await?
+                    }
+                    None => first.clone(),
+                };
+                let report = super::resume(
+                    &first,
+                    &then,
+                    connections,
+                    concurrency,
+                    &channel,
+                    missed,
+                    server_pid,
+                    redis_url.as_deref(),
                 )
                 .await?;
                 serde_json::to_string(&report)?

@@ -13,6 +13,9 @@
 //! is one JSON line.
 
 pub mod cli;
+mod resume;
+
+pub use resume::{ResumeReport, resume};
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
