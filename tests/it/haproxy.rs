@@ -24,8 +24,8 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::cluster::RedisServer;
 use crate::harness::{
-    Client, Gateway, LOCAL, WAIT, Ws, bearer_request_to, captured_logs, eventually_ok, free_port,
-    metric, read_json, repo_root, require_tool, start, substitute,
+    Client, Gateway, LOCAL, WAIT, Ws, admin_get, bearer_request_to, captured_logs, eventually_ok,
+    free_port, metric, read_json, repo_root, require_tool, start, substitute,
 };
 
 /// HAProxy's tunnel timeout in these tests; the gateway pings 3x as often.
@@ -697,12 +697,12 @@ async fn publish_through(
     }
 }
 
-/// Zero-loss rolling restart: two replicas on Redis behind HAProxy, 25
-/// wsgate.js clients under Node and 25 raw Python clients subscribed
-/// through it, a publisher at 200 messages/s. One replica drains (what
-/// SIGTERM starts: `/readyz` 503, HAProxy takes it out, its sessions close
-/// with 1001 over the window); its clients reconnect through HAProxy to
-/// the other and resume. Every client ends holding every `seq` from its
+/// Zero-loss rolling restart: two replicas on Redis behind HAProxy (one
+/// the built binary), 25 wsgate.js clients under Node and 25 raw Python
+/// clients subscribed through it, a publisher at 200 messages/s. The
+/// binary gets SIGTERM and drains (`/readyz` 503, HAProxy takes it out,
+/// its sessions close with 1001 over the window, it exits 0); its clients
+/// reconnect through HAProxy to the other and resume. Every client ends holding every `seq` from its
 /// first to the last, once, in order.
 #[tokio::test]
 async fn a_rolling_restart_behind_haproxy_loses_no_message() {
@@ -728,7 +728,9 @@ async fn a_rolling_restart_behind_haproxy_loses_no_message() {
         c.limits.publish_rate_per_s = 10_000;
         c.limits.publish_burst = 10_000;
     };
-    let a = start({
+    // The replica that drains is the built binary, sent a real SIGTERM;
+    // the other runs in this process.
+    let mut a = crate::process::Proc::spawn({
         let replica = replica.clone();
         move |c, _| replica(c)
     })
@@ -746,7 +748,12 @@ async fn a_rolling_restart_behind_haproxy_loses_no_message() {
     })
     .await;
     b.client = Arc::clone(&a.client);
-    let ca = a.path("ca.pem");
+    let ca = wsgate::tools::certs::CertPaths::for_server(
+        &a.config.tls.cert_file,
+        &a.config.tls.key_file,
+    )
+    .ca_cert;
+    let a_admin = a.admin_addr().expect("replica A's admin listener");
     let proxy = Haproxy::start_balancing(&ca, &[a.addr, b.addr], Some("roundrobin")).await;
     let ws_url = format!("wss://localhost:{}/ws", proxy.addr.port());
 
@@ -767,7 +774,10 @@ async fn a_rolling_restart_behind_haproxy_loses_no_message() {
     let (mut py_child, mut py_lines) = spawn_clients(py, &tokens("py"));
     subscribed(&mut js_lines, PER_RUNTIME, "node clients").await;
     subscribed(&mut py_lines, PER_RUNTIME, "python clients").await;
-    let on_a = sessions_open(&a).await;
+    let on_a = metric(
+        &admin_get(a_admin, "/metrics").await.1,
+        "wsgate_sessions_open",
+    );
     assert!(on_a >= 10, "only {on_a} clients on the replica to drain");
 
     // 200 messages/s for 3 s; the drain starts after 1 s.
@@ -780,7 +790,7 @@ async fn a_rolling_restart_behind_haproxy_loses_no_message() {
     while started.elapsed() < Duration::from_secs(3) {
         tick.tick().await;
         if !drained && started.elapsed() >= Duration::from_secs(1) {
-            a.begin_stop();
+            a.signal("TERM");
             drained = true;
         }
         published += 1;
@@ -858,4 +868,5 @@ async fn a_rolling_restart_behind_haproxy_loses_no_message() {
         reconnected as u64 >= on_a,
         "{reconnected} reconnected, {on_a} were on the drained replica"
     );
+    assert!(a.wait_exit().await.success(), "the drained replica exits 0");
 }

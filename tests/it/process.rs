@@ -15,8 +15,8 @@ use wsgate::Config;
 use crate::harness::{self, Endpoint, WAIT, Ws, bearer, eventually, hs256_jwt, masked_frame, now};
 
 /// The binary, serving a test configuration, its stderr collected line by line.
-struct Proc {
-    endpoint: Endpoint,
+pub(crate) struct Proc {
+    pub endpoint: Endpoint,
     _dir: tempfile::TempDir,
     child: tokio::process::Child,
     logs: Arc<Mutex<Vec<String>>>,
@@ -30,7 +30,7 @@ impl std::ops::Deref for Proc {
 }
 
 impl Proc {
-    async fn spawn(tweak: impl FnOnce(&mut Config, &std::path::Path)) -> Self {
+    pub async fn spawn(tweak: impl FnOnce(&mut Config, &std::path::Path)) -> Self {
         let (dir, config) = harness::test_config(tweak);
         let file = dir.path().join("wsgate.toml");
         std::fs::write(&file, toml::to_string(&config).expect("config as TOML")).unwrap();
@@ -79,7 +79,7 @@ impl Proc {
         }
     }
 
-    fn signal(&self, name: &str) {
+    pub fn signal(&self, name: &str) {
         let pid = self.child.id().expect("running").to_string();
         let status = std::process::Command::new("kill")
             .args([&format!("-{name}"), &pid])
@@ -88,7 +88,7 @@ impl Proc {
         assert!(status.success());
     }
 
-    async fn wait_exit(&mut self) -> std::process::ExitStatus {
+    pub async fn wait_exit(&mut self) -> std::process::ExitStatus {
         tokio::time::timeout(Duration::from_secs(30), self.child.wait())
             .await
             .expect("the gateway did not exit")
@@ -97,6 +97,17 @@ impl Proc {
 
     fn logs(&self) -> Vec<String> {
         self.logs.lock().unwrap().clone()
+    }
+
+    /// The admin listener's address, from the `admin listener` log line.
+    pub fn admin_addr(&self) -> Option<std::net::SocketAddr> {
+        self.logs().iter().find_map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).ok()?;
+            if !v["message"].as_str()?.starts_with("admin listener") {
+                return None;
+            }
+            v["addr"].as_str()?.parse().ok()
+        })
     }
 }
 
