@@ -19,6 +19,7 @@
 //! told that they may have missed messages (an `error` naming the channel).
 
 mod redis;
+mod scripts;
 
 use std::sync::Arc;
 

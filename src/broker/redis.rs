@@ -17,6 +17,7 @@ use futures_util::future::{BoxFuture, Shared};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use super::BrokerError;
+use super::scripts::{NEW_EPOCH, PUBLISH_SCRIPT, READ_SCRIPT};
 use crate::channel::ChannelName;
 use crate::config::ClusterConfig;
 use crate::history::{HistoryRules, Position, Read, Unrecovered};
@@ -38,107 +39,6 @@ pub(super) enum ReadFor {
 /// One read in flight, shared by every caller that asks the same thing
 /// meanwhile: a reconnect storm is one read per channel and position.
 type SharedRead = Shared<BoxFuture<'static, Result<Arc<Read>, BrokerError>>>;
-
-/// The channel's epoch, in a numbering that starts now: the server's
-/// clock in microseconds, in hex (scripts run one at a time, so no two
-/// numberings of a channel share one; a restarted Redis has moved on).
-const NEW_EPOCH: &str = r"
-local function new_epoch(key, ttl)
-  local t = redis.call('TIME')
-  local epoch = string.format('%x%05x', tonumber(t[1]), tonumber(t[2]))
-  redis.call('SET', key, epoch, 'EX', ttl * 2)
-  return epoch
-end
-";
-
-/// Takes the channel's next `seq` (a counter that did not exist starts a
-/// new epoch and an empty history), appends the message to the channel's
-/// history stream when it keeps history (trimmed by length and age),
-/// refreshes the keys' expiry (the epoch's is longer, so a counter never
-/// outlives it) and publishes `seq`, the epoch and the payload, all
-/// atomically. KEYS: seq, history, epoch. ARGV: topic, max_len (0: no
-/// history), max_age_ms (0: none), ttl_s, payload.
-const PUBLISH_SCRIPT: &str = r"
-local ttl = tonumber(ARGV[4])
-local fresh = redis.call('EXISTS', KEYS[1]) == 0
-local seq = redis.call('INCR', KEYS[1])
-local epoch = redis.call('GET', KEYS[3])
-if fresh or not epoch then
-  redis.call('DEL', KEYS[2])
-  epoch = new_epoch(KEYS[3], ttl)
-else
-  redis.call('EXPIRE', KEYS[3], ttl * 2)
-end
-local max_len = tonumber(ARGV[2])
-if max_len > 0 then
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', max_len, '*', 'seq', seq, 'msg', ARGV[5])
-  local age = tonumber(ARGV[3])
-  if age > 0 then
-    local t = redis.call('TIME')
-    local min = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - age
-    redis.call('XTRIM', KEYS[2], 'MINID', '~', min)
-  end
-  redis.call('EXPIRE', KEYS[2], ttl)
-end
-redis.call('EXPIRE', KEYS[1], ttl)
-redis.call('PUBLISH', ARGV[1], seq .. ' ' .. epoch .. ' ' .. ARGV[5])
-return seq
-";
-
-/// A channel's position and, atomically with it, what a resume or a
-/// history request needs. A channel never numbered starts at seq 0 in a
-/// new epoch here, so a client can resume from it. KEYS: seq, history,
-/// epoch. ARGV: mode (`position`, `resume`, `history`), since epoch,
-/// since seq, max_replay, history limit, ttl_s. Returns the epoch, the
-/// seq, the outcome (`position`, `recovered`, `epoch_changed`, `trimmed`,
-/// `too_many`, `history`) and the entries' seq and payload, oldest first.
-const READ_SCRIPT: &str = r"
-local ttl = tonumber(ARGV[6])
-local seq = redis.call('GET', KEYS[1])
-local epoch = redis.call('GET', KEYS[3])
-if not seq then
-  redis.call('SET', KEYS[1], 0, 'EX', ttl)
-  redis.call('DEL', KEYS[2])
-  seq = 0
-  epoch = new_epoch(KEYS[3], ttl)
-elseif not epoch then
-  epoch = new_epoch(KEYS[3], ttl)
-end
-seq = tonumber(seq)
-local mode = ARGV[1]
-local outcome = mode
-local count = 0
-if mode == 'resume' then
-  local since = tonumber(ARGV[3])
-  if ARGV[2] ~= epoch or since > seq then
-    outcome = 'epoch_changed'
-  elseif seq - since > tonumber(ARGV[4]) then
-    outcome = 'too_many'
-  else
-    outcome = 'recovered'
-    count = seq - since
-  end
-elseif mode == 'history' then
-  count = tonumber(ARGV[5])
-end
-local out = {epoch, seq, outcome}
-if count > 0 then
-  local entries = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', count)
-  if mode == 'resume' then
-    local oldest = entries[#entries]
-    if #entries < count or tonumber(oldest[2][2]) ~= seq - count + 1 then
-      out[3] = 'trimmed'
-      return out
-    end
-  end
-  for i = #entries, 1, -1 do
-    local fields = entries[i][2]
-    table.insert(out, fields[2])
-    table.insert(out, fields[4])
-  end
-end
-return out
-";
 
 /// Channels Redis has confirmed a SUBSCRIBE for on the live connection.
 /// Which channels are *wanted* is the hub's to say (it counts the local
@@ -306,6 +206,15 @@ impl RedisBroker {
         self.subs.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// The command connection, once the worker has made one.
+    fn command_conn(&self) -> Result<redis::aio::ConnectionManager, BrokerError> {
+        self.commands
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .ok_or(BrokerError::Unavailable)
+    }
+
     pub(super) async fn publish(
         &self,
         channel: &ChannelName,
@@ -313,14 +222,7 @@ impl RedisBroker {
         data: &RawValue,
         accepted: impl FnOnce() + Send,
     ) -> Result<Published, BrokerError> {
-        let conn = self
-            .commands
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        let Some(mut conn) = conn else {
-            return Err(BrokerError::Unavailable);
-        };
+        let mut conn = self.command_conn()?;
         let (max_len, max_age_ms) = self
             .rules
             .limits(channel)
@@ -390,14 +292,7 @@ impl RedisBroker {
         channel: &ChannelName,
         what: ReadFor,
     ) -> Result<BoxFuture<'static, Result<Arc<Read>, BrokerError>>, BrokerError> {
-        let conn = self
-            .commands
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        let Some(mut conn) = conn else {
-            return Err(BrokerError::Unavailable);
-        };
+        let mut conn = self.command_conn()?;
         let (mode, since_epoch, since_seq, limit) = match what {
             ReadFor::Position => ("position", String::new(), 0, 0),
             ReadFor::Resume(p) => ("resume", p.epoch, p.seq, 0),

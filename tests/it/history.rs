@@ -280,22 +280,27 @@ async fn the_byte_cap_evicts_whole_channels_which_start_a_new_epoch() {
     assert_eq!(ok["reason"], "epoch_changed", "{ok}");
 }
 
-#[tokio::test]
-async fn resumes_racing_a_publisher_get_every_seq_exactly_once_in_order() {
-    const CLIENTS: usize = 50;
-    const BEFORE: u64 = 100;
-    const TOTAL: u64 = 600;
-    let gw = gateway(1000, 1000).await;
-    let mut publisher = Client::join(&gw, "pub", &["member"]).await;
-    let mut watcher = Client::join(&gw, "watch", &["member"]).await;
+/// The replay/live race: `clients` resume on `resume_on` (each from some
+/// position at or below `before`) while a publisher on `publish_on` takes
+/// the channel from `before` to `total`; a watcher subscribed from the
+/// start on `resume_on` checks the live stream. Every client must get
+/// every seq after its position exactly once, in order. Returns how many
+/// resumes happened mid-stream.
+async fn race(
+    publish_on: &Gateway,
+    resume_on: &Gateway,
+    clients: usize,
+    before: u64,
+    total: u64,
+) -> usize {
+    let mut publisher = Client::join(publish_on, "pub", &["member"]).await;
+    let mut watcher = Client::join(resume_on, "watch", &["member"]).await;
     let ok = watcher.subscribe("chat:race").await;
     let epoch = ok["epoch"].as_str().expect("epoch").to_owned();
-    publish_n(&mut publisher, "chat:race", 1..=BEFORE).await;
+    publish_n(&mut publisher, "chat:race", 1..=before).await;
 
-    // Each client last saw some seq at or before BEFORE and resumes while
-    // the publisher keeps going (paced, so the resumes land mid-stream).
     let publishing = tokio::spawn(async move {
-        for n in BEFORE + 1..=TOTAL {
+        for n in before + 1..=total {
             publisher
                 .send(&json!({"op": "publish", "channel": "chat:race", "data": {"n": n}}))
                 .await;
@@ -306,16 +311,16 @@ async fn resumes_racing_a_publisher_get_every_seq_exactly_once_in_order() {
         }
         publisher
     });
-    let mut resumers = Vec::with_capacity(CLIENTS);
-    for i in 0..CLIENTS {
-        let mut c = Client::join(&gw, &format!("r{i}"), &["member"]).await;
-        let since = (i as u64 * 7) % BEFORE;
+    let mut resumers = Vec::with_capacity(clients);
+    for i in 0..clients {
+        let mut c = Client::join(resume_on, &format!("r{i}"), &["member"]).await;
+        let since = (i as u64 * 7) % before;
         let epoch = epoch.clone();
         resumers.push(tokio::spawn(async move {
             let ok = resume(&mut c, "chat:race", &epoch, since).await;
             assert_eq!(ok["recovered"], true, "{ok}");
             let at = ok["seq"].as_u64().expect("seq");
-            let seqs = next_seqs(&mut c, "chat:race", (TOTAL - since) as usize).await;
+            let seqs = next_seqs(&mut c, "chat:race", (total - since) as usize).await;
             (since, at, seqs)
         }));
     }
@@ -323,27 +328,32 @@ async fn resumes_racing_a_publisher_get_every_seq_exactly_once_in_order() {
     let mut mid_stream = 0;
     for r in resumers {
         let (since, at, seqs) = r.await.expect("resumer");
-        let expected: Vec<u64> = (since + 1..=TOTAL).collect();
+        let expected: Vec<u64> = (since + 1..=total).collect();
         assert_eq!(seqs, expected, "resumed from {since} at {at}");
-        if at > BEFORE && at < TOTAL {
+        if at > before && at < total {
             mid_stream += 1;
         }
     }
-    eprintln!(
-        "replay/live race: {CLIENTS} clients resumed while {} messages were published ({mid_stream} of them mid-stream); each got every seq after its position exactly once, in order",
-        TOTAL - BEFORE
-    );
     assert!(mid_stream > 0, "no resume raced the publisher");
-    // The live watcher saw all of them too.
     assert_eq!(
-        next_seqs(&mut watcher, "chat:race", TOTAL as usize).await,
-        (1..=TOTAL).collect::<Vec<_>>()
+        next_seqs(&mut watcher, "chat:race", total as usize).await,
+        (1..=total).collect::<Vec<_>>()
     );
     publisher.assert_quiet("no echo: not subscribed").await;
+    mid_stream
+}
+
+#[tokio::test]
+async fn resumes_racing_a_publisher_get_every_seq_exactly_once_in_order() {
+    let gw = gateway(1000, 1000).await;
+    let mid_stream = race(&gw, &gw, 50, 100, 600).await;
+    eprintln!(
+        "replay/live race: 50 clients resumed while 500 messages were published ({mid_stream} of them mid-stream); each got every seq after its position exactly once, in order"
+    );
     let _ = eventually(WAIT, "the resumes to be counted", async || {
         (gw.metric("wsgate_resumes_total{outcome=\"recovered\"}")
             .await
-            == CLIENTS as u64)
+            == 50)
             .then_some(())
     })
     .await;
@@ -458,60 +468,10 @@ async fn through_redis_a_lost_counter_is_an_epoch_change() {
 /// client ends with every seq after its position, once, in order.
 #[tokio::test]
 async fn through_redis_resumes_racing_a_publisher_lose_and_repeat_nothing() {
-    const CLIENTS: usize = 30;
-    const BEFORE: u64 = 50;
-    const TOTAL: u64 = 400;
     let redis = RedisServer::start().await;
     let (a, b) = replicas(&redis).await;
-    let mut publisher = Client::join(&a, "pub", &["member"]).await;
-    let mut watcher = Client::join(&b, "watch", &["member"]).await;
-    let epoch = watcher.subscribe("chat:race").await["epoch"]
-        .as_str()
-        .expect("epoch")
-        .to_owned();
-    publish_n(&mut publisher, "chat:race", 1..=BEFORE).await;
-    let publishing = tokio::spawn(async move {
-        for n in BEFORE + 1..=TOTAL {
-            publisher
-                .send(&json!({"op": "publish", "channel": "chat:race", "data": {"n": n}}))
-                .await;
-            if n % 4 == 0 {
-                // Pacing only: spreads the stream over the resumes.
-                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-            }
-        }
-        publisher
-    });
-    let mut resumers = Vec::with_capacity(CLIENTS);
-    for i in 0..CLIENTS {
-        let mut c = Client::join(&b, &format!("r{i}"), &["member"]).await;
-        let since = (i as u64 * 7) % BEFORE;
-        let epoch = epoch.clone();
-        resumers.push(tokio::spawn(async move {
-            let ok = resume(&mut c, "chat:race", &epoch, since).await;
-            assert_eq!(ok["recovered"], true, "{ok}");
-            let at = ok["seq"].as_u64().expect("seq");
-            let seqs = next_seqs(&mut c, "chat:race", (TOTAL - since) as usize).await;
-            (since, at, seqs)
-        }));
-    }
-    let _publisher = publishing.await.expect("publisher");
-    let mut mid_stream = 0;
-    for r in resumers {
-        let (since, at, seqs) = r.await.expect("resumer");
-        let expected: Vec<u64> = (since + 1..=TOTAL).collect();
-        assert_eq!(seqs, expected, "resumed from {since} at {at}");
-        if at > BEFORE && at < TOTAL {
-            mid_stream += 1;
-        }
-    }
+    let mid_stream = race(&a, &b, 30, 50, 400).await;
     eprintln!(
-        "replay/live race through redis: {CLIENTS} clients resumed while {} messages were published ({mid_stream} of them mid-stream); each got every seq after its position exactly once, in order",
-        TOTAL - BEFORE
-    );
-    assert!(mid_stream > 0, "no resume raced the publisher");
-    assert_eq!(
-        next_seqs(&mut watcher, "chat:race", TOTAL as usize).await,
-        (1..=TOTAL).collect::<Vec<_>>()
+        "replay/live race through redis: 30 clients resumed while 350 messages were published ({mid_stream} of them mid-stream); each got every seq after its position exactly once, in order"
     );
 }

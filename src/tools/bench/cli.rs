@@ -116,6 +116,21 @@ pub enum BenchCommand {
     },
 }
 
+impl BenchTarget {
+    /// The same target at another URL (another replica, same CA and auth).
+    fn at(&self, url: String) -> Self {
+        Self {
+            url,
+            ca: self.ca.clone(),
+            secret: self.secret.clone(),
+            token: self.token.clone(),
+            carrier: self.carrier.clone(),
+            plain: self.plain,
+            sources: self.sources,
+        }
+    }
+}
+
 pub fn run(command: BenchCommand) -> Result<(), BoxError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -168,21 +183,7 @@ pub fn run(command: BenchCommand) -> Result<(), BoxError> {
             } => {
                 let subscribers_at = target(&t, subscribers).await?;
                 let publisher = match publish_url {
-                    Some(url) => Some(
-                        target(
-                            &BenchTarget {
-                                url,
-                                ca: t.ca.clone(),
-                                secret: t.secret.clone(),
-                                token: t.token.clone(),
-                                carrier: t.carrier.clone(),
-                                plain: t.plain,
-                                sources: t.sources,
-                            },
-                            1,
-                        )
-                        .await?,
-                    ),
+                    Some(url) => Some(target(&t.at(url), 1).await?),
                     None => None,
                 };
                 let pace = match (window, rate) {
@@ -215,21 +216,7 @@ pub fn run(command: BenchCommand) -> Result<(), BoxError> {
             } => {
                 let first = target(&t, connections + 1).await?;
                 let then = match resume_url {
-                    Some(url) => {
-                        target(
-                            &BenchTarget {
-                                url,
-                                ca: t.ca.clone(),
-                                secret: t.secret.clone(),
-                                token: t.token.clone(),
-                                carrier: t.carrier.clone(),
-                                plain: t.plain,
-                                sources: t.sources,
-                            },
-                            connections + 1,
-                        )
-                        .await?
-                    }
+                    Some(url) => target(&t.at(url), connections + 1).await?,
                     None => first.clone(),
                 };
                 let report = super::resume(

@@ -1,0 +1,240 @@
+//! The hub's unit tests: fan-out, counting, history rings and the seam
+//! between a read position and live messages.
+
+use super::*;
+use serde_json::value::RawValue;
+
+fn hub() -> Hub {
+    Hub::new(HistoryRules::default(), Arc::new(Metrics::default()))
+}
+
+fn sub(session: u64, depth: usize) -> (Subscriber, mpsc::Receiver<Utf8Bytes>) {
+    let (tx, rx) = mpsc::channel(depth);
+    (
+        Subscriber {
+            session,
+            outbox: tx,
+            slow: CancellationToken::new(),
+        },
+        rx,
+    )
+}
+
+fn msg(channel: &ChannelName, n: u32) -> MessageTemplate {
+    let data = RawValue::from_string(n.to_string()).unwrap();
+    MessageTemplate::new(channel, "alice", &data)
+}
+
+#[test]
+fn fan_out_in_order_and_cut_off_only_the_slow_one() {
+    let hub = hub();
+    let ch = ChannelName::parse("chat:a").unwrap();
+    let (fast, mut fast_rx) = sub(1, 16);
+    let (slow, _slow_rx) = sub(2, 2);
+    let slow_token = slow.slow.clone();
+    assert_eq!(hub.join(&ch, fast.clone(), false), Joined::First);
+    assert_eq!(hub.join(&ch, fast, false), Joined::Already, "idempotent");
+    assert_eq!(hub.join(&ch, slow, false), Joined::Again);
+    assert_eq!(
+        hub.publish(&ch, &msg(&ch, 0)).delivered,
+        0,
+        "pending subscribers get nothing"
+    );
+    assert!(
+        hub.activate(&ch, 1, None, None).is_none() && hub.activate(&ch, 2, None, None).is_none()
+    );
+    for n in 1..=3 {
+        hub.publish(&ch, &msg(&ch, n));
+    }
+    assert!(slow_token.is_cancelled());
+    for n in 2..=4u64 {
+        let frame = fast_rx.try_recv().unwrap();
+        let v: serde_json::Value = serde_json::from_str(frame.as_str()).unwrap();
+        assert_eq!(v["seq"], n);
+        assert_eq!(v["data"], n - 1);
+    }
+    let p = hub.publish(&ch, &msg(&ch, 4));
+    assert_eq!(
+        (p.seq, p.delivered, p.slow),
+        (5, 1, 0),
+        "slow one is skipped"
+    );
+    // It stays counted until its session leaves.
+    assert_eq!(hub.leave(&ch, 2), Left::Others);
+    assert_eq!(hub.leave(&ch, 1), Left::Last);
+}
+
+#[test]
+fn delivered_seq_gaps_are_announced_and_duplicates_dropped() {
+    let hub = hub();
+    let ch = ChannelName::parse("chat:a").unwrap();
+    let (a, mut rx) = sub(1, 16);
+    hub.join(&ch, a, false);
+    hub.activate(&ch, 1, None, None);
+    assert_eq!(hub.deliver(&ch, "e1", 7, &msg(&ch, 7)).delivered, 1);
+    assert_eq!(
+        hub.deliver(&ch, "e1", 7, &msg(&ch, 7)).delivered,
+        0,
+        "duplicate"
+    );
+    hub.deliver(&ch, "e1", 8, &msg(&ch, 8));
+    hub.deliver(&ch, "e1", 11, &msg(&ch, 11));
+    let frames: Vec<String> = std::iter::from_fn(|| rx.try_recv().ok())
+        .map(|f| f.as_str().to_owned())
+        .collect();
+    assert_eq!(frames.len(), 4, "{frames:?}");
+    assert!(frames[0].contains(r#""seq":7"#) && frames[1].contains(r#""seq":8"#));
+    assert!(frames[2].contains(r#""op":"error""#) && frames[2].contains(r#""channel":"chat:a""#));
+    assert!(frames[3].contains(r#""seq":11"#));
+    assert_eq!(hub.notify_gap(std::slice::from_ref(&ch)), 1);
+    assert!(
+        rx.try_recv()
+            .unwrap()
+            .as_str()
+            .contains("may have been missed")
+    );
+    // After a notice, the next seq starts afresh: no second notice.
+    hub.deliver(&ch, "e1", 20, &msg(&ch, 20));
+    assert!(rx.try_recv().unwrap().as_str().contains(r#""seq":20"#));
+}
+
+#[test]
+fn empty_channels_are_forgotten() {
+    let hub = hub();
+    let ch = ChannelName::parse("x").unwrap();
+    let (a, _rx) = sub(1, 4);
+    hub.join(&ch, a, false);
+    assert_eq!(hub.channels(), 1);
+    assert!(hub.has_subscribers(&ch), "pending ones count");
+    assert_eq!(hub.leave(&ch, 1), Left::Last);
+    assert_eq!(hub.leave(&ch, 1), Left::NotThere);
+    hub.activate(&ch, 1, None, None);
+    assert!(!hub.has_subscribers(&ch), "left meanwhile: not added back");
+    assert_eq!(hub.channels(), 0);
+    assert_eq!(hub.publish(&ch, &msg(&ch, 1)), Published::default());
+}
+
+#[test]
+fn a_read_position_is_followed_by_the_buffered_messages_above_it() {
+    let hub = hub();
+    let ch = ChannelName::parse("chat:a").unwrap();
+    let (live, mut live_rx) = sub(1, 64);
+    hub.join(&ch, live, false);
+    hub.activate(&ch, 1, None, None);
+    let (resumer, mut rx) = sub(2, 64);
+    hub.join(&ch, resumer, true);
+    // Delivered while the resumer's read is in flight: 6 and 7.
+    hub.deliver(&ch, "e1", 6, &msg(&ch, 6));
+    hub.deliver(&ch, "e1", 7, &msg(&ch, 7));
+    assert!(rx.try_recv().is_err(), "nothing before the ok");
+    // The read saw the channel at 6: it replays 5..=6.
+    let read = Read {
+        epoch: "e1".into(),
+        seq: 6,
+        outcome: Some(Ok(())),
+        frames: [5, 6]
+            .map(|n| Utf8Bytes::from(msg(&ch, n).with_seq(u64::from(n))))
+            .to_vec(),
+    };
+    assert!(hub.activate_read(&ch, 2, Some(9), &read));
+    hub.deliver(&ch, "e1", 8, &msg(&ch, 8));
+    let frames: Vec<String> = std::iter::from_fn(|| rx.try_recv().ok())
+        .map(|f| f.as_str().to_owned())
+        .collect();
+    assert_eq!(
+        frames[0],
+        r#"{"op":"ok","id":9,"epoch":"e1","seq":6,"recovered":true}"#
+    );
+    let seqs: Vec<u64> = frames[1..]
+        .iter()
+        .map(|f| {
+            serde_json::from_str::<serde_json::Value>(f).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(
+        seqs,
+        [5, 6, 7, 8],
+        "replay, then the buffered 7 (not 6), then live"
+    );
+    assert_eq!(std::iter::from_fn(|| live_rx.try_recv().ok()).count(), 3);
+
+    // A buffer that outgrows the outbox cuts its subscriber off.
+    let (small, _small_rx) = sub(3, 2);
+    let token = small.slow.clone();
+    hub.join(&ch, small, true);
+    for n in 9..=11 {
+        hub.deliver(&ch, "e1", n, &msg(&ch, n as u32));
+    }
+    assert!(token.is_cancelled());
+    assert!(
+        !hub.activate_read(&ch, 3, None, &read),
+        "cut off, not pending"
+    );
+    assert_eq!(hub.leave(&ch, 3), Left::Others);
+}
+
+#[test]
+fn a_new_epoch_is_a_gap_not_a_duplicate() {
+    let hub = hub();
+    let ch = ChannelName::parse("chat:a").unwrap();
+    let (a, mut rx) = sub(1, 16);
+    hub.join(&ch, a, false);
+    hub.activate(&ch, 1, None, None);
+    hub.deliver(&ch, "e1", 40, &msg(&ch, 40));
+    // Redis lost the counter: numbering starts again in a new epoch.
+    assert_eq!(hub.deliver(&ch, "e2", 1, &msg(&ch, 1)).delivered, 1);
+    let frames: Vec<String> = std::iter::from_fn(|| rx.try_recv().ok())
+        .map(|f| f.as_str().to_owned())
+        .collect();
+    assert_eq!(frames.len(), 3, "{frames:?}");
+    assert!(
+        frames[1].contains(r#""code":"internal""#)
+            && frames[1].ends_with(r#","epoch":"e1","seq":40}"#),
+        "the notice names the last position delivered: {}",
+        frames[1]
+    );
+    assert!(frames[2].contains(r#""seq":1"#));
+}
+
+#[test]
+fn a_cached_read_serves_while_nothing_newer_was_delivered() {
+    let hub = hub();
+    let ch = ChannelName::parse("chat:a").unwrap();
+    let (a, _rx) = sub(1, 16);
+    hub.join(&ch, a, true);
+    let since = Position {
+        epoch: "e1".into(),
+        seq: 3,
+    };
+    let read = Arc::new(Read {
+        epoch: "e1".into(),
+        seq: 5,
+        outcome: Some(Ok(())),
+        frames: Vec::new(),
+    });
+    assert!(
+        hub.cached_read(&ch, Some(&since)).is_none(),
+        "nothing stored yet"
+    );
+    hub.store_read(&ch, Some(&since), &read);
+    assert!(hub.cached_read(&ch, Some(&since)).is_some());
+    assert!(hub.cached_read(&ch, None).is_none(), "another question");
+    hub.deliver(&ch, "e1", 5, &msg(&ch, 5));
+    assert!(
+        hub.cached_read(&ch, Some(&since)).is_some(),
+        "5 is in the read"
+    );
+    hub.deliver(&ch, "e1", 6, &msg(&ch, 6));
+    assert!(
+        hub.cached_read(&ch, Some(&since)).is_none(),
+        "6 was delivered after it"
+    );
+    hub.store_read(&ch, Some(&since), &read);
+    hub.notify_gap(std::slice::from_ref(&ch));
+    assert!(
+        hub.cached_read(&ch, Some(&since)).is_none(),
+        "an outage voids it"
+    );
+}
