@@ -6,6 +6,7 @@
 //! answers resumes and history reads from it under the channel's lock.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio_tungstenite::tungstenite::Utf8Bytes;
@@ -151,7 +152,7 @@ struct Stored {
 /// and its most recent frames, bounded by count and age.
 #[derive(Debug)]
 pub struct Ring {
-    pub epoch: String,
+    pub epoch: Arc<str>,
     limits: Limits,
     frames: VecDeque<Stored>,
     bytes: usize,
@@ -162,7 +163,7 @@ pub struct Ring {
 impl Ring {
     pub fn new(limits: Limits, now: Instant) -> Self {
         Self {
-            epoch: new_epoch(),
+            epoch: new_epoch().into(),
             limits,
             frames: VecDeque::new(),
             bytes: 0,
@@ -218,7 +219,7 @@ impl Ring {
         let freed = self.bytes;
         self.frames.clear();
         self.bytes = 0;
-        self.epoch = new_epoch();
+        self.epoch = new_epoch().into();
         freed
     }
 
@@ -238,7 +239,7 @@ impl Ring {
         current: u64,
         max_replay: usize,
     ) -> Result<impl Iterator<Item = &Utf8Bytes>, Unrecovered> {
-        if since.epoch != self.epoch || since.seq > current {
+        if *since.epoch != *self.epoch || since.seq > current {
             return Err(Unrecovered::EpochChanged);
         }
         let missed = current - since.seq;
@@ -292,7 +293,7 @@ mod tests {
             r.push(seq, &frame(seq), t);
         }
         let at = |seq| Position {
-            epoch: r.epoch.clone(),
+            epoch: r.epoch.to_string(),
             seq,
         };
         assert_eq!(
@@ -339,7 +340,7 @@ mod tests {
         assert!(r.is_stale(t + Duration::from_secs(18)));
         let epoch = r.epoch.clone();
         assert_eq!(r.restart(), frame(1).len());
-        assert_ne!(r.epoch, epoch, "an evicted channel starts a new epoch");
+        assert_ne!(*r.epoch, *epoch, "an evicted channel starts a new epoch");
         assert_eq!(r.bytes(), 0);
     }
 

@@ -13,7 +13,20 @@ pub struct Identity {
     pub roles: Vec<String>,
     /// The token's `exp`, unix seconds.
     pub expires_at: u64,
+    /// The token's `iat`, unix seconds, when it has one.
+    pub issued_at: Option<u64>,
     /// The claims for policy templates such as `{claim.tenant}`: all but
     /// `exp`, `iat`, `nbf`, `jti` and the roles claim.
     pub claims: Map<String, Value>,
+}
+
+impl Identity {
+    /// Whether the token's `aud` (a string or an array) names `audience`.
+    pub fn has_audience(&self, audience: &str) -> bool {
+        match self.claims.get("aud") {
+            Some(Value::String(a)) => a == audience,
+            Some(Value::Array(all)) => all.iter().any(|a| a.as_str() == Some(audience)),
+            _ => false,
+        }
+    }
 }

@@ -55,6 +55,7 @@
 //! token bucket), `proxy`. Operator tools live in [`tools`].
 
 mod admission;
+mod api;
 pub mod auth;
 mod broker;
 pub mod channel;

@@ -84,6 +84,57 @@ pub const RESUME_OUTCOMES: [&str; 5] = [
     "no_history",
 ];
 
+/// Endpoints of `wsgate_api_requests_total{endpoint, status}`.
+pub const API_ENDPOINTS: [&str; 4] = ["publish", "broadcast", "history", "other"];
+/// Statuses of `wsgate_api_requests_total{endpoint, status}`.
+pub const API_STATUSES: [u16; 10] = [200, 400, 401, 403, 404, 405, 413, 429, 500, 503];
+
+/// HTTP API requests by endpoint and status, both from fixed sets.
+#[derive(Debug)]
+pub struct ApiRequests {
+    counts: [[AtomicU64; API_STATUSES.len()]; API_ENDPOINTS.len()],
+}
+
+impl Default for ApiRequests {
+    fn default() -> Self {
+        Self {
+            counts: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
+        }
+    }
+}
+
+impl ApiRequests {
+    /// Counts one request; an endpoint or status outside the sets is a
+    /// bug, counted nowhere.
+    pub fn inc(&self, endpoint: &str, status: u16) {
+        let e = API_ENDPOINTS.iter().position(|x| *x == endpoint);
+        let s = API_STATUSES.iter().position(|x| *x == status);
+        match (e, s) {
+            (Some(e), Some(s)) => {
+                self.counts[e][s].fetch_add(1, Ordering::Relaxed);
+            }
+            _ => debug_assert!(false, "unknown api label {endpoint} {status}"),
+        }
+    }
+
+    fn render(&self, out: &mut String) {
+        let name = "wsgate_api_requests_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} HTTP API requests by endpoint and status.\n# TYPE {name} counter"
+        );
+        for (endpoint, row) in API_ENDPOINTS.iter().zip(&self.counts) {
+            for (status, v) in API_STATUSES.iter().zip(row) {
+                let _ = writeln!(
+                    out,
+                    "{name}{{endpoint=\"{endpoint}\",status=\"{status}\"}} {}",
+                    v.load(Ordering::Relaxed)
+                );
+            }
+        }
+    }
+}
+
 /// A counter per label value of a fixed set.
 #[derive(Debug)]
 pub struct LabeledCounter<const N: usize> {
@@ -218,6 +269,8 @@ pub struct Metrics {
     pub history_channels: AtomicI64,
     /// Channels evicted whole to stay under `history.max_bytes`.
     pub history_evictions: AtomicU64,
+    /// HTTP API requests by endpoint and status.
+    pub api: ApiRequests,
 }
 
 const RESULTS: [&str; 2] = ["ok", "failed"];
@@ -275,6 +328,7 @@ impl Default for Metrics {
             history_bytes: AtomicI64::new(0),
             history_channels: AtomicI64::new(0),
             history_evictions: AtomicU64::new(0),
+            api: ApiRequests::default(),
         }
     }
 }
@@ -419,6 +473,7 @@ impl Metrics {
             "Channels evicted whole to stay under history.max_bytes.",
             self.history_evictions.load(Ordering::Relaxed),
         );
+        self.api.render(&mut out);
         self.handshake.render(
             &mut out,
             "wsgate_tls_handshake_seconds",

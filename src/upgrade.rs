@@ -355,6 +355,10 @@ pub async fn decide<B>(
             .map_err(Refusal::Admission)?;
     }
     let identity = pending.verify(&gateway.verifier).await.map_err(failed)?;
+    // An HTTP API token never stands in for a client token.
+    if identity.has_audience(&gateway.config.api.audience) {
+        return Err(failed(Refusal::InvalidToken(AuthFailure::Audience)));
+    }
     let user_slot = UserSlot::take(gateway, &identity.user).ok_or(Refusal::UserLimit)?;
     Ok(Accepted {
         identity,

@@ -66,6 +66,11 @@ pub(super) fn identity_from_claims(
         .get("exp")
         .and_then(Value::as_u64)
         .ok_or(AuthFailure::BadClaim)?;
+    // A NumericDate may have a fraction (RFC 7519 §2); whole seconds do.
+    let issued_at = claims.get("iat").and_then(|v| {
+        v.as_u64()
+            .or_else(|| v.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
+    });
     let roles = match claims.get(roles_claim) {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::Array(items)) => items
@@ -83,6 +88,7 @@ pub(super) fn identity_from_claims(
         user,
         roles,
         expires_at,
+        issued_at,
         claims,
     })
 }

@@ -46,6 +46,8 @@ pub struct Verifier {
 
 struct Inner {
     validation: Validation,
+    /// The same rules, with `aud` required to be `api.audience`.
+    api_validation: Validation,
     leeway: Duration,
     roles_claim: String,
     keys: RwLock<Arc<KeySet>>,
@@ -147,9 +149,18 @@ impl Verifier {
             validation.set_audience(&auth.audiences);
             required.push("aud");
         }
+        let mut api_validation = validation.clone();
+        api_validation.validate_aud = true;
+        api_validation.set_audience(&[&config.api.audience]);
+        let mut api_required = required.clone();
+        if !api_required.contains(&"aud") {
+            api_required.push("aud");
+        }
+        api_validation.set_required_spec_claims(&api_required);
         validation.set_required_spec_claims(&required);
         Ok(Self {
             inner: Arc::new(Inner {
+                api_validation,
                 validation,
                 leeway: Duration::from_secs(auth.leeway_s),
                 roles_claim: auth.roles_claim.clone(),
@@ -191,6 +202,23 @@ impl Verifier {
             Err(Refused::NoKey { kid_named: true }) if self.is_fetched() => {
                 self.refresh(Cause::UnknownKid).await;
                 self.verify(token)
+            }
+            other => other.map_err(Refused::failure),
+        }
+    }
+
+    /// Verifies an HTTP API token: the same keys and rules, and its `aud`
+    /// must name `api.audience`. An unknown `kid` with a JWKS URL waits
+    /// for one refresh, as [`Verifier::verify_fresh`].
+    ///
+    /// # Errors
+    /// As [`Verifier::verify`].
+    pub async fn verify_api(&self, token: &str) -> Result<Identity, AuthFailure> {
+        let validation = &self.inner.api_validation;
+        match self.check_with(token, validation) {
+            Err(Refused::NoKey { kid_named: true }) if self.is_fetched() => {
+                self.refresh(Cause::UnknownKid).await;
+                self.check_with(token, validation).map_err(Refused::failure)
             }
             other => other.map_err(Refused::failure),
         }
@@ -307,13 +335,16 @@ impl Verifier {
     }
 
     fn check(&self, token: &str) -> Result<Identity, Refused> {
+        self.check_with(token, &self.inner.validation)
+    }
+
+    fn check_with(&self, token: &str, validation: &Validation) -> Result<Identity, Refused> {
         let auth = |e: jsonwebtoken::errors::Error| Refused::Auth(map_error(e.kind()));
         let header = jsonwebtoken::decode_header(token).map_err(auth)?;
         if header.crit.is_some() {
             // We understand no extensions, so any critical one must fail (RFC 7515 §4.1.11).
             return Err(Refused::Auth(AuthFailure::Crit));
         }
-        let validation = &self.inner.validation;
         if !validation.algorithms.contains(&header.alg) {
             return Err(Refused::Auth(AuthFailure::Algorithm));
         }

@@ -238,12 +238,16 @@ impl RedisBroker {
             .arg(payload(from, data));
         // A timeout may hide a publication that did happen; it is still
         // reported as failed, never the other way round.
-        match tokio::time::timeout(self.timeout, invocation.invoke_async::<u64>(&mut conn)).await {
-            Ok(Ok(seq)) => {
+        let answer = invocation.invoke_async::<(u64, String)>(&mut conn);
+        match tokio::time::timeout(self.timeout, answer).await {
+            Ok(Ok((seq, epoch))) => {
                 // The echo of this message may already have been delivered.
                 accepted();
                 Ok(Published {
                     seq,
+                    // Every channel has an epoch in Redis; it is news only
+                    // where history can be resumed.
+                    epoch: (max_len > 0).then(|| epoch.into()),
                     ..Published::default()
                 })
             }

@@ -44,7 +44,7 @@ if max_len > 0 then
 end
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('PUBLISH', ARGV[1], seq .. ' ' .. epoch .. ' ' .. ARGV[5])
-return seq
+return {seq, epoch}
 ";
 
 /// A channel's position and, atomically with it, what a resume or a

@@ -44,6 +44,7 @@ pub struct Config {
     pub admission: AdmissionConfig,
     pub cluster: ClusterConfig,
     pub history: HistoryConfig,
+    pub api: ApiConfig,
     pub policy: PolicyConfig,
     pub log: LogConfig,
 }
@@ -366,6 +367,46 @@ impl Default for ClusterConfig {
             channel_ttl_s: 86_400,
             command_timeout_ms: 1_000,
             reconnect_max_ms: 5_000,
+        }
+    }
+}
+
+/// The HTTP API for backends (protocol.md §7): its own listener, off by
+/// default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Address of the API listener (`https://…/api`); unset: no API.
+    pub listen: Option<SocketAddr>,
+    /// Serve plain HTTP instead of TLS: only on a loopback address, unless
+    /// `plain_http_beyond_loopback` says a TLS-terminating proxy is in front.
+    pub plain_http: bool,
+    /// Allow `plain_http` on a non-loopback address (behind a proxy).
+    pub plain_http_beyond_loopback: bool,
+    /// The `aud` an API token must carry; a client token carrying it is
+    /// refused at `/ws`.
+    pub audience: String,
+    /// The role the management endpoints require.
+    pub admin_role: String,
+    /// API connections served at once; past it new ones wait unaccepted.
+    pub max_connections: usize,
+    /// Requests per second per token subject (sustained); past it: 429.
+    pub requests_per_s: u32,
+    /// Requests one token subject may send in a burst.
+    pub requests_burst: u32,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            plain_http: false,
+            plain_http_beyond_loopback: false,
+            audience: "wsgate-api".to_owned(),
+            admin_role: "admin".to_owned(),
+            max_connections: 256,
+            requests_per_s: 1_000,
+            requests_burst: 2_000,
         }
     }
 }

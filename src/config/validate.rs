@@ -141,6 +141,34 @@ impl Config {
                     .into(),
             );
         }
+        let api = &self.api;
+        if api.audience.is_empty() || api.admin_role.is_empty() {
+            return bad("api.audience and api.admin_role must not be empty".into());
+        }
+        if self.auth.audiences.contains(&api.audience) {
+            return bad(format!(
+                "auth.audiences must not hold api.audience ({:?}): API tokens would be client tokens too",
+                api.audience
+            ));
+        }
+        if api.max_connections == 0 || api.requests_per_s == 0 || api.requests_burst == 0 {
+            return bad(
+                "api.max_connections, requests_per_s and requests_burst must be at least 1".into(),
+            );
+        }
+        if let Some(addr) = api.listen {
+            if api.plain_http && !addr.ip().is_loopback() && !api.plain_http_beyond_loopback {
+                return bad(format!(
+                    "api.plain_http on {addr} would send API tokens in clear text: use a loopback address, or set api.plain_http_beyond_loopback behind a TLS-terminating proxy"
+                ));
+            }
+            // Port 0 is any free port: distinct by construction.
+            if addr.port() != 0 && (addr == s.listen || Some(addr) == s.admin_listen) {
+                return bad(
+                    "api.listen must differ from server.listen and server.admin_listen".into(),
+                );
+            }
+        }
         let h = &self.history;
         if h.max_replay == 0 {
             return bad("history.max_replay must be at least 1".into());

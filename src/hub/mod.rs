@@ -137,10 +137,12 @@ pub enum Left {
 }
 
 /// What one publication did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Published {
     /// The `seq` given to it; 0 when the channel had no subscribers.
     pub seq: u64,
+    /// Its epoch, on a channel that keeps history.
+    pub epoch: Option<Arc<str>>,
     pub delivered: usize,
     /// Subscribers cut off because their outbox was full.
     pub slow: usize,
@@ -266,7 +268,7 @@ impl Hub {
             .as_ref()
             .map(|r| r.as_ref().map(|_| ()).map_err(|e| *e));
         if let Some(id) = id {
-            let position = ring.map(|r| (r.epoch.as_str(), entry.seq));
+            let position = ring.map(|r| (&*r.epoch, entry.seq));
             let outcome = resumed.map(|r| r.map_err(Unrecovered::as_str));
             let ok = PositionOk::new(id, position, outcome).encode();
             subscriber.send(Utf8Bytes::from(ok));
@@ -373,7 +375,7 @@ impl Hub {
         let freed = ring.expire(now);
         self.store_changed(-(freed as isize), 0);
         let position = Position {
-            epoch: ring.epoch.clone(),
+            epoch: ring.epoch.to_string(),
             seq,
         };
         Some((position, ring.last(limit).cloned().collect()))
@@ -514,6 +516,7 @@ impl Hub {
         };
         push(entry, None, &frame, &mut out);
         if let Some(ring) = entry.history.as_deref_mut() {
+            out.epoch = Some(Arc::clone(&ring.epoch));
             let grown = ring.push(entry.seq, &frame, Instant::now());
             self.store_changed(grown, 0);
             drop(shard);

@@ -481,6 +481,7 @@ mod tests {
 
     fn who(user: &str, roles: &[&str], claims: serde_json::Value) -> Identity {
         Identity {
+            issued_at: None,
             user: user.into(),
             roles: roles.iter().map(|r| (*r).to_owned()).collect(),
             expires_at: 0,

@@ -146,6 +146,7 @@ mod tests {
 
     fn id(user: &str, claims: serde_json::Value) -> Identity {
         Identity {
+            issued_at: None,
             user: user.into(),
             roles: vec![],
             expires_at: 0,

@@ -15,7 +15,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span, warn};
 
 use super::{Shared, routes};
+use crate::api::Api;
 use crate::config::Config;
+use tokio_rustls::TlsAcceptor;
 
 /// hyper's HTTP/1.1 server with every limit from the config: the header
 /// read deadline, the header count and size, and the read buffer.
@@ -112,6 +114,113 @@ pub(super) async fn serve_admin(
             }
             .instrument(info_span!("admin", %peer)),
         );
+    }
+}
+
+/// The HTTP API listener (`[api]`): TLS with the gateway's certificate
+/// (or plain HTTP where the operator asked), at most `api.max_connections`
+/// at once, each under the handshake deadline and the HTTP limits.
+pub(super) async fn serve_api(
+    listener: TcpListener,
+    acceptor: Option<TlsAcceptor>,
+    api: Arc<Api>,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
+    let permits = Arc::new(Semaphore::new(shared.gateway.config.api.max_connections));
+    let mut backoff = Backoff::default();
+    loop {
+        let permit = tokio::select! {
+            () = stop.cancelled() => return,
+            p = Arc::clone(&permits).acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
+        let Some((tcp, peer)) = accept(&listener, &mut backoff, &stop, "api").await else {
+            return;
+        };
+        let (api, shared, stop, acceptor) = (
+            Arc::clone(&api),
+            Arc::clone(&shared),
+            stop.clone(),
+            acceptor.clone(),
+        );
+        tokio::spawn(
+            async move {
+                let _permit = permit;
+                let _ = tcp.set_nodelay(true);
+                let builder = http1_builder(&shared.gateway.config);
+                let service = service_fn(move |req| {
+                    let api = Arc::clone(&api);
+                    async move { Ok::<_, std::convert::Infallible>(api.handle(req).await) }
+                });
+                let result = match acceptor {
+                    Some(acceptor) => {
+                        let deadline = shared.gateway.config.handshake_timeout();
+                        match tokio::time::timeout(deadline, acceptor.accept(tcp)).await {
+                            Ok(Ok(tls)) => {
+                                serve_until(
+                                    builder.serve_connection(TokioIo::new(tls), service),
+                                    &stop,
+                                )
+                                .await
+                            }
+                            Ok(Err(e)) => {
+                                debug!(error = %e, "api tls handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                debug!("api tls handshake timed out");
+                                return;
+                            }
+                        }
+                    }
+                    None => {
+                        serve_until(builder.serve_connection(TokioIo::new(tcp), service), &stop)
+                            .await
+                    }
+                };
+                if let Err(e) = result {
+                    debug!(error = %e, "api connection ended with an error");
+                }
+            }
+            .instrument(info_span!("api", %peer)),
+        );
+    }
+}
+
+/// Serves one HTTP/1.1 connection until it ends or `stop`, then lets the
+/// request in flight finish.
+async fn serve_until<C>(conn: C, stop: &CancellationToken) -> hyper::Result<()>
+where
+    C: std::future::Future<Output = hyper::Result<()>> + GracefulConnection,
+{
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => r,
+        () = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    }
+}
+
+/// A hyper connection that can be asked to finish gracefully.
+trait GracefulConnection {
+    fn graceful_shutdown(self: std::pin::Pin<&mut Self>);
+}
+
+impl<I, S> GracefulConnection for http1::Connection<I, S>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    S::ResBody: hyper::body::Body + 'static,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn graceful_shutdown(self: std::pin::Pin<&mut Self>) {
+        http1::Connection::graceful_shutdown(self);
     }
 }
 

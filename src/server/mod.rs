@@ -81,6 +81,8 @@ struct Shared {
 pub struct Server {
     listener: TcpListener,
     admin: Option<TcpListener>,
+    /// The HTTP API listener (`[api] listen`).
+    api: Option<TcpListener>,
     broker_worker: Option<RedisWorker>,
     acceptor: TlsAcceptor,
     shared: Arc<Shared>,
@@ -107,6 +109,14 @@ impl Server {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| StartError::Bind { addr, source })?;
+        let api = match config.api.listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Bind { addr, source })?,
+            ),
+            None => None,
+        };
         let admin = match config.server.admin_listen {
             Some(addr) => Some(
                 TcpListener::bind(addr)
@@ -134,6 +144,7 @@ impl Server {
         Ok(Self {
             listener,
             admin,
+            api,
             broker_worker,
             acceptor,
             shared,
@@ -170,6 +181,11 @@ impl Server {
         self.admin.as_ref().and_then(|l| l.local_addr().ok())
     }
 
+    /// The HTTP API listener's address, when one is configured.
+    pub fn api_addr(&self) -> Option<SocketAddr> {
+        self.api.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
     /// Serves until `stop` is cancelled; then drains: `/readyz` and new
     /// upgrades answer 503 for `drain_grace_ms`, after which the listener
     /// closes and sessions are closed with 1001 spread over
@@ -179,6 +195,7 @@ impl Server {
         let Self {
             listener,
             admin,
+            api,
             broker_worker,
             acceptor,
             shared,
@@ -189,6 +206,16 @@ impl Server {
         }
         let connections = TaskTracker::new();
         let admin_stop = CancellationToken::new();
+        if let Some(listener) = api {
+            let tls = (!shared.gateway.config.api.plain_http).then(|| acceptor.clone());
+            tokio::spawn(listen::serve_api(
+                listener,
+                tls,
+                Arc::new(crate::api::Api::new(Arc::clone(&shared.gateway))),
+                Arc::clone(&shared),
+                admin_stop.clone(),
+            ));
+        }
         if let Some(admin) = admin {
             tokio::spawn(listen::serve_admin(
                 admin,

@@ -246,6 +246,14 @@ impl Session<'_> {
         // No waiting inside the session loop: an unknown kid starts a JWKS
         // refresh in the background and the client may retry.
         let identity = match self.gateway.verifier.verify_now(token) {
+            Ok(identity) if identity.has_audience(&self.gateway.config.api.audience) => {
+                return self.error(
+                    id,
+                    ErrorCode::InvalidToken,
+                    &crate::auth::AuthFailure::Audience.to_string(),
+                    None,
+                );
+            }
             Ok(identity) => identity,
             Err(failure) => {
                 return self.error(id, ErrorCode::InvalidToken, &failure.to_string(), None);

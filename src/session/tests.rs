@@ -58,6 +58,7 @@ fn gateway(adjust: impl FnOnce(&mut Config)) -> Arc<Gateway> {
 
 fn identity(user: &str, expires_at: u64) -> Identity {
     Identity {
+        issued_at: None,
         user: user.to_owned(),
         roles: Vec::new(),
         expires_at,

@@ -107,6 +107,10 @@ pub struct TokenArgs {
     /// `auth.jwks_url`) that verifies the token.
     #[arg(long)]
     pub kid: Option<String>,
+    /// The `aud` claim; `--aud wsgate-api` (`api.audience`) mints a token
+    /// for the HTTP API, which `/ws` refuses.
+    #[arg(long)]
+    pub aud: Option<String>,
 }
 
 fn parse_claim(text: &str) -> Result<(String, Value), String> {
@@ -238,6 +242,7 @@ pub fn policy_explain(args: ExplainArgs) -> Result<bool, BoxError> {
                 .map_err(|e| format!("token refused: {e}"))?
         }
         None => Identity {
+            issued_at: None,
             user: args.sub.unwrap_or_default(),
             roles: args.roles,
             expires_at: 0,
@@ -305,11 +310,15 @@ pub fn run_certs(args: &CertsArgs) -> Result<(), BoxError> {
 pub fn token(args: TokenArgs) -> Result<(), BoxError> {
     let (config, _) = load_config(&args.config)?;
     config.validate()?;
+    let mut claims = args.claims.into_iter().collect::<Map<_, _>>();
+    if let Some(aud) = args.aud {
+        claims.insert("aud".into(), aud.into());
+    }
     let request = TokenRequest {
         sub: args.sub,
         roles: args.roles,
         ttl: args.ttl,
-        claims: args.claims.into_iter().collect::<Map<_, _>>(),
+        claims,
         kid: args.kid,
     };
     println!("{}", mint::mint(&config, &request, args.key.as_deref())?);

@@ -49,6 +49,17 @@ pub fn serve(args: ServeArgs) -> Result<(), BoxError> {
             LogFormat::Text
         };
     }
+    if args.dev && config.api.listen.is_none() {
+        // The HTTP API on loopback: 8444 beside the default 8443, else
+        // any free port (printed below), so a --listen of its own never
+        // collides.
+        let port = if config.server.listen.port() == 8443 {
+            8444
+        } else {
+            0
+        };
+        config.api.listen = Some(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+    }
     config.validate()?;
     init_logging(&config)?;
     for name in ignored {
@@ -73,8 +84,12 @@ pub fn serve(args: ServeArgs) -> Result<(), BoxError> {
         if let Some(admin) = server.admin_addr() {
             info!(addr = %admin, "admin listener (plain HTTP: /metrics, /healthz, /readyz)");
         }
+        let api = server.api_addr();
+        if let Some(api) = api {
+            info!(addr = %api, "HTTP API listener");
+        }
         if args.dev {
-            print_dev_banner(&config, addr)?;
+            print_dev_banner(&config, addr, api)?;
         }
         let stop = CancellationToken::new();
         tokio::spawn(stop_on_signal(stop.clone(), server.handle()));
@@ -123,7 +138,11 @@ fn prepare_dev(config: &Config) -> Result<(), BoxError> {
     Ok(())
 }
 
-fn print_dev_banner(config: &Config, addr: std::net::SocketAddr) -> Result<(), BoxError> {
+fn print_dev_banner(
+    config: &Config,
+    addr: std::net::SocketAddr,
+    api: Option<std::net::SocketAddr>,
+) -> Result<(), BoxError> {
     let request = TokenRequest {
         sub: "dev".into(),
         roles: vec!["member".into()],
@@ -151,6 +170,35 @@ fn print_dev_banner(config: &Config, addr: std::net::SocketAddr) -> Result<(), B
          \x20 curl --cacert {ca} https://{host}:{port}/healthz\n",
         ca = ca.display()
     );
+    if let Some(api) = api {
+        // A service token: the API audience, allowed what a member is.
+        let mut claims = Map::new();
+        claims.insert("aud".into(), config.api.audience.clone().into());
+        let request = TokenRequest {
+            sub: "dev-service".into(),
+            roles: vec!["member".into()],
+            ttl: Duration::from_secs(24 * 3600),
+            claims,
+            kid: None,
+        };
+        let api_token = mint::mint(config, &request, None)?;
+        let scheme = if config.api.plain_http {
+            "http"
+        } else {
+            "https"
+        };
+        println!(
+            "HTTP API: {scheme}://{host}:{port}/api\n\n\
+             A service token for the API (sub dev-service, aud {aud}, valid 24 h), and a publish:\n\n\
+             \x20 API_TOKEN={api_token}\n\
+             \x20 curl --cacert {ca} -H \"Authorization: Bearer $API_TOKEN\" \\\n\
+             \x20   -d '{{\"channel\":\"chat:lobby\",\"data\":{{\"text\":\"hello from curl\"}}}}' \\\n\
+             \x20   {scheme}://{host}:{port}/api/publish\n",
+            port = api.port(),
+            aud = config.api.audience,
+            ca = ca.display()
+        );
+    }
     if !ca.exists() {
         warn!(ca = %ca.display(), "the dev CA is not where the certificate was expected");
     }

@@ -753,7 +753,12 @@ async fn a_rolling_restart_behind_haproxy_loses_no_message() {
         &a.config.tls.key_file,
     )
     .ca_cert;
-    let a_admin = a.admin_addr().expect("replica A's admin listener");
+    // Logged just after `listening`, which `spawn` waited for.
+    let a_admin =
+        crate::harness::eventually(WAIT, "replica A's admin listener in its log", async || {
+            a.admin_addr()
+        })
+        .await;
     let proxy = Haproxy::start_balancing(&ca, &[a.addr, b.addr], Some("roundrobin")).await;
     let ws_url = format!("wss://localhost:{}/ws", proxy.addr.port());
 

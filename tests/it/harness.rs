@@ -52,6 +52,8 @@ pub struct Gateway {
     endpoint: Endpoint,
     /// The plain-HTTP admin listener, when the test configured one.
     pub admin: Option<SocketAddr>,
+    /// The HTTP API listener, when the test configured one.
+    pub api: Option<SocketAddr>,
     pub dir: tempfile::TempDir,
     /// Controls the running server (policy reload, hurry).
     pub handle: wsgate::server::ServerHandle,
@@ -82,6 +84,7 @@ pub async fn start(tweak: impl FnOnce(&mut Config, &std::path::Path)) -> Gateway
     let server = Server::bind(config.clone()).await.expect("bind");
     let addr = server.local_addr().expect("local addr");
     let admin = server.admin_addr();
+    let api = server.api_addr();
     let handle = server.handle();
     let stop = CancellationToken::new();
     let task = tokio::spawn(server.run(stop.clone()));
@@ -92,6 +95,7 @@ pub async fn start(tweak: impl FnOnce(&mut Config, &std::path::Path)) -> Gateway
             config,
         },
         admin,
+        api,
         dir,
         handle,
         stop,

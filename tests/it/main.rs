@@ -2,6 +2,7 @@
 //! keep link time down. `harness` starts the gateway in-process.
 
 mod admission;
+mod api;
 mod bench;
 mod certs_token;
 mod channels;

@@ -1,0 +1,431 @@
+//! The HTTP API for backends (protocol.md §7) over real TLS: API tokens
+//! by audience (and never in place of client tokens), publish and
+//! broadcast through the same core as clients (so `seq` and replicas just
+//! work), history, and precise failures for every bad request.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use rustls::pki_types::ServerName;
+use serde_json::{Value as Json, json};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use wsgate::auth::mint::{self, TokenRequest};
+
+use crate::cluster::{RedisServer, replicas};
+use crate::harness::{Client, Endpoint, Gateway, WAIT, hs256_jwt, now, start};
+
+/// A gateway with the API on 127.0.0.1.
+async fn gateway() -> Gateway {
+    start(|c, _| {
+        c.api.listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    })
+    .await
+}
+
+/// An API token: the API audience, with `roles`.
+fn api_token(gw: &Endpoint, sub: &str, roles: &[&str]) -> String {
+    let mut claims = serde_json::Map::new();
+    claims.insert("aud".into(), gw.config.api.audience.clone().into());
+    let request = TokenRequest {
+        sub: sub.to_owned(),
+        roles: roles.iter().map(|r| (*r).to_owned()).collect(),
+        ttl: Duration::from_secs(600),
+        claims,
+        kid: None,
+    };
+    mint::mint(&gw.config, &request, None).expect("mint")
+}
+
+/// One answer: status, headers, JSON body.
+struct Answer {
+    status: u16,
+    headers: http::HeaderMap,
+    body: Json,
+}
+
+/// One HTTPS request to the API at `addr`.
+async fn call(
+    gw: &Endpoint,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Vec<u8>>,
+) -> Answer {
+    let tcp = TcpStream::connect(addr).await.expect("connect api");
+    let tls = TlsConnector::from(gw.client.clone())
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .expect("tls to the api");
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .expect("http handshake");
+    tokio::spawn(conn);
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "localhost");
+    if let Some(token) = token {
+        req = req.header("authorization", format!("Bearer {token}"));
+    }
+    if body.is_some() {
+        req = req.header("content-type", "application/json");
+    }
+    let req = req
+        .body(Full::new(Bytes::from(body.unwrap_or_default())))
+        .unwrap();
+    let res = tokio::time::timeout(WAIT, sender.send_request(req))
+        .await
+        .expect("api answer in time")
+        .expect("api answer");
+    let status = res.status().as_u16();
+    let headers = res.headers().clone();
+    let bytes = res.into_body().collect().await.expect("body").to_bytes();
+    let body = serde_json::from_slice(&bytes).unwrap_or(Json::Null);
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
+async fn post(gw: &Gateway, path: &str, token: &str, body: &Json) -> Answer {
+    let addr = gw.api.expect("api listener");
+    call(
+        gw,
+        addr,
+        "POST",
+        path,
+        Some(token),
+        Some(body.to_string().into_bytes()),
+    )
+    .await
+}
+
+/// The `error` of a failed answer: its code, after checking the status.
+fn error(answer: &Answer, status: u16) -> String {
+    assert_eq!(answer.status, status, "{}", answer.body);
+    assert!(
+        answer.body["error"]["message"].is_string(),
+        "{}",
+        answer.body
+    );
+    answer.body["error"]["code"]
+        .as_str()
+        .expect("code")
+        .to_owned()
+}
+
+#[tokio::test]
+async fn a_backend_publishes_and_subscribers_get_it_from_the_service() {
+    let gw = gateway().await;
+    let service = api_token(&gw, "orders", &["member"]);
+    let mut alice = Client::join(&gw, "alice", &["member"]).await;
+    alice.subscribe("chat:lobby").await;
+    alice.subscribe("user:alice").await;
+
+    let first = post(
+        &gw,
+        "/api/publish",
+        &service,
+        &json!({"channel": "chat:lobby", "data": {"text": "hi"}}),
+    )
+    .await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    assert!(
+        first.body["epoch"].is_string(),
+        "chat:* keeps history: {}",
+        first.body
+    );
+    let second = post(
+        &gw,
+        "/api/publish",
+        &service,
+        &json!({"channel": "chat:lobby", "data": 2}),
+    )
+    .await;
+    assert_eq!(second.body["seq"], first.body["seq"].as_u64().unwrap() + 1);
+    for (data, seq) in [(json!({"text": "hi"}), &first), (json!(2), &second)] {
+        let m = alice.next().await;
+        assert_eq!(
+            (
+                m["op"].as_str(),
+                m["from"].as_str(),
+                &m["data"],
+                m["seq"].as_u64()
+            ),
+            (
+                Some("message"),
+                Some("orders"),
+                &data,
+                seq.body["seq"].as_u64()
+            )
+        );
+    }
+    // A user's own inbox: the policy's `user:{sub}` is about the token's
+    // sub, so a service needs a rule for it (none in the default policy).
+    let inbox = post(
+        &gw,
+        "/api/publish",
+        &service,
+        &json!({"channel": "user:alice", "data": 1}),
+    )
+    .await;
+    assert_eq!(error(&inbox, 403), "forbidden");
+
+    // Broadcast: one answer per channel, in order; failures are per channel.
+    let answer = post(
+        &gw,
+        "/api/broadcast",
+        &service,
+        &json!({"channels": ["chat:lobby", "announce:all", "chat:other"], "data": "all"}),
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let results = answer.body["results"].as_array().expect("results");
+    assert_eq!(results.len(), 3);
+    assert_eq!(results[0]["channel"], "chat:lobby");
+    assert_eq!(results[0]["seq"], second.body["seq"].as_u64().unwrap() + 1);
+    assert_eq!(
+        results[1]["error"]["code"],
+        "forbidden",
+        "{answer:?}",
+        answer = answer.body
+    );
+    assert_eq!(results[2]["seq"], 1);
+    assert_eq!(alice.next().await["data"], "all");
+
+    // History through the API: the fields of the history op's ok.
+    let addr = gw.api.unwrap();
+    let page = call(
+        &gw,
+        addr,
+        "GET",
+        "/api/history?channel=chat%3Alobby&limit=2",
+        Some(&service),
+        None,
+    )
+    .await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert_eq!(page.body["seq"], results[0]["seq"]);
+    assert_eq!(page.body["messages"][1]["from"], "orders");
+    assert_eq!(page.body["messages"][1]["data"], "all");
+    assert!(page.body.get("op").is_none() && page.body.get("id").is_none());
+    assert_eq!(
+        gw.metric("wsgate_api_requests_total{endpoint=\"publish\",status=\"200\"}")
+            .await,
+        2
+    );
+}
+
+#[tokio::test]
+async fn api_and_client_tokens_never_stand_in_for_each_other() {
+    let gw = gateway().await;
+    let addr = gw.api.unwrap();
+    let body = || {
+        Some(
+            json!({"channel": "chat:a", "data": 1})
+                .to_string()
+                .into_bytes(),
+        )
+    };
+    // A client token at the API.
+    let client = gw.token("alice", &["member"]);
+    let a = call(&gw, addr, "POST", "/api/publish", Some(&client), body()).await;
+    assert_eq!(error(&a, 401), "invalid_token");
+    assert_eq!(
+        a.headers
+            .get("www-authenticate")
+            .and_then(|v| v.to_str().ok()),
+        Some("Bearer error=\"invalid_token\"")
+    );
+    // An API token at /ws, and in a session's refresh.
+    let service = api_token(&gw, "alice", &["member"]);
+    gw.raw(&gw.upgrade_head("/ws", &[&format!("Authorization: Bearer {service}")]))
+        .await
+        .assert_refused(401);
+    let mut alice = Client::join(&gw, "alice", &["member"]).await;
+    let reply = alice
+        .error(json!({"op": "refresh", "token": service}), "invalid_token")
+        .await;
+    assert!(
+        reply["message"].as_str().unwrap().contains("audience"),
+        "{reply}"
+    );
+    // No token, a bad signature, an expired token.
+    let none = call(&gw, addr, "POST", "/api/publish", None, body()).await;
+    assert_eq!(error(&none, 401), "invalid_token");
+    let forged = hs256_jwt(
+        r#"{"alg":"HS256","typ":"JWT"}"#,
+        &format!(r#"{{"sub":"x","exp":{},"aud":"wsgate-api"}}"#, now() + 60),
+        b"another key entirely, 32 bytes..",
+    );
+    let bad = call(&gw, addr, "POST", "/api/publish", Some(&forged), body()).await;
+    assert_eq!(error(&bad, 401), "invalid_token");
+    let expired = hs256_jwt(
+        r#"{"alg":"HS256","typ":"JWT"}"#,
+        &format!(r#"{{"sub":"x","exp":{},"aud":"wsgate-api"}}"#, now() - 3600),
+        &gw.secret(),
+    );
+    let old = call(&gw, addr, "POST", "/api/publish", Some(&expired), body()).await;
+    assert_eq!(error(&old, 401), "invalid_token");
+    assert!(
+        old.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("expired")
+    );
+}
+
+#[tokio::test]
+async fn bad_requests_get_precise_answers() {
+    let gw = gateway().await;
+    let addr = gw.api.unwrap();
+    let service = api_token(&gw, "svc", &["member"]);
+    let raw = |body: &str| Some(body.as_bytes().to_vec());
+    // Path, body, status, code, and a word the message must hold.
+    type Case = (
+        &'static str,
+        Option<Vec<u8>>,
+        u16,
+        &'static str,
+        &'static str,
+    );
+    let cases: [Case; 6] = [
+        (
+            "/api/publish",
+            raw("not json"),
+            400,
+            "bad_request",
+            "not JSON",
+        ),
+        (
+            "/api/publish",
+            raw(r#"{"channel":5,"data":1}"#),
+            400,
+            "bad_request",
+            "channel",
+        ),
+        (
+            "/api/publish",
+            raw(r#"{"channel":"chat:a"}"#),
+            400,
+            "bad_request",
+            "data",
+        ),
+        (
+            "/api/publish",
+            raw(r#"{"channel":"chat a","data":1}"#),
+            400,
+            "bad_request",
+            "chat a",
+        ),
+        (
+            "/api/broadcast",
+            raw(r#"{"channels":[],"data":1}"#),
+            400,
+            "bad_request",
+            "channels",
+        ),
+        ("/api/nothing", raw("{}"), 404, "not_found", "endpoint"),
+    ];
+    for (path, body, status, code, says) in cases {
+        let a = call(&gw, addr, "POST", path, Some(&service), body).await;
+        assert_eq!(error(&a, status), code, "{path}: {}", a.body);
+        let message = a.body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(says), "{path}: {message}");
+    }
+    // Over the publish size limit: 413, without reading it all.
+    let big = format!(
+        r#"{{"channel":"chat:a","data":"{}"}}"#,
+        "x".repeat(70 * 1024)
+    );
+    let a = call(
+        &gw,
+        addr,
+        "POST",
+        "/api/publish",
+        Some(&service),
+        Some(big.into_bytes()),
+    )
+    .await;
+    assert_eq!(error(&a, 413), "too_large");
+    // A wrong method: 405 with Allow.
+    let a = call(&gw, addr, "GET", "/api/publish", Some(&service), None).await;
+    assert_eq!(a.status, 405);
+    assert_eq!(
+        a.headers.get("allow").and_then(|v| v.to_str().ok()),
+        Some("POST")
+    );
+    // History: a missing channel, a bad limit, a channel without history.
+    for (query, status, code) in [
+        ("", 400, "bad_request"),
+        ("?channel=chat:a&limit=0", 400, "bad_request"),
+        ("?channel=user:svc", 404, "not_found"),
+    ] {
+        let a = call(
+            &gw,
+            addr,
+            "GET",
+            &format!("/api/history{query}"),
+            Some(&service),
+            None,
+        )
+        .await;
+        assert_eq!(error(&a, status), code, "{query}");
+    }
+    // Nothing was published by any of these.
+    assert_eq!(
+        gw.metric("wsgate_api_requests_total{endpoint=\"publish\",status=\"200\"}")
+            .await,
+        0
+    );
+}
+
+#[tokio::test]
+async fn a_backend_on_one_replica_reaches_subscribers_on_the_other() {
+    let redis = RedisServer::start().await;
+    let (a, b) = replicas(&redis).await;
+    // The API of a second gateway in front of the same Redis and secret.
+    let api = start(|c, _| {
+        c.cluster.redis_url = Some(redis.url());
+        c.auth.hmac_secret_file = a.config.auth.hmac_secret_file.clone();
+        c.api.listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    })
+    .await;
+    let service = api_token(&api, "orders", &["member"]);
+    let mut on_a = Client::join(&a, "alice", &["member"]).await;
+    let mut on_b = Client::join(&b, "bob", &["member"]).await;
+    on_a.subscribe("chat:lobby").await;
+    on_b.subscribe("chat:lobby").await;
+    let mut seqs = Vec::new();
+    for n in 0..3 {
+        let answer = post(
+            &api,
+            "/api/publish",
+            &service,
+            &json!({"channel": "chat:lobby", "data": n}),
+        )
+        .await;
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        seqs.push(answer.body["seq"].as_u64().unwrap());
+    }
+    assert_eq!(
+        seqs,
+        [seqs[0], seqs[0] + 1, seqs[0] + 2],
+        "consecutive across replicas"
+    );
+    for client in [&mut on_a, &mut on_b] {
+        for (n, seq) in seqs.iter().enumerate() {
+            let m = client.next().await;
+            assert_eq!(
+                (m["from"].as_str(), m["seq"].as_u64(), &m["data"]),
+                (Some("orders"), Some(*seq), &json!(n))
+            );
+        }
+    }
+}
