@@ -6,6 +6,8 @@
 //! Findings name the key they are about and never quote a secret: a
 //! secret is described by its path, its length and an entropy estimate.
 
+mod features;
+
 use std::fmt;
 use std::path::Path;
 
@@ -94,7 +96,8 @@ pub fn diagnose(config: &Config, env: &Environment) -> Vec<Finding> {
     check_origins(config, &mut out);
     check_tls(config, env, &mut out);
     check_heartbeat(config, &mut out);
-    check_history(config, &mut out);
+    features::check_history(config, &mut out);
+    features::check_api(config, &mut out);
     check_policies(config, &mut out);
     check_network(config, &mut out);
     check_open_files(config, env, &mut out);
@@ -483,41 +486,6 @@ fn check_heartbeat(config: &Config, out: &mut Findings) {
             format!("a ping every {ms} ms"),
         );
     }
-}
-
-/// `[history]`: patterns that compile, and a replay that fits the outbox.
-fn check_history(config: &Config, out: &mut Findings) {
-    let h = &config.history;
-    let outbox = config.websocket.outbox_frames;
-    if let Err(e) = crate::history::HistoryRules::compile(h, outbox) {
-        out.push(Level::Error, "history.channels", e);
-        return;
-    }
-    if h.channels.is_empty() {
-        out.push(Level::Ok, "history.channels", "no channel keeps history");
-        return;
-    }
-    if h.max_replay + 2 > outbox {
-        out.push(
-            Level::Note,
-            "history.max_replay",
-            format!(
-                "{} is capped at websocket.outbox_frames - 2 = {}, so a replay fits in the outbox",
-                h.max_replay,
-                outbox.saturating_sub(2)
-            ),
-        );
-    }
-    let patterns: Vec<&str> = h.channels.iter().map(|r| r.pattern.as_str()).collect();
-    out.push(
-        Level::Ok,
-        "history.channels",
-        format!(
-            "{} keep history, {} MiB at most in all",
-            patterns.join(", "),
-            h.max_bytes / (1024 * 1024)
-        ),
-    );
 }
 
 fn check_policies(config: &Config, out: &mut Findings) {
