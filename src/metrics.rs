@@ -29,7 +29,7 @@ pub const UPGRADE_RESULTS: [&str; 16] = [
 ];
 
 /// Labels of `wsgate_auth_failures_total{reason}`.
-pub const AUTH_FAILURES: [&str; 13] = [
+pub const AUTH_FAILURES: [&str; 14] = [
     "no_token",
     "carrier",
     "malformed",
@@ -43,10 +43,11 @@ pub const AUTH_FAILURES: [&str; 13] = [
     "audience",
     "missing_claim",
     "bad_claim",
+    "revoked",
 ];
 
 /// Labels of `wsgate_sessions_closed_total{reason}` (see `CloseReason`).
-pub const CLOSE_REASONS: [&str; 13] = [
+pub const CLOSE_REASONS: [&str; 14] = [
     "client_closed",
     "shutdown",
     "token_expired",
@@ -60,11 +61,12 @@ pub const CLOSE_REASONS: [&str; 13] = [
     "bad_frames",
     "too_big",
     "io",
+    "disconnected",
 ];
 
 /// Labels of `wsgate_close_codes_total{code}` (see `CloseCode`).
-pub const CLOSE_CODES: [&str; 10] = [
-    "1000", "1001", "1002", "1003", "1007", "1008", "1009", "1011", "4001", "4008",
+pub const CLOSE_CODES: [&str; 11] = [
+    "1000", "1001", "1002", "1003", "1007", "1008", "1009", "1011", "4001", "4003", "4008",
 ];
 
 /// Labels of `wsgate_proxy_headers_total{result}`.
@@ -85,7 +87,16 @@ pub const RESUME_OUTCOMES: [&str; 5] = [
 ];
 
 /// Endpoints of `wsgate_api_requests_total{endpoint, status}`.
-pub const API_ENDPOINTS: [&str; 4] = ["publish", "broadcast", "history", "other"];
+pub const API_ENDPOINTS: [&str; 8] = [
+    "publish",
+    "broadcast",
+    "history",
+    "disconnect",
+    "revoke",
+    "unsubscribe",
+    "channels",
+    "other",
+];
 /// Statuses of `wsgate_api_requests_total{endpoint, status}`.
 pub const API_STATUSES: [u16; 10] = [200, 400, 401, 403, 404, 405, 413, 429, 500, 503];
 
@@ -236,10 +247,10 @@ pub struct Metrics {
     /// Upgraded WebSocket sessions.
     pub sessions_open: AtomicI64,
     pub upgrades: LabeledCounter<16>,
-    pub auth_failures: LabeledCounter<13>,
-    pub sessions_closed: LabeledCounter<13>,
+    pub auth_failures: LabeledCounter<14>,
+    pub sessions_closed: LabeledCounter<14>,
     /// Close frames the gateway sent, by code.
-    pub close_codes: LabeledCounter<10>,
+    pub close_codes: LabeledCounter<11>,
     /// Live subscriptions over all sessions.
     pub subscriptions: AtomicI64,
     /// Publications accepted from clients.
@@ -511,6 +522,7 @@ mod tests {
             crate::protocol::CloseCode::TooBig,
             crate::protocol::CloseCode::InternalError,
             crate::protocol::CloseCode::TokenExpired,
+            crate::protocol::CloseCode::Disconnected,
             crate::protocol::CloseCode::TooSlow,
         ] {
             assert!(CLOSE_CODES.contains(&code.label()), "{}", code.label());
@@ -531,6 +543,7 @@ mod tests {
             Audience,
             MissingClaim,
             BadClaim,
+            Revoked,
         ] {
             assert!(AUTH_FAILURES.contains(&f.label()), "{}", f.label());
         }
@@ -572,6 +585,7 @@ mod tests {
             C::BadFrames,
             C::TooBig,
             C::Io,
+            C::Disconnected,
         ] {
             assert!(CLOSE_REASONS.contains(&c.label()), "{}", c.label());
         }

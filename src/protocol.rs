@@ -388,6 +388,7 @@ pub enum CloseCode {
     #[allow(dead_code)]
     InternalError = 1011,
     TokenExpired = 4001,
+    Disconnected = 4003,
     TooSlow = 4008,
 }
 
@@ -408,6 +409,7 @@ impl CloseCode {
             Self::TooBig => "1009",
             Self::InternalError => "1011",
             Self::TokenExpired => "4001",
+            Self::Disconnected => "4003",
             Self::TooSlow => "4008",
         }
     }

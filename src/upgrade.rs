@@ -249,8 +249,10 @@ pub struct Accepted {
     subprotocol: bool,
     /// The client's address (from a trusted forwarding header, if any).
     pub client: IpAddr,
-    /// One of the user's connection slots.
+    /// One of the user's connection slots (it numbers the session).
     pub user_slot: UserSlot,
+    /// The session's end of its control channel.
+    pub control: tokio::sync::mpsc::Receiver<crate::gateway::Control>,
     /// The client's place in its address's count, when a trusted proxy
     /// named it (the connection's own guard counts the proxy).
     pub forwarded_slot: Option<AddressGuard>,
@@ -359,13 +361,17 @@ pub async fn decide<B>(
     if identity.has_audience(&gateway.config.api.audience) {
         return Err(failed(Refusal::InvalidToken(AuthFailure::Audience)));
     }
-    let user_slot = UserSlot::take(gateway, &identity.user).ok_or(Refusal::UserLimit)?;
+    if gateway.is_revoked(&identity) {
+        return Err(failed(Refusal::InvalidToken(AuthFailure::Revoked)));
+    }
+    let (user_slot, control) = UserSlot::take(gateway, &identity.user).ok_or(Refusal::UserLimit)?;
     Ok(Accepted {
         identity,
         accept_key: pending.accept_key,
         subprotocol: pending.subprotocol,
         client,
         user_slot,
+        control,
         forwarded_slot,
     })
 }

@@ -29,6 +29,7 @@ export const CloseCode = Object.freeze({
   MESSAGE_TOO_BIG: 1009,
   INTERNAL_ERROR: 1011,
   TOKEN_EXPIRED: 4001,
+  DISCONNECTED: 4003,
   TOO_SLOW: 4008,
 });
 
@@ -59,6 +60,7 @@ const CLOSE_TEXT = {
   1009: 'a message was too big',
   1011: 'the server hit an internal error',
   4001: 'your session expired',
+  4003: 'the server disconnected you; a new token is needed',
   4008: 'the connection was too slow or sent too many messages',
 };
 
@@ -90,6 +92,8 @@ export class WsgateError extends Error {
  * - 1001 (draining): soon, 100–1000 ms, jittered so a restart's clients spread.
  * - 4001 (expired): right away with a small jitter (0–250 ms); the client
  *   fetches a fresh token for the new connection.
+ * - 4003 (disconnected by the server): the same; the client asks getToken
+ *   for a new token and stops if that fails.
  * - 4008 (too slow / rate): at least 5 s, plus full jitter over an
  *   exponential window starting at 5 s, capped at max(maxMs, 5 s).
  * - anything else (1006 included): full jitter over initialMs·2^attempt,
@@ -104,6 +108,7 @@ export function reconnectDelay(code, attempt, { initialMs = 500, maxMs = 30000 }
     case CloseCode.GOING_AWAY:
       return Math.round(100 + random() * 900);
     case CloseCode.TOKEN_EXPIRED:
+    case CloseCode.DISCONNECTED:
       return Math.round(random() * 250);
     case CloseCode.TOO_SLOW: {
       const floor = 5000;
@@ -181,6 +186,7 @@ export class WsgateClient {
     this._gen = 0; // bumped per connection attempt and by close(): stale callbacks check it
     this._attempt = 0;
     this._upButFailed = false; // the browser path's first "failed, yet /readyz is 200"
+    this._disconnected = false; // closed with 4003: a failing getToken ends the client
     this._timers = { reconnect: null, connect: null, ping: null, refresh: null };
     this._welcome = null;
     this._expiresAtMs = undefined;
@@ -413,6 +419,11 @@ export class WsgateClient {
       token = await getToken();
     } catch (err) {
       if (gen !== this._gen) return;
+      if (this._disconnected) {
+        // Thrown out by the server (4003), and no new token to come back with.
+        this._finish({ code: CloseCode.DISCONNECTED, reason: `getToken failed after 4003: ${err?.message ?? err}` });
+        return;
+      }
       this._lost(1006, `getToken failed: ${err?.message ?? err}`);
       return;
     }
@@ -534,6 +545,7 @@ export class WsgateClient {
     this._welcome = frame;
     this._expiresAtMs = typeof frame.expires_at === 'number' ? frame.expires_at * 1000 : jwtExp(conn.token) * 1000;
     this._attempt = 0; // the connection works: back-off starts again from the bottom
+    this._disconnected = false;
     this._upButFailed = false;
     this._emit('welcome', frame);
 
@@ -619,6 +631,8 @@ export class WsgateClient {
 
   async _onClose(code, reason, conn, hasStatus, gen) {
     this._teardown(new WsgateError('closed', `connection closed (${code}${reason ? ': ' + reason : ''})`));
+    // Until a connection opens again, a failing getToken ends the client.
+    if (code === CloseCode.DISCONNECTED) this._disconnected = true;
     if (conn.refused) {
       const { status } = conn.refused;
       if (FATAL_STATUS.has(status)) {

@@ -65,6 +65,10 @@ impl Api {
             "/api/publish" => "publish",
             "/api/broadcast" => "broadcast",
             "/api/history" => "history",
+            "/api/disconnect" => "disconnect",
+            "/api/revoke" => "revoke",
+            "/api/unsubscribe" => "unsubscribe",
+            "/api/channels" => "channels",
             _ => "other",
         };
         let res = match self.route(endpoint, req).await {
@@ -92,8 +96,8 @@ impl Api {
         req: Request<Incoming>,
     ) -> Result<Response<Body>, ApiError> {
         let allowed = match endpoint {
-            "publish" | "broadcast" => Method::POST,
-            "history" => Method::GET,
+            "publish" | "broadcast" | "disconnect" | "revoke" | "unsubscribe" => Method::POST,
+            "history" | "channels" => Method::GET,
             _ => return Err(ApiError::not_found()),
         };
         if req.method() != allowed {
@@ -106,10 +110,19 @@ impl Api {
             identity: &identity,
             policy: &policy,
         };
+        let admin = &self.gateway.config.api.admin_role;
+        let is_admin = identity.roles.iter().any(|r| r == admin);
         match endpoint {
             "publish" => self.publish(caller, req).await,
             "broadcast" => self.broadcast(caller, req).await,
-            _ => self.history(caller, req.uri().query()).await,
+            "history" => self.history(caller, req.uri().query()).await,
+            _ if !is_admin => Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                &format!("this endpoint needs the role {admin:?}"),
+            )),
+            "channels" => Ok(self.channels(req.uri().query())?),
+            _ => self.manage(endpoint, req).await,
         }
     }
 
@@ -298,6 +311,57 @@ impl Api {
             fields.remove("id");
         }
         Ok(json(StatusCode::OK, value.to_string()))
+    }
+}
+
+impl Api {
+    /// `disconnect`, `revoke`, `unsubscribe`: the sessions of one user on
+    /// this gateway, with the count of sessions told.
+    async fn manage(
+        &self,
+        endpoint: &str,
+        req: Request<Incoming>,
+    ) -> Result<Response<Body>, ApiError> {
+        let body = self.body(req).await?;
+        let user = body.string("user")?;
+        if user.is_empty() {
+            return Err(ApiError::bad_request("`user` must not be empty"));
+        }
+        let sessions = match endpoint {
+            "disconnect" => self.gateway.disconnect(&user),
+            "revoke" => self.gateway.revoke(&user),
+            _ => {
+                let channel = parse_channel(&body.string("channel")?)?;
+                self.gateway.unsubscribe_user(&user, &channel)
+            }
+        };
+        tracing::info!(endpoint, %user, sessions, "api: sessions of a user told");
+        Ok(json(
+            StatusCode::OK,
+            serde_json::json!({ "sessions": sessions }).to_string(),
+        ))
+    }
+
+    /// `channels`: the channels with subscribers here, by name prefix.
+    fn channels(&self, query: Option<&str>) -> Result<Response<Body>, ApiError> {
+        let mut prefix = String::new();
+        for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+            if let Some(("prefix", value)) = pair.split_once('=') {
+                prefix = percent_decode(value).ok_or_else(|| {
+                    ApiError::bad_request("the query is not valid percent-encoded UTF-8")
+                })?;
+            }
+        }
+        let channels: Vec<serde_json::Value> = self
+            .gateway
+            .channels(&prefix)
+            .into_iter()
+            .map(|(c, n)| serde_json::json!({ "channel": c.as_str(), "subscribers": n }))
+            .collect();
+        Ok(json(
+            StatusCode::OK,
+            serde_json::json!({ "channels": channels }).to_string(),
+        ))
     }
 }
 

@@ -32,6 +32,8 @@ pub enum AuthFailure {
     MissingClaim,
     #[error("token claim has the wrong type")]
     BadClaim,
+    #[error("token was revoked")]
+    Revoked,
 }
 
 impl AuthFailure {
@@ -49,6 +51,7 @@ impl AuthFailure {
             Self::Audience => "audience",
             Self::MissingClaim => "missing_claim",
             Self::BadClaim => "bad_claim",
+            Self::Revoked => "revoked",
         }
     }
 }

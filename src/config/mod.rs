@@ -394,6 +394,9 @@ pub struct ApiConfig {
     pub requests_per_s: u32,
     /// Requests one token subject may send in a burst.
     pub requests_burst: u32,
+    /// How long a revocation is remembered, in seconds: at least the
+    /// longest lifetime of the tokens your issuer mints.
+    pub revocation_ttl_s: u64,
 }
 
 impl Default for ApiConfig {
@@ -407,6 +410,7 @@ impl Default for ApiConfig {
             max_connections: 256,
             requests_per_s: 1_000,
             requests_burst: 2_000,
+            revocation_ttl_s: 86_400,
         }
     }
 }

@@ -17,10 +17,11 @@ pub mod slots;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use serde_json::value::RawValue;
+use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::admission::Admission;
@@ -87,6 +88,18 @@ impl Caller<'_> {
     }
 }
 
+/// A session's number and the line the core reaches it by.
+type SessionLine = (u64, mpsc::Sender<Control>);
+
+/// What the core asks of a session.
+#[derive(Debug, Clone)]
+pub enum Control {
+    /// Close with 4003 (`disconnect`, `revoke`).
+    Disconnect,
+    /// End this subscription, telling the client (`forbidden`).
+    Unsubscribe(ChannelName),
+}
+
 /// What a subscribe asks for besides the channel.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SubscribeOptions<'a> {
@@ -126,8 +139,12 @@ pub struct Gateway {
     broker: AnyBroker,
     /// Which channels keep history (in the hub, or in Redis).
     history: HistoryRules,
-    /// Open sessions per user, for `limits.max_connections_per_user`.
-    users: Mutex<HashMap<String, usize>>,
+    /// Open sessions per user (`limits.max_connections_per_user`), each
+    /// with its control channel.
+    users: Mutex<HashMap<String, Vec<SessionLine>>>,
+    /// Revoked users and when (unix s): their tokens issued before are
+    /// refused, for `api.revocation_ttl_s`.
+    revoked: Mutex<HashMap<String, u64>>,
     /// Source of process-unique session numbers.
     next_session: AtomicU64,
     /// Set when shutdown begins: `/readyz` and new upgrades answer 503.
@@ -170,10 +187,56 @@ impl Gateway {
             broker,
             history,
             users: Mutex::default(),
+            revoked: Mutex::default(),
             next_session: AtomicU64::new(1),
             draining: AtomicBool::new(false),
         };
         Ok((gateway, worker))
+    }
+
+    /// Sends `control` to every session of `user` here; returns how many.
+    fn tell(&self, user: &str, control: &Control) -> usize {
+        let users = self.users.lock().unwrap_or_else(PoisonError::into_inner);
+        users.get(user).map_or(0, |sessions| {
+            sessions
+                .iter()
+                .filter(|(_, tx)| tx.try_send(control.clone()).is_ok())
+                .count()
+        })
+    }
+
+    /// Closes every session of `user` here with 4003; returns how many.
+    pub fn disconnect(&self, user: &str) -> usize {
+        self.tell(user, &Control::Disconnect)
+    }
+
+    /// Ends `user`'s subscriptions to `channel` here (each session gets
+    /// the `forbidden` error naming it); returns how many sessions were told.
+    pub fn unsubscribe_user(&self, user: &str, channel: &ChannelName) -> usize {
+        self.tell(user, &Control::Unsubscribe(channel.clone()))
+    }
+
+    /// Refuses `user`'s tokens issued before now, from now on, and
+    /// disconnects their sessions here; returns how many.
+    pub fn revoke(&self, user: &str) -> usize {
+        let now = crate::auth::mint::unix_now();
+        let ttl = self.config.api.revocation_ttl_s;
+        let mut revoked = self.revoked.lock().unwrap_or_else(PoisonError::into_inner);
+        // Forget revocations older than any token the operator allows.
+        revoked.retain(|_, at| now.saturating_sub(*at) <= ttl);
+        revoked.insert(user.to_owned(), now);
+        drop(revoked);
+        self.disconnect(user)
+    }
+
+    /// Whether `identity`'s token was issued before a revocation of its
+    /// user: in the same second counts as before, and so does a token
+    /// without `iat`.
+    pub fn is_revoked(&self, identity: &Identity) -> bool {
+        let revoked = self.revoked.lock().unwrap_or_else(PoisonError::into_inner);
+        revoked
+            .get(&identity.user)
+            .is_some_and(|at| identity.issued_at.is_none_or(|iat| iat <= *at))
     }
 
     /// A new process-unique session number.
@@ -356,6 +419,11 @@ impl Gateway {
         };
         self.metrics.history_reads.fetch_add(1, Ordering::Relaxed);
         Ok(page)
+    }
+
+    /// Channels with local subscribers whose name starts with `prefix`.
+    pub fn channels(&self, prefix: &str) -> Vec<(ChannelName, usize)> {
+        self.hub.channel_counts(prefix)
     }
 
     /// Drops history past its age and forgets idle history channels.

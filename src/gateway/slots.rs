@@ -7,9 +7,9 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 
-use super::Gateway;
+use super::{Control, Gateway};
 use crate::admission::AddressGuard;
 use crate::metrics::Metrics;
 
@@ -49,27 +49,42 @@ impl Drop for ConnSlot {
     }
 }
 
-/// One of a user's connection slots (`limits.max_connections_per_user`).
+/// Control messages a session takes from the core (sent by the HTTP API).
+const CONTROL_DEPTH: usize = 4;
+
+/// One of a user's connection slots (`limits.max_connections_per_user`),
+/// through which the core reaches the session: to disconnect it, or end
+/// one of its subscriptions.
 #[derive(Debug)]
 pub struct UserSlot {
     gateway: Arc<Gateway>,
     user: String,
+    /// The session's process-unique number.
+    pub session: u64,
 }
 
 impl UserSlot {
-    /// Takes a slot for `user`; `None` when they hold them all.
-    pub fn take(gateway: &Arc<Gateway>, user: &str) -> Option<Self> {
+    /// Takes a slot for `user` and numbers its session; `None` when they
+    /// hold them all. The receiver is the session's end of its control
+    /// channel.
+    pub fn take(gateway: &Arc<Gateway>, user: &str) -> Option<(Self, mpsc::Receiver<Control>)> {
         let max = gateway.config.limits.max_connections_per_user;
         let mut users = gateway.users.lock().unwrap_or_else(PoisonError::into_inner);
-        let count = users.entry(user.to_owned()).or_insert(0);
-        if *count >= max {
+        let sessions = users.entry(user.to_owned()).or_default();
+        if sessions.len() >= max {
             return None;
         }
-        *count += 1;
-        Some(Self {
-            gateway: Arc::clone(gateway),
-            user: user.to_owned(),
-        })
+        let session = gateway.next_session();
+        let (tx, rx) = mpsc::channel(CONTROL_DEPTH);
+        sessions.push((session, tx));
+        Some((
+            Self {
+                gateway: Arc::clone(gateway),
+                user: user.to_owned(),
+                session,
+            },
+            rx,
+        ))
     }
 }
 
@@ -80,9 +95,9 @@ impl Drop for UserSlot {
             .users
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if let Some(count) = users.get_mut(&self.user) {
-            *count -= 1;
-            if *count == 0 {
+        if let Some(sessions) = users.get_mut(&self.user) {
+            sessions.retain(|(n, _)| *n != self.session);
+            if sessions.is_empty() {
                 users.remove(&self.user);
             }
         }

@@ -412,6 +412,27 @@ impl Hub {
             .is_some_and(|e| !e.is_empty())
     }
 
+    /// Channels whose name starts with `prefix`, with their local
+    /// subscribers (pending ones included), sorted by name.
+    pub fn channel_counts(&self, prefix: &str) -> Vec<(ChannelName, usize)> {
+        let mut out = Vec::new();
+        for shard in &self.shards {
+            let shard = shard
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            out.extend(
+                shard
+                    .iter()
+                    .filter(|(c, e)| {
+                        c.as_str().starts_with(prefix) && e.subscribers.len() + e.pending.len() > 0
+                    })
+                    .map(|(c, e)| (c.clone(), e.subscribers.len() + e.pending.len())),
+            );
+        }
+        out.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+        out
+    }
+
     /// Every channel with a local subscriber, pending ones included.
     pub fn channel_names(&self) -> Vec<ChannelName> {
         let mut names = Vec::new();

@@ -71,13 +71,15 @@ async fn upgrade_ws(
         identity,
         client,
         user_slot,
+        control,
         forwarded_slot,
         ..
     } = accepted;
     let ctx = SessionContext {
-        number: gateway.next_session(),
+        number: user_slot.session,
         id: session::new_session_id(),
         identity,
+        control,
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
     let span = info_span!("session", session = %ctx.id, user = %ctx.identity.user, %client);

@@ -44,6 +44,8 @@ pub enum CloseReason {
     TooBig,
     /// The socket failed.
     Io,
+    /// Ended by the HTTP API (`disconnect` or `revoke`).
+    Disconnected,
 }
 
 impl CloseReason {
@@ -54,6 +56,7 @@ impl CloseReason {
             Self::ClientClosed | Self::Io | Self::WriteTimeout | Self::HeartbeatTimeout => None,
             Self::Shutdown => Some(CloseCode::GoingAway),
             Self::TokenExpired => Some(CloseCode::TokenExpired),
+            Self::Disconnected => Some(CloseCode::Disconnected),
             Self::SlowReader | Self::RateLimited => Some(CloseCode::TooSlow),
             Self::ProtocolError => Some(CloseCode::ProtocolError),
             Self::Binary => Some(CloseCode::Unsupported),
@@ -78,6 +81,7 @@ impl CloseReason {
             Self::BadFrames => "bad_frames",
             Self::TooBig => "too_big",
             Self::Io => "io",
+            Self::Disconnected => "disconnected",
         }
     }
 
@@ -92,6 +96,7 @@ impl CloseReason {
             Self::InvalidUtf8 => "invalid UTF-8",
             Self::BadFrames => "too many malformed frames",
             Self::TooBig => "message too big",
+            Self::Disconnected => "disconnected by the server",
             _ => "",
         }
     }

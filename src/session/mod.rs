@@ -22,7 +22,7 @@ use tracing::debug;
 
 use crate::auth::mint::unix_now;
 use crate::config::Config;
-use crate::gateway::{Gateway, Subscriptions};
+use crate::gateway::{Control, Gateway, Subscriptions};
 use crate::hub::Subscriber;
 use crate::identity::Identity;
 use crate::policy::PolicySet;
@@ -44,6 +44,9 @@ pub struct SessionContext {
     /// Random id shown to the client and in logs.
     pub id: String,
     pub identity: Identity,
+    /// What the core asks of this session (the HTTP API's disconnect,
+    /// revoke and unsubscribe).
+    pub control: mpsc::Receiver<Control>,
 }
 
 /// The tungstenite limits for one connection, from `[websocket]`.
@@ -86,13 +89,16 @@ struct Session<'a> {
 pub async fn run<S>(
     mut ws: WebSocketStream<S>,
     gateway: &Gateway,
-    ctx: SessionContext,
+    mut ctx: SessionContext,
     shutdown: CancellationToken,
     hurry: CancellationToken,
 ) -> CloseReason
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    // Polled beside the socket in the loop, so not kept in `Session`.
+    let (_, mut control) = mpsc::channel(1);
+    std::mem::swap(&mut control, &mut ctx.control);
     let cfg = &gateway.config;
     let write_timeout = Duration::from_millis(cfg.websocket.write_timeout_ms);
     // Subscribe to policy swaps before reading the set, so a swap in
@@ -133,7 +139,7 @@ where
         Err(reason) => reason,
         Ok(()) => {
             session
-                .event_loop(&mut ws, policy_changes, &shutdown, &hurry)
+                .event_loop(&mut ws, policy_changes, control, &shutdown, &hurry)
                 .await
         }
     };
@@ -172,6 +178,7 @@ impl Session<'_> {
         &mut self,
         ws: &mut WebSocketStream<S>,
         policy_changes: watch::Receiver<u64>,
+        mut control: mpsc::Receiver<Control>,
         shutdown: &CancellationToken,
         hurry: &CancellationToken,
     ) -> CloseReason
@@ -226,6 +233,11 @@ impl Session<'_> {
                     }
                 }
                 () = &mut hurry_signal => return CloseReason::Shutdown,
+                // The sender lives in the user's slot, as long as the session.
+                Some(command) = control.recv() => match command {
+                    Control::Disconnect => return CloseReason::Disconnected,
+                    Control::Unsubscribe(channel) => self.ended_by_server(&channel),
+                },
                 () = &mut slow_signal => return CloseReason::SlowReader,
                 () = &mut expired => {
                     return if draining && Instant::now() < expiry {

@@ -254,6 +254,14 @@ impl Session<'_> {
                     None,
                 );
             }
+            Ok(identity) if self.gateway.is_revoked(&identity) => {
+                return self.error(
+                    id,
+                    ErrorCode::InvalidToken,
+                    &crate::auth::AuthFailure::Revoked.to_string(),
+                    None,
+                );
+            }
             Ok(identity) => identity,
             Err(failure) => {
                 return self.error(id, ErrorCode::InvalidToken, &failure.to_string(), None);
@@ -272,6 +280,20 @@ impl Session<'_> {
         self.ctx.identity = identity;
         self.recheck_subscriptions("the refreshed token does not allow this subscription");
         self.ok(id);
+    }
+
+    /// Ends a subscription the server withdrew (the HTTP API's
+    /// `unsubscribe`), telling the client as a lost permission is told.
+    pub(super) fn ended_by_server(&mut self, channel: &ChannelName) {
+        let gateway = self.gateway;
+        if gateway.unsubscribe(&mut self.subscriptions, self.ctx.number, channel) {
+            self.error(
+                None,
+                ErrorCode::Forbidden,
+                "the server ended this subscription",
+                Some(channel),
+            );
+        }
     }
 
     /// Ends every subscription the current policy and identity no longer

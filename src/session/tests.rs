@@ -100,10 +100,13 @@ impl Running {
         let limits = ws_limits(&gateway.config);
         let server = WebSocketStream::from_raw_socket(server_io, Role::Server, Some(limits)).await;
         let mut client = WebSocketStream::from_raw_socket(client_io, Role::Client, None).await;
+        // Nothing sends control messages in these tests.
+        let (_, control) = tokio::sync::mpsc::channel(1);
         let ctx = SessionContext {
             number,
             id: format!("test-{number}"),
             identity,
+            control,
         };
         let (shutdown, hurry) = (CancellationToken::new(), CancellationToken::new());
         let started = Instant::now();

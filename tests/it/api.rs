@@ -429,3 +429,127 @@ async fn a_backend_on_one_replica_reaches_subscribers_on_the_other() {
         }
     }
 }
+
+/// An admin API token.
+fn admin_token(gw: &Endpoint) -> String {
+    api_token(gw, "ops", &["admin"])
+}
+
+#[tokio::test]
+async fn disconnect_revoke_and_unsubscribe_reach_exactly_that_user() {
+    let gw = gateway().await;
+    let ops = admin_token(&gw);
+    let mut alice1 = Client::join(&gw, "alice", &["member"]).await;
+    let mut alice2 = Client::join(&gw, "alice", &["member"]).await;
+    let mut bob = Client::join(&gw, "bob", &["member"]).await;
+    for c in [&mut alice1, &mut alice2, &mut bob] {
+        c.subscribe("chat:a").await;
+        c.subscribe("chat:b").await;
+    }
+    // Management needs the admin role.
+    let member = api_token(&gw, "svc", &["member"]);
+    let a = post(&gw, "/api/disconnect", &member, &json!({"user": "alice"})).await;
+    assert_eq!(error(&a, 403), "forbidden");
+
+    // unsubscribe: that channel, that user, with the forbidden error.
+    let a = post(
+        &gw,
+        "/api/unsubscribe",
+        &ops,
+        &json!({"user": "alice", "channel": "chat:a"}),
+    )
+    .await;
+    assert_eq!((a.status, &a.body), (200, &json!({"sessions": 2})));
+    for c in [&mut alice1, &mut alice2] {
+        let e = c.next().await;
+        assert_eq!(
+            (e["op"].as_str(), e["code"].as_str(), e["channel"].as_str()),
+            (Some("error"), Some("forbidden"), Some("chat:a"))
+        );
+        assert!(e.get("id").is_none(), "{e}");
+    }
+    let publisher = api_token(&gw, "svc", &["member"]);
+    post(
+        &gw,
+        "/api/publish",
+        &publisher,
+        &json!({"channel": "chat:a", "data": 1}),
+    )
+    .await;
+    post(
+        &gw,
+        "/api/publish",
+        &publisher,
+        &json!({"channel": "chat:b", "data": 2}),
+    )
+    .await;
+    assert_eq!(bob.next().await["data"], 1);
+    assert_eq!(bob.next().await["data"], 2);
+    for c in [&mut alice1, &mut alice2] {
+        assert_eq!(c.next().await["data"], 2, "chat:a ended, chat:b goes on");
+    }
+    let channels = call(
+        &gw,
+        gw.api.unwrap(),
+        "GET",
+        "/api/channels?prefix=chat:",
+        Some(&ops),
+        None,
+    )
+    .await;
+    assert_eq!(
+        channels.body,
+        json!({"channels": [{"channel": "chat:a", "subscribers": 1}, {"channel": "chat:b", "subscribers": 3}]})
+    );
+
+    // disconnect: alice's sessions close with 4003, bob's stay.
+    let a = post(&gw, "/api/disconnect", &ops, &json!({"user": "alice"})).await;
+    assert_eq!(a.body, json!({"sessions": 2}));
+    for c in [&mut alice1, &mut alice2] {
+        assert_eq!(crate::harness::expect_close(&mut c.ws).await, 4003);
+    }
+    // Bob is still here.
+    assert!(bob.settle().await.is_empty());
+}
+
+#[tokio::test]
+async fn revoke_refuses_older_tokens_at_ws_and_in_refresh() {
+    let gw = gateway().await;
+    let ops = admin_token(&gw);
+    let old = gw.token("alice", &["member"]);
+    let mut alice = Client::join_with(&gw, &old, "alice").await;
+    let mut bob = Client::join(&gw, "bob", &["member"]).await;
+    let a = post(&gw, "/api/revoke", &ops, &json!({"user": "alice"})).await;
+    assert_eq!(a.body, json!({"sessions": 1}));
+    assert_eq!(crate::harness::expect_close(&mut alice.ws).await, 4003);
+    // Her token from before is refused at /ws ...
+    gw.raw(&gw.upgrade_head("/ws", &[&format!("Authorization: Bearer {old}")]))
+        .await
+        .assert_refused(401);
+    assert_eq!(
+        gw.metric("wsgate_auth_failures_total{reason=\"revoked\"}")
+            .await,
+        1
+    );
+    assert!(bob.settle().await.is_empty(), "bob's session stays");
+    // A token issued after the revocation works.
+    let later = hs256_jwt(
+        r#"{"alg":"HS256","typ":"JWT"}"#,
+        &format!(
+            r#"{{"sub":"alice","roles":["member"],"iat":{},"exp":{}}}"#,
+            now() + 1,
+            now() + 600
+        ),
+        &gw.secret(),
+    );
+    let mut back = Client::join_with(&gw, &later, "alice").await;
+    back.subscribe("chat:x").await;
+    // ... and in a refresh with the old token on her new session.
+    let reply = back
+        .error(json!({"op": "refresh", "token": old}), "invalid_token")
+        .await;
+    assert!(
+        reply["message"].as_str().unwrap().contains("revoked"),
+        "{reply}"
+    );
+}

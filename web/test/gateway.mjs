@@ -24,9 +24,13 @@ export async function startGateway({ env = {}, dir = mkdtempSync(path.join(tmpdi
     get ca() { return readFileSync(this.caFile); },
     child: null,
     logs: '',
-    /** A token for `sub` with `roles`, from the real CLI. */
-    token(sub, roles = [], ttl = '1h') {
-      const args = ['token', '--sub', sub, '--ttl', ttl, ...roles.flatMap((r) => ['--role', r])];
+    /** The HTTP API's base URL (`serve --dev` serves it on loopback). */
+    get apiUrl() { return `https://localhost:${this.apiPort}/api`; },
+    apiPort: null,
+    /** A token for `sub` with `roles` (and `aud`), from the real CLI. */
+    token(sub, roles = [], ttl = '1h', aud = undefined) {
+      const args = ['token', '--sub', sub, '--ttl', ttl, ...roles.flatMap((r) => ['--role', r]),
+        ...(aud ? ['--aud', aud] : [])];
       return execFileSync(BIN, args, { cwd: dir, env: childEnv(env) }).toString().trim();
     },
     async stop() {
@@ -73,7 +77,9 @@ function launch(gw, env) {
     child.stdout.on('data', (d) => {
       out += d;
       const m = out.match(/WebSocket: wss:\/\/localhost:(\d+)\/ws/);
-      if (m) {
+      const api = out.match(/HTTP API: https:\/\/localhost:(\d+)\/api/);
+      if (m && api) {
+        gw.apiPort = Number(api[1]);
         gw.port = Number(m[1]);
         clearTimeout(timer);
         resolve(gw);

@@ -168,7 +168,7 @@ test('reconnectDelay follows the policy of each close code', () => {
 });
 
 test('CloseCode and describeClose cover every close code of the contract', () => {
-  const contract = [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1011, 4001, 4008];
+  const contract = [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1011, 4001, 4003, 4008];
   const values = new Set(Object.values(CloseCode));
   for (const code of contract) {
     assert.ok(values.has(code), `CloseCode lacks ${code}`);
@@ -709,4 +709,40 @@ test('history() returns the last messages; a restart is reported as unrecovered'
     const frames = await box.waitFor(1);
     assert.equal(frames[0].data.n, 5);
   });
+});
+
+test('4003 from the HTTP API: a new token is asked for, and the client stops when there is none', async (t) => {
+  t.after(closeAll);
+  let tokens = 0;
+  const c = new WsgateClient(gw.url, {
+    getToken: async () => {
+      tokens += 1;
+      if (tokens > 1) throw new Error('no token for you');
+      return gw.token('mallory', ['member']);
+    },
+    WebSocket: WS,
+    wsOptions: { ca: gw.ca },
+    backoff: FAST,
+  });
+  clients.add(c);
+  await c.connect();
+  const closed = waitEvent(c, 'closed');
+  const admin = gw.token('ops', ['admin'], '1h', 'wsgate-api');
+  const res = await new Promise((resolve, reject) => {
+    const req = https.request(`${gw.apiUrl}/disconnect`, {
+      method: 'POST', ca: gw.ca, headers: { Authorization: `Bearer ${admin}`, 'Content-Type': 'application/json' },
+    }, (r) => {
+      let body = '';
+      r.on('data', (d) => { body += d; });
+      r.on('end', () => resolve({ status: r.statusCode, body: JSON.parse(body) }));
+    });
+    req.on('error', reject);
+    req.end(JSON.stringify({ user: 'mallory' }));
+  });
+  assert.deepEqual(res, { status: 200, body: { sessions: 1 } });
+  const info = await closed;
+  assert.equal(info.code, CloseCode.DISCONNECTED);
+  assert.match(info.reason, /getToken failed after 4003/);
+  assert.equal(tokens, 2, 'asked once for a new token, then stopped');
+  assert.equal(c.state, 'closed');
 });
