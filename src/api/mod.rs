@@ -31,6 +31,9 @@ use error::ApiError;
 
 type Body = Full<Bytes>;
 
+/// Longest `idempotency_key`.
+const MAX_KEY_BYTES: usize = 200;
+
 /// Most channels one `broadcast` names.
 pub const MAX_BROADCAST_CHANNELS: usize = 100;
 
@@ -211,10 +214,61 @@ impl Api {
         let body = self.body(req).await?;
         let channel = parse_channel(&body.string("channel")?)?;
         let data = body.raw("data")?;
-        // Accepted for forward compatibility; deduplication comes later.
-        let _key: Option<String> = body.optional("idempotency_key")?;
-        let answer = self.publish_one(caller, &channel, data).await?;
+        let answer = match body.optional::<String>("idempotency_key")? {
+            None => self.publish_one(caller, &channel, data).await?,
+            Some(key) => self.publish_once(caller, &channel, data, &key).await?,
+        };
         Ok(json(StatusCode::OK, answer.to_string()))
+    }
+
+    /// A publication under an idempotency key: the first request with
+    /// the key (per token subject, for 5 minutes, on every replica)
+    /// publishes; a repeat publishes nothing and gets the first answer.
+    async fn publish_once(
+        &self,
+        caller: Caller<'_>,
+        channel: &ChannelName,
+        data: &RawValue,
+        key: &str,
+    ) -> Result<serde_json::Value, ApiError> {
+        if key.is_empty() || key.len() > MAX_KEY_BYTES {
+            return Err(ApiError::bad_request(&format!(
+                "`idempotency_key` must be 1 to {MAX_KEY_BYTES} bytes"
+            )));
+        }
+        // Scoped by subject, so two services never share a key by chance.
+        let user = &caller.identity.user;
+        let scoped = format!("{}:{user}:{key}", user.len());
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            match self
+                .gateway
+                .reserve_key(&scoped)
+                .await
+                .map_err(ApiError::from_core)?
+            {
+                crate::broker::Reserved::Done(answer) => {
+                    return serde_json::from_str(&answer).map_err(|_| ApiError::internal());
+                }
+                crate::broker::Reserved::New => {
+                    let published = self.publish_one(caller, channel, data).await;
+                    let answer = published.as_ref().ok().map(ToString::to_string);
+                    self.gateway.complete_key(&scoped, answer.as_deref()).await;
+                    return published;
+                }
+                crate::broker::Reserved::Pending if Instant::now() < deadline => {
+                    // The first request is publishing: its answer is ours.
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                crate::broker::Reserved::Pending => {
+                    return Err(ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "unavailable",
+                        "a publication with this idempotency_key is still under way; retry",
+                    ));
+                }
+            }
+        }
     }
 
     async fn publish_one(

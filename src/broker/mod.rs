@@ -41,6 +41,71 @@ pub enum BrokerError {
     Unavailable,
 }
 
+/// What a first look at an idempotency key found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reserved {
+    /// The key is new and now reserved: publish, then record the answer.
+    New,
+    /// Another request with the key is publishing right now.
+    Pending,
+    /// A request with the key was answered this: answer it again.
+    Done(String),
+}
+
+/// How long an idempotency key is remembered (protocol.md §7).
+pub const IDEMPOTENCY_TTL: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Idempotency keys kept in process; past it the expired are dropped,
+/// and when none is, new keys are not deduplicated (and logged).
+const MAX_LOCAL_KEYS: usize = 100_000;
+
+/// The in-process record of idempotency keys.
+#[derive(Debug, Default)]
+pub struct LocalKeys(
+    std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, Option<String>)>>,
+);
+
+impl LocalKeys {
+    fn reserve(&self, key: &str) -> Reserved {
+        let now = std::time::Instant::now();
+        let mut keys = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((at, answer)) = keys.get(key)
+            && now.duration_since(*at) < IDEMPOTENCY_TTL
+        {
+            return answer.clone().map_or(Reserved::Pending, Reserved::Done);
+        }
+        if keys.len() >= MAX_LOCAL_KEYS {
+            keys.retain(|_, (at, _)| now.duration_since(*at) < IDEMPOTENCY_TTL);
+        }
+        if keys.len() >= MAX_LOCAL_KEYS {
+            tracing::warn!("idempotency keys are full; this publication is not deduplicated");
+            return Reserved::New;
+        }
+        keys.insert(key.to_owned(), (now, None));
+        Reserved::New
+    }
+
+    fn complete(&self, key: &str, answer: Option<&str>) {
+        let mut keys = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match answer {
+            Some(answer) => {
+                if let Some(entry) = keys.get_mut(key) {
+                    entry.1 = Some(answer.to_owned());
+                }
+            }
+            None => {
+                keys.remove(key);
+            }
+        }
+    }
+}
+
 /// How publications travel between sessions (and replicas): the broker
 /// the server runs with, chosen by `[cluster] redis_url`.
 #[derive(Debug)]
@@ -108,6 +173,27 @@ impl AnyBroker {
     pub fn release(&self) {
         if let Self::Redis(b) = self {
             b.release();
+        }
+    }
+
+    /// Looks an idempotency key up and reserves it when new: in process,
+    /// or in Redis so that every replica sees it.
+    ///
+    /// # Errors
+    /// Redis is unreachable.
+    pub async fn reserve_key(&self, local: &LocalKeys, key: &str) -> Result<Reserved, BrokerError> {
+        match self {
+            Self::Local(_) => Ok(local.reserve(key)),
+            Self::Redis(b) => b.reserve_key(key).await,
+        }
+    }
+
+    /// Records the answer for a reserved key, or frees it (`None`: the
+    /// publication failed, so a retry may publish).
+    pub async fn complete_key(&self, local: &LocalKeys, key: &str, answer: Option<&str>) {
+        match self {
+            Self::Local(_) => local.complete(key, answer),
+            Self::Redis(b) => b.complete_key(key, answer).await,
         }
     }
 

@@ -25,6 +25,9 @@ use crate::hub::{Hub, Published};
 use crate::metrics::Metrics;
 use crate::protocol::MessageTemplate;
 
+/// The value of an idempotency key while its publication is under way.
+const PENDING: &str = "\u{1}pending";
+
 /// What a read is for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(super) enum ReadFor {
@@ -256,6 +259,66 @@ impl RedisBroker {
                 Err(BrokerError::Unavailable)
             }
             Err(_) => Err(BrokerError::Unavailable),
+        }
+    }
+
+    /// `SET NX` of an idempotency key (a placeholder until the answer);
+    /// an existing key's value is the answer, or the placeholder.
+    pub(super) async fn reserve_key(&self, key: &str) -> Result<super::Reserved, BrokerError> {
+        let mut conn = self.command_conn()?;
+        let name = format!("{}:idem:{key}", self.prefix);
+        let ttl = super::IDEMPOTENCY_TTL.as_secs();
+        let set: Option<String> = tokio::time::timeout(
+            self.timeout,
+            redis::cmd("SET")
+                .arg(&name)
+                .arg(PENDING)
+                .arg("NX")
+                .arg("EX")
+                .arg(ttl)
+                .arg("GET")
+                .query_async(&mut conn),
+        )
+        .await
+        .map_err(|_| BrokerError::Unavailable)?
+        .map_err(|e| {
+            debug!(error = %e, "idempotency key through redis failed");
+            BrokerError::Unavailable
+        })?;
+        Ok(match set {
+            None => super::Reserved::New,
+            Some(v) if v == PENDING => super::Reserved::Pending,
+            Some(answer) => super::Reserved::Done(answer),
+        })
+    }
+
+    /// Stores the answer for a reserved key, or deletes it (`None`).
+    pub(super) async fn complete_key(&self, key: &str, answer: Option<&str>) {
+        let Ok(mut conn) = self.command_conn() else {
+            return;
+        };
+        let name = format!("{}:idem:{key}", self.prefix);
+        let cmd = match answer {
+            Some(answer) => {
+                let mut c = redis::cmd("SET");
+                c.arg(&name)
+                    .arg(answer)
+                    .arg("XX")
+                    .arg("EX")
+                    .arg(super::IDEMPOTENCY_TTL.as_secs());
+                c
+            }
+            None => {
+                let mut c = redis::cmd("DEL");
+                c.arg(&name);
+                c
+            }
+        };
+        let done =
+            tokio::time::timeout(self.timeout, cmd.query_async::<redis::Value>(&mut conn)).await;
+        if !matches!(done, Ok(Ok(_))) {
+            // The placeholder expires with the key's TTL.
+            debug!("recording an idempotency answer in redis failed");
         }
     }
 

@@ -26,7 +26,7 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::admission::Admission;
 use crate::auth::Verifier;
-use crate::broker::{AnyBroker, BrokerError, RedisWorker};
+use crate::broker::{AnyBroker, BrokerError, LocalKeys, RedisWorker, Reserved};
 use crate::channel::ChannelName;
 use crate::config::Config;
 use crate::history::{HistoryRules, Position};
@@ -142,6 +142,8 @@ pub struct Gateway {
     /// Open sessions per user (`limits.max_connections_per_user`), each
     /// with its control channel.
     users: Mutex<HashMap<String, Vec<SessionLine>>>,
+    /// Idempotency keys of API publications, on a single gateway.
+    keys: LocalKeys,
     /// Revoked users and when (unix s): their tokens issued before are
     /// refused, for `api.revocation_ttl_s`.
     revoked: Mutex<HashMap<String, u64>>,
@@ -188,6 +190,7 @@ impl Gateway {
             history,
             users: Mutex::default(),
             revoked: Mutex::default(),
+            keys: LocalKeys::default(),
             next_session: AtomicU64::new(1),
             draining: AtomicBool::new(false),
         };
@@ -419,6 +422,23 @@ impl Gateway {
         };
         self.metrics.history_reads.fetch_add(1, Ordering::Relaxed);
         Ok(page)
+    }
+
+    /// Looks up an idempotency key and reserves it when new (every
+    /// replica sees it through Redis).
+    ///
+    /// # Errors
+    /// The broker is unreachable.
+    pub async fn reserve_key(&self, key: &str) -> Result<Reserved, CoreError> {
+        self.broker
+            .reserve_key(&self.keys, key)
+            .await
+            .map_err(|BrokerError::Unavailable| CoreError::Unavailable(Action::Publish))
+    }
+
+    /// Records the answer of a reserved key, or frees it (`None`).
+    pub async fn complete_key(&self, key: &str, answer: Option<&str>) {
+        self.broker.complete_key(&self.keys, key, answer).await;
     }
 
     /// Channels with local subscribers whose name starts with `prefix`.

@@ -553,3 +553,78 @@ async fn revoke_refuses_older_tokens_at_ws_and_in_refresh() {
         "{reply}"
     );
 }
+
+#[tokio::test]
+async fn an_idempotency_key_publishes_once_across_replicas() {
+    let mut redis = RedisServer::start().await;
+    let url = redis.url();
+    let a = start(|c, _| {
+        c.cluster.redis_url = Some(url.clone());
+        c.cluster.reconnect_max_ms = 200;
+        c.api.listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    })
+    .await;
+    let b = start(|c, _| {
+        c.cluster.redis_url = Some(url.clone());
+        c.cluster.reconnect_max_ms = 200;
+        c.auth.hmac_secret_file = a.config.auth.hmac_secret_file.clone();
+        c.api.listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    })
+    .await;
+    crate::cluster::wait_ready(&a, 200).await;
+    crate::cluster::wait_ready(&b, 200).await;
+    let service = api_token(&a, "orders", &["member"]);
+    let mut alice = Client::join(&a, "alice", &["member"]).await;
+    alice.subscribe("chat:orders").await;
+    let body = json!({"channel": "chat:orders", "data": {"order": 7}, "idempotency_key": "order-7-shipped"});
+    let first = post(&a, "/api/publish", &service, &body).await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    let again = post(&b, "/api/publish", &service, &body).await;
+    assert_eq!(
+        (again.status, &again.body),
+        (200, &first.body),
+        "the first answer, again"
+    );
+    // Another key publishes.
+    let other = json!({"channel": "chat:orders", "data": {"order": 8}, "idempotency_key": "order-8-shipped"});
+    let second = post(&b, "/api/publish", &service, &other).await;
+    assert_eq!(second.body["seq"], first.body["seq"].as_u64().unwrap() + 1);
+    assert_eq!(alice.next().await["data"], json!({"order": 7}));
+    assert_eq!(
+        alice.next().await["data"],
+        json!({"order": 8}),
+        "7 was delivered once"
+    );
+    let long = json!({"channel": "chat:orders", "data": 1, "idempotency_key": "k".repeat(201)});
+    assert_eq!(
+        error(&post(&a, "/api/publish", &service, &long).await, 400),
+        "bad_request"
+    );
+
+    // Redis down: 503, and nothing was published.
+    redis.stop();
+    crate::cluster::wait_ready(&a, 503).await;
+    let down = post(
+        &a,
+        "/api/publish",
+        &service,
+        &json!({"channel": "chat:orders", "data": 9}),
+    )
+    .await;
+    assert_eq!(error(&down, 503), "unavailable");
+}
+
+#[tokio::test]
+async fn an_idempotency_key_publishes_once_on_one_gateway() {
+    let gw = gateway().await;
+    let service = api_token(&gw, "orders", &["member"]);
+    let body = json!({"channel": "chat:x", "data": 1, "idempotency_key": "k1"});
+    let first = post(&gw, "/api/publish", &service, &body).await;
+    let again = post(&gw, "/api/publish", &service, &body).await;
+    assert_eq!(again.body, first.body);
+    // The key belongs to the token's subject: another service's same key
+    // is its own.
+    let other = api_token(&gw, "billing", &["member"]);
+    let theirs = post(&gw, "/api/publish", &other, &body).await;
+    assert_eq!(theirs.body["seq"], first.body["seq"].as_u64().unwrap() + 1);
+}
