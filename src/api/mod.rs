@@ -23,7 +23,7 @@ use serde_json::value::RawValue;
 use tracing::debug;
 
 use crate::channel::ChannelName;
-use crate::gateway::{Caller, CoreError, Gateway};
+use crate::gateway::{Caller, CoreError, Gateway, Manage, Managed};
 use crate::identity::Identity;
 use crate::protocol::{DEFAULT_HISTORY_LIMIT, MAX_HISTORY_LIMIT, PositionOk};
 use crate::rate::{Bucket, Rate};
@@ -124,7 +124,7 @@ impl Api {
                 "forbidden",
                 &format!("this endpoint needs the role {admin:?}"),
             )),
-            "channels" => Ok(self.channels(req.uri().query())?),
+            "channels" => self.channels(req.uri().query()).await,
             _ => self.manage(endpoint, req).await,
         }
     }
@@ -370,7 +370,7 @@ impl Api {
 
 impl Api {
     /// `disconnect`, `revoke`, `unsubscribe`: the sessions of one user on
-    /// this gateway, with the count of sessions told.
+    /// every replica, with the total of sessions told.
     async fn manage(
         &self,
         endpoint: &str,
@@ -381,23 +381,32 @@ impl Api {
         if user.is_empty() {
             return Err(ApiError::bad_request("`user` must not be empty"));
         }
-        let sessions = match endpoint {
-            "disconnect" => self.gateway.disconnect(&user),
-            "revoke" => self.gateway.revoke(&user),
-            _ => {
-                let channel = parse_channel(&body.string("channel")?)?;
-                self.gateway.unsubscribe_user(&user, &channel)
-            }
+        let op = match endpoint {
+            "disconnect" => Manage::Disconnect { user: user.clone() },
+            "revoke" => Manage::Revoke {
+                user: user.clone(),
+                at: crate::auth::mint::unix_now(),
+            },
+            _ => Manage::Unsubscribe {
+                user: user.clone(),
+                channel: parse_channel(&body.string("channel")?)?.as_str().to_owned(),
+            },
         };
-        tracing::info!(endpoint, %user, sessions, "api: sessions of a user told");
+        let (done, answered, asked) = self.gateway.manage(op).await.map_err(ApiError::from_core)?;
+        let sessions = match done {
+            Managed::Sessions(n) => n,
+            Managed::Channels(_) => 0,
+        };
+        tracing::info!(endpoint, %user, sessions, answered, asked, "api: sessions of a user told");
         Ok(json(
             StatusCode::OK,
             serde_json::json!({ "sessions": sessions }).to_string(),
         ))
     }
 
-    /// `channels`: the channels with subscribers here, by name prefix.
-    fn channels(&self, query: Option<&str>) -> Result<Response<Body>, ApiError> {
+    /// `channels`: the channels with subscribers by name prefix, counted
+    /// over every replica.
+    async fn channels(&self, query: Option<&str>) -> Result<Response<Body>, ApiError> {
         let mut prefix = String::new();
         for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
             if let Some(("prefix", value)) = pair.split_once('=') {
@@ -406,12 +415,18 @@ impl Api {
                 })?;
             }
         }
-        let channels: Vec<serde_json::Value> = self
+        let (done, _, _) = self
             .gateway
-            .channels(&prefix)
-            .into_iter()
-            .map(|(c, n)| serde_json::json!({ "channel": c.as_str(), "subscribers": n }))
-            .collect();
+            .manage(Manage::Channels { prefix })
+            .await
+            .map_err(ApiError::from_core)?;
+        let channels: Vec<serde_json::Value> = match done {
+            Managed::Channels(all) => all
+                .into_iter()
+                .map(|(c, n)| serde_json::json!({ "channel": c, "subscribers": n }))
+                .collect(),
+            Managed::Sessions(_) => Vec::new(),
+        };
         Ok(json(
             StatusCode::OK,
             serde_json::json!({ "channels": channels }).to_string(),

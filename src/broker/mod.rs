@@ -197,6 +197,42 @@ impl AnyBroker {
         }
     }
 
+    /// Management requests from other replicas, for the core to answer
+    /// (`None` in process, or once taken).
+    pub fn take_control(&self) -> Option<tokio::sync::mpsc::Receiver<String>> {
+        match self {
+            Self::Local(_) => None,
+            Self::Redis(b) => b.take_control(),
+        }
+    }
+
+    /// Asks every replica `payload` and collects their answers (at most
+    /// `wait`); `None` in process.
+    ///
+    /// # Errors
+    /// Redis is unreachable.
+    pub async fn ask_replicas(
+        &self,
+        payload: &str,
+        reply: &str,
+        wait: std::time::Duration,
+    ) -> Result<Option<(usize, Vec<String>)>, BrokerError> {
+        match self {
+            Self::Local(_) => Ok(None),
+            Self::Redis(b) => {
+                let n = b.broadcast_control(payload).await?;
+                Ok(Some((n, b.collect_replies(reply, n, wait).await)))
+            }
+        }
+    }
+
+    /// Answers another replica's management request.
+    pub async fn reply_control(&self, reply: &str, answer: &str) {
+        if let Self::Redis(b) = self {
+            b.reply_control(reply, answer).await;
+        }
+    }
+
     /// Whether history lives in this broker rather than in the hub.
     pub fn keeps_history(&self) -> bool {
         matches!(self, Self::Redis(_))

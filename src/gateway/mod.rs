@@ -91,6 +91,37 @@ impl Caller<'_> {
 /// A session's number and the line the core reaches it by.
 type SessionLine = (u64, mpsc::Sender<Control>);
 
+/// A management request of the HTTP API, done on every replica.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Manage {
+    Disconnect {
+        user: String,
+    },
+    /// `at`: the revocation's time (unix s), the same on every replica.
+    Revoke {
+        user: String,
+        at: u64,
+    },
+    Unsubscribe {
+        user: String,
+        channel: String,
+    },
+    Channels {
+        prefix: String,
+    },
+}
+
+/// What a management request did.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Managed {
+    /// Sessions told.
+    Sessions(usize),
+    /// Channels with their subscribers.
+    Channels(Vec<(String, usize)>),
+}
+
 /// What the core asks of a session.
 #[derive(Debug, Clone)]
 pub enum Control {
@@ -209,20 +240,19 @@ impl Gateway {
     }
 
     /// Closes every session of `user` here with 4003; returns how many.
-    pub fn disconnect(&self, user: &str) -> usize {
+    fn disconnect(&self, user: &str) -> usize {
         self.tell(user, &Control::Disconnect)
     }
 
     /// Ends `user`'s subscriptions to `channel` here (each session gets
     /// the `forbidden` error naming it); returns how many sessions were told.
-    pub fn unsubscribe_user(&self, user: &str, channel: &ChannelName) -> usize {
+    fn unsubscribe_user(&self, user: &str, channel: &ChannelName) -> usize {
         self.tell(user, &Control::Unsubscribe(channel.clone()))
     }
 
-    /// Refuses `user`'s tokens issued before now, from now on, and
-    /// disconnects their sessions here; returns how many.
-    pub fn revoke(&self, user: &str) -> usize {
-        let now = crate::auth::mint::unix_now();
+    /// Refuses `user`'s tokens issued at or before `now` (unix s), from
+    /// now on, and disconnects their sessions here; returns how many.
+    fn revoke(&self, user: &str, now: u64) -> usize {
         let ttl = self.config.api.revocation_ttl_s;
         let mut revoked = self.revoked.lock().unwrap_or_else(PoisonError::into_inner);
         // Forget revocations older than any token the operator allows.
@@ -441,9 +471,102 @@ impl Gateway {
         self.broker.complete_key(&self.keys, key, answer).await;
     }
 
-    /// Channels with local subscribers whose name starts with `prefix`.
-    pub fn channels(&self, prefix: &str) -> Vec<(ChannelName, usize)> {
-        self.hub.channel_counts(prefix)
+    /// Does `op` on this gateway.
+    fn apply(&self, op: &Manage) -> Managed {
+        match op {
+            Manage::Disconnect { user } => Managed::Sessions(self.disconnect(user)),
+            Manage::Revoke { user, at } => Managed::Sessions(self.revoke(user, *at)),
+            Manage::Unsubscribe { user, channel } => Managed::Sessions(
+                ChannelName::parse(channel).map_or(0, |c| self.unsubscribe_user(user, &c)),
+            ),
+            Manage::Channels { prefix } => Managed::Channels(
+                self.hub
+                    .channel_counts(prefix)
+                    .into_iter()
+                    .map(|(c, n)| (c.as_str().to_owned(), n))
+                    .collect(),
+            ),
+        }
+    }
+
+    /// Does `op` on every replica (through Redis; here alone in process)
+    /// and adds up what they did: sessions told, or subscribers per
+    /// channel. Returns the total and how many replicas answered of how
+    /// many were asked.
+    ///
+    /// # Errors
+    /// Redis is unreachable: nothing was asked.
+    pub async fn manage(&self, op: Manage) -> Result<(Managed, usize, usize), CoreError> {
+        let reply = crate::history::new_epoch();
+        let payload = serde_json::json!({ "reply": reply, "op": op }).to_string();
+        // Replies are waited for a few Redis round trips, not forever.
+        let wait =
+            std::time::Duration::from_millis(self.config.cluster.command_timeout_ms.max(100) * 2);
+        let asked = self
+            .broker
+            .ask_replicas(&payload, &reply, wait)
+            .await
+            .map_err(|BrokerError::Unavailable| CoreError::Unavailable(Action::Publish))?;
+        let Some((n, answers)) = asked else {
+            return Ok((self.apply(&op), 1, 1));
+        };
+        let answered = answers.len();
+        let mut total = match op {
+            Manage::Channels { .. } => Managed::Channels(Vec::new()),
+            _ => Managed::Sessions(0),
+        };
+        for answer in answers {
+            match (&mut total, serde_json::from_str::<Managed>(&answer)) {
+                (Managed::Sessions(sum), Ok(Managed::Sessions(k))) => *sum += k,
+                (Managed::Channels(all), Ok(Managed::Channels(some))) => all.extend(some),
+                _ => tracing::warn!("ignored a malformed management answer from a replica"),
+            }
+        }
+        if let Managed::Channels(all) = &mut total {
+            all.sort();
+            // One line per channel, subscribers added over replicas.
+            let mut merged: Vec<(String, usize)> = Vec::with_capacity(all.len());
+            for (c, k) in all.drain(..) {
+                match merged.last_mut() {
+                    Some((last, sum)) if *last == c => *sum += k,
+                    _ => merged.push((c, k)),
+                }
+            }
+            *all = merged;
+        }
+        if answered < n {
+            tracing::warn!(
+                answered,
+                asked = n,
+                "not every replica answered a management request"
+            );
+        }
+        Ok((total, answered, n))
+    }
+
+    /// Answers the management requests of other replicas (and this one's,
+    /// which come back through Redis too) until `stop`.
+    pub async fn serve_control(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        let Some(mut requests) = self.broker.take_control() else {
+            return;
+        };
+        loop {
+            let payload = tokio::select! {
+                () = stop.cancelled() => return,
+                p = requests.recv() => match p { Some(p) => p, None => return },
+            };
+            #[derive(serde::Deserialize)]
+            struct Request {
+                reply: String,
+                op: Manage,
+            }
+            let Ok(request) = serde_json::from_str::<Request>(&payload) else {
+                tracing::warn!("ignored a malformed management request from redis");
+                continue;
+            };
+            let answer = serde_json::to_string(&self.apply(&request.op)).unwrap_or_default();
+            self.broker.reply_control(&request.reply, &answer).await;
+        }
     }
 
     /// Drops history past its age and forgets idle history channels.

@@ -201,6 +201,7 @@ impl Server {
             shared,
         } = self;
         let broker_stop = CancellationToken::new();
+        tokio::spawn(Arc::clone(&shared.gateway).serve_control(broker_stop.clone()));
         if let Some(worker) = broker_worker {
             tokio::spawn(worker.run(broker_stop.clone()));
         }

@@ -628,3 +628,68 @@ async fn an_idempotency_key_publishes_once_on_one_gateway() {
     let theirs = post(&gw, "/api/publish", &other, &body).await;
     assert_eq!(theirs.body["seq"], first.body["seq"].as_u64().unwrap() + 1);
 }
+
+#[tokio::test]
+async fn management_reaches_every_replica() {
+    let redis = RedisServer::start().await;
+    let url = redis.url();
+    let a = start(|c, _| {
+        c.cluster.redis_url = Some(url.clone());
+        c.api.listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    })
+    .await;
+    let b = start(|c, _| {
+        c.cluster.redis_url = Some(url.clone());
+        c.auth.hmac_secret_file = a.config.auth.hmac_secret_file.clone();
+    })
+    .await;
+    crate::cluster::wait_ready(&a, 200).await;
+    crate::cluster::wait_ready(&b, 200).await;
+    let ops = admin_token(&a);
+    let old = a.token("alice", &["member"]);
+    let mut alice_a = Client::join_with(&a, &old, "alice").await;
+    let mut alice_b = Client::join_with(&b, &old, "alice").await;
+    let mut bob_b = Client::join(&b, "bob", &["member"]).await;
+    alice_a.subscribe("chat:a").await;
+    alice_b.subscribe("chat:a").await;
+    bob_b.subscribe("chat:a").await;
+    bob_b.subscribe("chat:b").await;
+
+    // Channels counted over both replicas.
+    let channels = call(
+        &a,
+        a.api.unwrap(),
+        "GET",
+        "/api/channels?prefix=chat",
+        Some(&ops),
+        None,
+    )
+    .await;
+    assert_eq!(
+        channels.body,
+        json!({"channels": [{"channel": "chat:a", "subscribers": 3}, {"channel": "chat:b", "subscribers": 1}]})
+    );
+    // Unsubscribe on both, for alice only.
+    let a1 = post(
+        &a,
+        "/api/unsubscribe",
+        &ops,
+        &json!({"user": "alice", "channel": "chat:a"}),
+    )
+    .await;
+    assert_eq!(a1.body, json!({"sessions": 2}));
+    for c in [&mut alice_a, &mut alice_b] {
+        assert_eq!(c.next().await["code"], "forbidden");
+    }
+    // Revoke: both of her sessions close with 4003; her old token is
+    // refused on the replica that did not take the request.
+    let r = post(&a, "/api/revoke", &ops, &json!({"user": "alice"})).await;
+    assert_eq!(r.body, json!({"sessions": 2}));
+    for c in [&mut alice_a, &mut alice_b] {
+        assert_eq!(crate::harness::expect_close(&mut c.ws).await, 4003);
+    }
+    b.raw(&b.upgrade_head("/ws", &[&format!("Authorization: Bearer {old}")]))
+        .await
+        .assert_refused(401);
+    assert!(bob_b.settle().await.is_empty(), "bob's session stays");
+}

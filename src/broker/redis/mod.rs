@@ -16,6 +16,8 @@ use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
+mod manage;
+
 use super::BrokerError;
 use super::scripts::{NEW_EPOCH, PUBLISH_SCRIPT, READ_SCRIPT};
 use crate::channel::ChannelName;
@@ -24,9 +26,7 @@ use crate::history::{HistoryRules, Position, Read, Unrecovered};
 use crate::hub::{Hub, Published};
 use crate::metrics::Metrics;
 use crate::protocol::MessageTemplate;
-
-/// The value of an idempotency key while its publication is under way.
-const PENDING: &str = "\u{1}pending";
+use manage::{CONTROL_QUEUE, control_topic};
 
 /// What a read is for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -65,6 +65,8 @@ pub struct RedisBroker {
     script: redis::Script,
     read_script: Arc<redis::Script>,
     reads: Mutex<std::collections::HashMap<(ChannelName, ReadFor), SharedRead>>,
+    /// Management requests the worker received, until the core takes them.
+    control: Mutex<Option<mpsc::Receiver<String>>>,
     /// The command connection, once the worker has made it.
     commands: Arc<Mutex<Option<redis::aio::ConnectionManager>>>,
     subs: Arc<Mutex<Confirmed>>,
@@ -175,7 +177,9 @@ impl RedisBroker {
         let released = Arc::new(Notify::new());
         let ready = Arc::new(AtomicBool::new(false));
         let timeout = Duration::from_millis(cfg.command_timeout_ms);
+        let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
         let broker = Self {
+            control: Mutex::new(Some(control_rx)),
             prefix: cfg.prefix.clone(),
             rules,
             ttl_s: cfg.channel_ttl_s,
@@ -201,6 +205,7 @@ impl RedisBroker {
             ready,
             hub,
             metrics,
+            control: control_tx,
         };
         Ok((broker, worker))
     }
@@ -259,66 +264,6 @@ impl RedisBroker {
                 Err(BrokerError::Unavailable)
             }
             Err(_) => Err(BrokerError::Unavailable),
-        }
-    }
-
-    /// `SET NX` of an idempotency key (a placeholder until the answer);
-    /// an existing key's value is the answer, or the placeholder.
-    pub(super) async fn reserve_key(&self, key: &str) -> Result<super::Reserved, BrokerError> {
-        let mut conn = self.command_conn()?;
-        let name = format!("{}:idem:{key}", self.prefix);
-        let ttl = super::IDEMPOTENCY_TTL.as_secs();
-        let set: Option<String> = tokio::time::timeout(
-            self.timeout,
-            redis::cmd("SET")
-                .arg(&name)
-                .arg(PENDING)
-                .arg("NX")
-                .arg("EX")
-                .arg(ttl)
-                .arg("GET")
-                .query_async(&mut conn),
-        )
-        .await
-        .map_err(|_| BrokerError::Unavailable)?
-        .map_err(|e| {
-            debug!(error = %e, "idempotency key through redis failed");
-            BrokerError::Unavailable
-        })?;
-        Ok(match set {
-            None => super::Reserved::New,
-            Some(v) if v == PENDING => super::Reserved::Pending,
-            Some(answer) => super::Reserved::Done(answer),
-        })
-    }
-
-    /// Stores the answer for a reserved key, or deletes it (`None`).
-    pub(super) async fn complete_key(&self, key: &str, answer: Option<&str>) {
-        let Ok(mut conn) = self.command_conn() else {
-            return;
-        };
-        let name = format!("{}:idem:{key}", self.prefix);
-        let cmd = match answer {
-            Some(answer) => {
-                let mut c = redis::cmd("SET");
-                c.arg(&name)
-                    .arg(answer)
-                    .arg("XX")
-                    .arg("EX")
-                    .arg(super::IDEMPOTENCY_TTL.as_secs());
-                c
-            }
-            None => {
-                let mut c = redis::cmd("DEL");
-                c.arg(&name);
-                c
-            }
-        };
-        let done =
-            tokio::time::timeout(self.timeout, cmd.query_async::<redis::Value>(&mut conn)).await;
-        if !matches!(done, Ok(Ok(_))) {
-            // The placeholder expires with the key's TTL.
-            debug!("recording an idempotency answer in redis failed");
         }
     }
 
@@ -447,6 +392,8 @@ pub struct RedisWorker {
     ready: Arc<AtomicBool>,
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
+    /// Management requests from other replicas, for the gateway core.
+    control: mpsc::Sender<String>,
 }
 
 impl std::fmt::Debug for RedisWorker {
@@ -536,6 +483,9 @@ impl RedisWorker {
         metrics: &Metrics,
         stop: &CancellationToken,
     ) -> Ended {
+        if sink.subscribe(control_topic(&self.prefix)).await.is_err() {
+            return Ended::Lost;
+        }
         let wanted = self.hub.channel_names();
         for channel in &wanted {
             if sink.subscribe(topic(&self.prefix, channel)).await.is_err() {
@@ -582,7 +532,15 @@ impl RedisWorker {
                 }
                 message = stream.next() => {
                     let Some(message) = message else { break Ended::Lost };
-                    self.deliver(&message, metrics);
+                    if message.get_channel_name() == control_topic(&self.prefix) {
+                        // A full queue drops it: the asking replica counts
+                        // the replies it gets, and says so.
+                        if let Ok(text) = message.get_payload::<String>() {
+                            let _ = self.control.try_send(text);
+                        }
+                    } else {
+                        self.deliver(&message, metrics);
+                    }
                 }
             }
         };
