@@ -20,7 +20,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use tracing::debug;
+use tracing::info;
 
 use crate::channel::ChannelName;
 use crate::gateway::{Caller, CoreError, Gateway, Manage, Managed};
@@ -74,22 +74,27 @@ impl Api {
             "/api/channels" => "channels",
             _ => "other",
         };
-        let res = match self.route(endpoint, req).await {
-            Ok(res) => res,
-            Err(e) => {
-                debug!(
-                    endpoint,
-                    status = e.status.as_u16(),
-                    code = e.code,
-                    "api request refused"
-                );
-                e.response()
-            }
+        let started = Instant::now();
+        let method = req.method().clone();
+        // The subject is known only once the token is verified; a request
+        // refused before that is logged without one.
+        let mut sub = None;
+        let (res, code) = match self.route(endpoint, req, &mut sub).await {
+            Ok(res) => (res, None),
+            Err(e) => (e.response(), Some(e.code)),
         };
-        self.gateway
-            .metrics
-            .api
-            .inc(endpoint, res.status().as_u16());
+        let status = res.status().as_u16();
+        self.gateway.metrics.api.inc(endpoint, status);
+        // The access log: one line per request, never the token or body.
+        info!(
+            endpoint,
+            method = method.as_str(),
+            status,
+            code,
+            sub = sub.as_deref(),
+            duration_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            "api request"
+        );
         res
     }
 
@@ -97,6 +102,7 @@ impl Api {
         &self,
         endpoint: &str,
         req: Request<Incoming>,
+        sub: &mut Option<String>,
     ) -> Result<Response<Body>, ApiError> {
         let allowed = match endpoint {
             "publish" | "broadcast" | "disconnect" | "revoke" | "unsubscribe" => Method::POST,
@@ -107,6 +113,7 @@ impl Api {
             return Err(ApiError::method(&allowed));
         }
         let identity = self.authenticate(&req).await?;
+        *sub = Some(identity.user.clone());
         self.spend(&identity.user)?;
         let policy = self.gateway.policies.current();
         let caller = Caller {

@@ -693,3 +693,64 @@ async fn management_reaches_every_replica() {
         .assert_refused(401);
     assert!(bob_b.settle().await.is_empty(), "bob's session stays");
 }
+
+#[tokio::test]
+async fn every_request_is_logged_with_its_subject_and_never_its_token() {
+    let gw = gateway().await;
+    let marker = "APICANARYq8RZ";
+    let mut claims = serde_json::Map::new();
+    claims.insert("aud".into(), gw.config.api.audience.clone().into());
+    claims.insert("note".into(), marker.into());
+    let token = mint::mint(
+        &gw.config,
+        &TokenRequest {
+            sub: "audit-svc".into(),
+            roles: vec!["member".into()],
+            ttl: Duration::from_secs(600),
+            claims,
+            kid: None,
+        },
+        None,
+    )
+    .expect("mint");
+    let ok = post(
+        &gw,
+        "/api/publish",
+        &token,
+        &json!({"channel": "chat:lobby", "data": "hello"}),
+    )
+    .await;
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    // Refused before the subject is known: a forged token quoting the marker.
+    let forged = hs256_jwt(
+        r#"{"alg":"HS256","typ":"JWT"}"#,
+        &format!(r#"{{"sub":"{marker}","exp":{}}}"#, now() + 60),
+        b"not the key not the key not the key",
+    );
+    let refused = post(&gw, "/api/publish", &forged, &json!({})).await;
+    assert_eq!(error(&refused, 401), "invalid_token");
+
+    let logs = crate::harness::eventually(WAIT, "both access log lines", async || {
+        let logs = crate::harness::captured_logs();
+        let lines: Vec<String> = logs
+            .lines()
+            .filter(|l| l.contains("api request"))
+            .map(str::to_owned)
+            .collect();
+        let served = lines
+            .iter()
+            .any(|l| l.contains("audit-svc") && l.contains("status=200") && l.contains("publish"));
+        let denied = lines
+            .iter()
+            .any(|l| l.contains("status=401") && l.contains("duration_us="));
+        (served && denied).then_some(logs)
+    })
+    .await;
+    assert!(
+        !logs.contains(marker),
+        "a token or its claims reached the logs"
+    );
+    for part in token.split('.').chain(forged.split('.')) {
+        assert!(!logs.contains(part), "a token segment reached the logs");
+    }
+}
