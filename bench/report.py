@@ -456,6 +456,15 @@ def details_table(runs):
                 f"{x.get('missed_per_client')} replayed each; all live after {fmt(x.get('to_live_s'), ' s', 2)}; "
                 f"server CPU {fmt(x.get('server_cpu_s'), ' s', 2)}; Redis commands {x.get('redis_commands')}"
             )
+        elif mode == "api":
+            req = x.get("request_us") or {}
+            lat = x.get("latency_us") or {}
+            what = (
+                f"{x.get('connections')} connections: published {x.get('published')}, delivered "
+                f"{x.get('delivered')} in {fmt(x.get('duration_s'), ' s')}, errors {x.get('errors')}; "
+                f"request µs p50 {req.get('p50')} p99 {req.get('p99')}; delivery latency µs "
+                f"p50 {lat.get('p50')} p99 {lat.get('p99')} max {lat.get('max')}"
+            )
         elif mode == "connect":
             lat = x.get("latency_ms") or {}
             what = (
@@ -625,6 +634,53 @@ def render_md(runs, mach, rows, quick, svg_name, notes=None):
             ))
         add(md_table(("where", "clients", "recovered", "replayed each", "all live after",
                       "resumes/s", "gateway CPU per client", "Redis commands per client"), table))
+        add("")
+    apis = [(f"HTTP API, 1 connection", get(runs, "api-c1", W)),
+            (f"HTTP API, 16 connections", get(runs, "api-c16", W))]
+    rated = get(runs, "api-rate", W)
+    if rated:
+        apis.append((f"HTTP API, 16 connections at {fmt(res(rated, 'rate'), '/s', 0)}", rated))
+    if any(run for _, run in apis):
+        ws1 = get(runs, "fanout-w1", W)
+        add("## Publishing through the HTTP API")
+        add("")
+        add(
+            "`wsgate bench api`: a backend publishing through `POST /api/publish` on N keep-alive "
+            "HTTPS connections (one request in flight on each, as a pooled HTTP client does) to "
+            "the fan-out scenario's subscribers on one channel. Requests/s is answers `200` per "
+            "second; the request time is from sending it to reading the whole answer; delivery "
+            "latency is from just before the request to the subscriber's receipt. Unlike the "
+            "WebSocket window, an answer does not wait for the deliveries, so the closed loops "
+            "run the server to saturation and their latencies include its queues; the fixed rate "
+            "shows latency below saturation. Beside them, the WebSocket publisher with 1 and 100 "
+            "messages in flight (`fanout-w1`, `fanout-w100`) from the same run; window 100's "
+            "deliveries/s is the server's fan-out limit on this machine."
+        )
+        add("")
+        table = []
+        rows_of = [(label, run, True) for label, run in apis]
+        rows_of.append(("WebSocket publisher, window 1", ws1, False))
+        rows_of.append(("WebSocket publisher, window 100", get(runs, "fanout-w100", W), False))
+        for label, run, is_api in rows_of:
+            if not run:
+                continue
+            rate = res(run, "requests_per_s") if is_api else res(run, "published")
+            if not is_api and rate is not None:
+                rate = rate / max(res(run, "duration_s") or 1, 1e-9)
+            req = (lambda q: None if q is None else q * 1e-3)
+            table.append((
+                label,
+                fmt(res(run, "subscribers"), nd=0),
+                fmt(rate, "/s", 0),
+                fmt(req(res(run, "request_us", "p50")), " ms", 2) if is_api else "n/a",
+                fmt(req(res(run, "request_us", "p99")), " ms", 2) if is_api else "n/a",
+                fmt(res(run, "deliveries_per_s"), "/s", 0),
+                fmt(req(res(run, "latency_us", "p50")), " ms", 2),
+                fmt(req(res(run, "latency_us", "p99")), " ms", 2),
+                fmt(res(run, "errors"), nd=0),
+            ))
+        add(md_table(("publisher", "subscribers", "publishes/s", "request p50", "request p99",
+                      "deliveries/s", "delivery p50", "delivery p99", "errors"), table))
         add("")
     if notes:
         add("## Notes")

@@ -20,10 +20,14 @@
 #   BENCH_SOAK=0  (seconds: hold wsgate's 10,000 idle connections that long
 #                  instead of BENCH_HOLD, e.g. 600 for the 10-minute
 #                  heartbeat soak, which then adds 9 minutes to the run)
-#   BENCH_ONLY="idle idle-big fanout-w100 fanout-w1 connect resume cluster-w100 cluster-w1 cluster-resume"
+#   BENCH_ONLY="idle idle-big fanout-w100 fanout-w1 connect resume api-c1 api-c16 api-rate cluster-w100 cluster-w1 cluster-resume"
 #              (a subset; cluster-*: two wsgate replicas on a private
 #              redis-server, subscribers on one, the publisher on the other;
-#              resume: BENCH_RESUME_N clients drop and resume at once)
+#              resume: BENCH_RESUME_N clients drop and resume at once;
+#              api-cN: BENCH_SUBSCRIBERS subscribers, publishes through the
+#              HTTP API on N keep-alive connections, wsgate only;
+#              api-rate: the same at BENCH_API_RATE over 16 connections)
+#   BENCH_API_RATE=100
 #   BENCH_RESUME_N=10000/1000
 #   BENCH_SERVERS="wsgate node"   BENCH_PORT=9443 (wsgate; the peer uses +1)
 #   BENCH_DOCS=dir  where the report goes (default docs/, or the work dir
@@ -44,6 +48,7 @@ else
   d_idle=10000 d_big=18000 d_hold=60 d_big_hold=20 d_subs=1000 d_dur=10 d_warm=2 d_conn=2000 d_resume=10000
 fi
 RESUME_N=${BENCH_RESUME_N:-$d_resume}
+API_RATE=${BENCH_API_RATE:-100}
 IDLE_N=${BENCH_IDLE_N:-$d_idle}
 IDLE_BIG_N=${BENCH_IDLE_BIG_N:-$d_big}
 HOLD=${BENCH_HOLD:-$d_hold}
@@ -55,10 +60,11 @@ SIZE=${BENCH_SIZE:-100}
 DURATION=${BENCH_DURATION:-$d_dur}
 WARMUP=${BENCH_WARMUP:-$d_warm}
 CONNECT_N=${BENCH_CONNECT_N:-$d_conn}
-ONLY=${BENCH_ONLY:-"idle idle-big fanout-w100 fanout-w1 connect resume cluster-w100 cluster-w1 cluster-resume"}
+ONLY=${BENCH_ONLY:-"idle idle-big fanout-w100 fanout-w1 connect resume api-c1 api-c16 api-rate cluster-w100 cluster-w1 cluster-resume"}
 SERVERS=${BENCH_SERVERS:-"wsgate node"}
 WS_PORT=${BENCH_PORT:-9443}
 NODE_PORT=$((WS_PORT + 1))
+API_PORT=$((WS_PORT + 5))
 SERVER_CPU=0
 CLIENT_CPU=1
 
@@ -161,6 +167,12 @@ max_subscriptions = 64
 max_connections_per_address = 0
 address_new_connections_per_s = 0
 address_failed_auths_per_min = 0
+
+# The API bench publishes as one token subject as fast as it can.
+[api]
+listen = "127.0.0.1:$API_PORT"
+requests_per_s = 10000000
+requests_burst = 10000000
 
 [policy]
 dir = "$WORK/policies"
@@ -333,6 +345,22 @@ for cert in rsa ecdsa; do
   fi
 done
 
+# Publishing through the HTTP API (wsgate's own: the peer has none), on 1
+# and 16 keep-alive connections as fast as the answers come, and at a fixed
+# BENCH_API_RATE over 16, to the fan-out scenario's subscribers.
+if [[ " $SERVERS " == *" wsgate "* ]]; then
+  for scenario in api-c1 api-c16 api-rate; do
+    want "$scenario" || continue
+    case $scenario in
+      api-c1) pace=(--connections 1) ;;
+      api-c16) pace=(--connections 16) ;;
+      api-rate) pace=(--connections 16 --rate "$API_RATE") ;;
+    esac
+    run_bench "$scenario" wsgate ecdsa api --api-url "https://127.0.0.1:$API_PORT" \
+      --subscribers "$SUBS" --size "$SIZE" "${pace[@]}" --duration "$DURATION" --warmup "$WARMUP"
+  done
+fi
+
 # Two replicas on one Redis: subscribers on replica B, the publisher on
 # replica A, so every delivery crosses Redis. Redis and both replicas share
 # CPU 0, as one server does in the other scenarios.
@@ -347,7 +375,9 @@ run_cluster_bench() { # scenario window
     --appendonly no >"$logd/redis-$scenario.log" 2>&1 &
   rpid=$!
   for cfg in a b; do
-    sed -e "s|^listen = .*|listen = \"127.0.0.1:$([[ $cfg == a ]] && echo "$WS_PORT" || echo "$B_PORT")\"|" \
+    # The first `listen` is the server's; the replicas serve no API.
+    sed -e "/^listen = \"127.0.0.1:$API_PORT\"/d" \
+      -e "0,/^listen = /s|^listen = .*|listen = \"127.0.0.1:$([[ $cfg == a ]] && echo "$WS_PORT" || echo "$B_PORT")\"|" \
       "$WORK/wsgate-ecdsa.toml" >"$WORK/wsgate-cluster-$cfg.toml"
     printf '\n[cluster]\nredis_url = "redis://127.0.0.1:%s/"\n' "$REDIS_PORT" >>"$WORK/wsgate-cluster-$cfg.toml"
   done

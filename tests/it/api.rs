@@ -18,7 +18,7 @@ use crate::cluster::{RedisServer, replicas};
 use crate::harness::{Client, Endpoint, Gateway, WAIT, hs256_jwt, now, start};
 
 /// A gateway with the API on 127.0.0.1.
-async fn gateway() -> Gateway {
+pub(crate) async fn gateway() -> Gateway {
     start(|c, _| {
         c.api.listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
     })
@@ -26,7 +26,7 @@ async fn gateway() -> Gateway {
 }
 
 /// An API token: the API audience, with `roles`.
-fn api_token(gw: &Endpoint, sub: &str, roles: &[&str]) -> String {
+pub(crate) fn api_token(gw: &Endpoint, sub: &str, roles: &[&str]) -> String {
     let mut claims = serde_json::Map::new();
     claims.insert("aud".into(), gw.config.api.audience.clone().into());
     let request = TokenRequest {
@@ -40,14 +40,14 @@ fn api_token(gw: &Endpoint, sub: &str, roles: &[&str]) -> String {
 }
 
 /// One answer: status, headers, JSON body.
-struct Answer {
-    status: u16,
-    headers: http::HeaderMap,
-    body: Json,
+pub(crate) struct Answer {
+    pub(crate) status: u16,
+    pub(crate) headers: http::HeaderMap,
+    pub(crate) body: Json,
 }
 
 /// One HTTPS request to the API at `addr`.
-async fn call(
+pub(crate) async fn call(
     gw: &Endpoint,
     addr: SocketAddr,
     method: &str,
@@ -431,7 +431,7 @@ async fn a_backend_on_one_replica_reaches_subscribers_on_the_other() {
 }
 
 /// An admin API token.
-fn admin_token(gw: &Endpoint) -> String {
+pub(crate) fn admin_token(gw: &Endpoint) -> String {
     api_token(gw, "ops", &["admin"])
 }
 

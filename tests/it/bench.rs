@@ -13,6 +13,9 @@ async fn every_bench_mode_runs_against_a_gateway() {
     let gw = start(|c, _| {
         c.limits.publish_rate_per_s = 1_000_000;
         c.limits.publish_burst = 1_000_000;
+        c.api.listen = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+        c.api.requests_per_s = 1_000_000;
+        c.api.requests_burst = 1_000_000;
     })
     .await;
     let ca = gw.path("ca.pem");
@@ -46,6 +49,34 @@ async fn every_bench_mode_runs_against_a_gateway() {
         fan.latency_us.p50 > 0 && fan.latency_us.max >= fan.latency_us.p99,
         "{fan:?}"
     );
+
+    // Through the HTTP API, with a token minted from the same secret.
+    let api = bench::ApiTarget {
+        base: format!("https://localhost:{}", gw.api.expect("api").port()),
+        token: bench::api_token(&gw.config.auth.hmac_secret_file, &gw.config.api.audience).unwrap(),
+    };
+    for rate in [None, Some(50)] {
+        let run = bench::api(
+            &target,
+            &api,
+            5,
+            2,
+            rate,
+            100,
+            Duration::from_millis(800),
+            Duration::from_millis(200),
+            "chat:bench",
+        )
+        .await
+        .unwrap();
+        assert_eq!((run.subscribers, run.errors), (5, 0), "{run:?}");
+        assert!(run.published > 0 && run.delivered > 0, "{run:?}");
+        assert!(run.request_us.p50 > 0 && run.latency_us.p50 > 0, "{run:?}");
+        if rate.is_some() {
+            // 50/s for 0.8 s, give or take a tick at each end.
+            assert!(run.published <= 45, "{run:?}");
+        }
+    }
 
     let conn = bench::connect(&target, 20, 4).await;
     assert_eq!((conn.ok, conn.failed), (20, 0), "{conn:?}");

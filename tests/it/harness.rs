@@ -658,6 +658,7 @@ pub fn python_with(module: &str) -> std::process::Command {
     let package = match module {
         "kubernetes_validate" => "kubernetes-validate",
         "yaml" => "PyYAML (with kubernetes-validate)",
+        "jsonschema" => "jsonschema (with kubernetes-validate)",
         other => other,
     };
     match probe {

@@ -16,6 +16,7 @@ mod jwks;
 mod limits;
 mod logs;
 mod metrics;
+mod openapi;
 mod process;
 mod proxy;
 mod reload;

@@ -105,6 +105,42 @@ pub enum BenchCommand {
         #[arg(long)]
         redis_url: Option<String>,
     },
+    /// Publishes through the HTTP API to N WebSocket subscribers:
+    /// requests/s, request round trip and delivery latency.
+    Api {
+        #[command(flatten)]
+        target: BenchTarget,
+        /// The API listener.
+        #[arg(long, default_value = "https://localhost:8444")]
+        api_url: String,
+        /// An API token allowed to publish on `--channel`; without it one
+        /// is minted from `--secret` (sub bench-api, role member).
+        #[arg(long)]
+        api_token: Option<String>,
+        /// The audience of minted API tokens (`api.audience`).
+        #[arg(long, default_value = "wsgate-api")]
+        api_audience: String,
+        #[arg(long)]
+        subscribers: usize,
+        /// Keep-alive API connections, one request in flight on each.
+        #[arg(long, default_value_t = 1)]
+        connections: usize,
+        /// Fixed publish rate over all connections, requests per second
+        /// (default: each connection as fast as its answers come).
+        #[arg(long)]
+        rate: Option<u32>,
+        /// Message payload size, bytes.
+        #[arg(long, default_value_t = 100)]
+        size: usize,
+        /// Measured seconds.
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+        /// Unmeasured seconds first.
+        #[arg(long, default_value_t = 2)]
+        warmup: u64,
+        #[arg(long, default_value = "chat:bench")]
+        channel: String,
+    },
     /// Authenticated connections per second (TLS + upgrade + JWT).
     Connect {
         #[command(flatten)]
@@ -228,6 +264,45 @@ pub fn run(command: BenchCommand) -> Result<(), BoxError> {
                     missed,
                     server_pid,
                     redis_url.as_deref(),
+                )
+                .await?;
+                serde_json::to_string(&report)?
+            }
+            BenchCommand::Api {
+                target: t,
+                api_url,
+                api_token,
+                api_audience,
+                subscribers,
+                connections,
+                rate,
+                size,
+                duration,
+                warmup,
+                channel,
+            } => {
+                let subscribers_at = target(&t, subscribers).await?;
+                let token = match (api_token, &t.secret) {
+                    (Some(token), _) => token,
+                    (None, Some(path)) => super::api_token(path, &api_audience)?,
+                    (None, None) => {
+                        return Err(BenchError::Setup("--api-token or --secret".into()).into());
+                    }
+                };
+                let api = super::ApiTarget {
+                    base: api_url,
+                    token,
+                };
+                let report = super::api(
+                    &subscribers_at,
+                    &api,
+                    subscribers,
+                    connections,
+                    rate,
+                    size,
+                    Duration::from_secs(duration),
+                    Duration::from_secs(warmup),
+                    &channel,
                 )
                 .await?;
                 serde_json::to_string(&report)?

@@ -1,20 +1,24 @@
 //! `wsgate bench`: a load generator for wsgate and for plain broadcast
-//! servers (peers measured with the same tool). Three modes:
+//! servers (peers measured with the same tool). Modes:
 //!
 //! - `idle`: open N authenticated connections, hold them (answering
 //!   pings), and report the server's RSS growth per connection;
 //! - `fanout`: one publisher, N subscribers on one channel, a window of
 //!   messages in flight or a fixed rate; deliveries/s and publish-to-receipt
 //!   latency from an HDR histogram;
-//! - `connect`: authenticated connections per second, TLS and JWT included.
+//! - `connect`: authenticated connections per second, TLS and JWT included;
+//! - `resume`: a reconnect storm resuming from history (resume.rs);
+//! - `api`: HTTP API publishes to WebSocket subscribers (api.rs).
 //!
 //! Client sockets are spread over source addresses 127.0.0.1..N when one
 //! address's port range is not enough. Progress goes to stderr; the result
 //! is one JSON line.
 
+mod api;
 pub mod cli;
 mod resume;
 
+pub use api::{ApiReport, ApiTarget, api};
 pub use resume::{ResumeReport, resume};
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -127,21 +131,7 @@ impl Target {
     fn token(&self, i: usize) -> Result<String, BenchError> {
         match &self.auth {
             Auth::Token(t) => Ok(t.clone()),
-            Auth::Secret(secret) => {
-                let now = crate::auth::mint::unix_now();
-                let claims = serde_json::json!({
-                    "sub": format!("bench-{i}"),
-                    "roles": ["member"],
-                    "iat": now,
-                    "exp": now + 7200,
-                });
-                jsonwebtoken::encode(
-                    &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-                    &claims,
-                    &jsonwebtoken::EncodingKey::from_secret(secret),
-                )
-                .map_err(|e| BenchError::Setup(format!("sign: {e}")))
-            }
+            Auth::Secret(secret) => hs256(secret, &format!("bench-{i}"), None),
         }
     }
 
@@ -190,6 +180,35 @@ impl Target {
         }
         Ok(ws)
     }
+}
+
+/// A two-hour HS256 token for `sub` with the role `member`.
+fn hs256(secret: &[u8], sub: &str, aud: Option<&str>) -> Result<String, BenchError> {
+    let now = crate::auth::mint::unix_now();
+    let mut claims = serde_json::json!({
+        "sub": sub,
+        "roles": ["member"],
+        "iat": now,
+        "exp": now + 7200,
+    });
+    if let Some(aud) = aud {
+        claims["aud"] = aud.into();
+    }
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret),
+    )
+    .map_err(|e| BenchError::Setup(format!("sign: {e}")))
+}
+
+/// An API token (`sub` bench-api, audience `aud`) signed with the secret
+/// in `path`.
+///
+/// # Errors
+/// The secret file cannot be read, or signing fails.
+pub fn api_token(path: &std::path::Path, aud: &str) -> Result<String, BenchError> {
+    hs256(&secret_from_file(path)?, "bench-api", Some(aud))
 }
 
 /// Latency percentiles.
@@ -423,83 +442,26 @@ pub async fn fanout(
     warmup: Duration,
     channel: &str,
 ) -> Result<FanoutReport, BenchError> {
-    let (open, failed) = open_many(target, subscribers, 200, "fanout subscribers").await;
-    if open.is_empty() {
-        return Err(BenchError::Connect("no subscriber connected".into()));
-    }
-    let receivers = open.len() as u32;
     let window = match pace {
         Pace::Window(w) => w.max(1),
         Pace::Rate(_) => 1,
     };
-    let acks = Arc::new(Acks {
-        slots: (0..(u64::from(window) * 4).max(64))
-            .map(|_| AtomicU32::new(0))
-            .collect(),
-        subscribers: receivers,
-        done: Notify::new(),
-    });
-    let measuring = Arc::new(AtomicBool::new(false));
-    let delivered = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(AtomicU64::new(failed as u64));
-    let mut tasks = JoinSet::new();
-    let stop = CancellationToken::new();
-    let subscribe = format!(
-        r#"{{"op":"subscribe","id":1,"channel":{}}}"#,
-        serde_json::to_string(channel).unwrap_or_default()
-    );
-    for (_, mut ws) in open {
-        if !target.plain {
-            if ws.send(Message::text(subscribe.clone())).await.is_err() {
-                errors.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            match ws.next().await {
-                Some(Ok(Message::Text(t))) if t.starts_with(r#"{"op":"ok""#) => {}
-                _ => {
-                    errors.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                }
-            }
-        }
-        let (acks, measuring, delivered) = (
-            Arc::clone(&acks),
-            Arc::clone(&measuring),
-            Arc::clone(&delivered),
-        );
-        let plain = target.plain;
-        let stop = stop.clone();
-        tasks.spawn(async move {
-            let mut hist = histogram();
-            loop {
-                let msg = tokio::select! {
-                    () = stop.cancelled() => break,
-                    msg = ws.next() => msg,
-                };
-                let Some(Ok(Message::Text(text))) = msg else {
-                    if msg.is_none() || matches!(msg, Some(Err(_))) {
-                        break;
-                    }
-                    continue;
-                };
-                if !plain && !text.starts_with(r#"{"op":"message""#) {
-                    continue;
-                }
-                let (Some(t), Some(k)) = (field_u64(&text, r#""t":"#), field_u64(&text, r#""k":"#))
-                else {
-                    continue;
-                };
-                if acks.slot(k).fetch_add(1, Ordering::AcqRel) + 1 == acks.subscribers {
-                    acks.done.notify_one();
-                }
-                if measuring.load(Ordering::Relaxed) {
-                    delivered.fetch_add(1, Ordering::Relaxed);
-                    let _ = hist.record(micros_now().saturating_sub(t).max(1));
-                }
-            }
-            hist
-        });
-    }
+    let Receivers {
+        count: receivers,
+        acks,
+        errors,
+        measuring,
+        delivered,
+        stop,
+        mut tasks,
+    } = start_receivers(
+        target,
+        subscribers,
+        channel,
+        (u64::from(window) * 4).max(64),
+        "fanout subscribers",
+    )
+    .await?;
     eprintln!("fanout: {receivers} subscribers ready");
 
     let publisher = publisher.unwrap_or(target).connect(usize::MAX / 2).await?;
@@ -601,6 +563,115 @@ pub async fn fanout(
         deliveries_per_s: delivered as f64 / measured_for.as_secs_f64().max(1e-9),
         latency_us: Percentiles::of(&total),
         errors: errors.load(Ordering::Relaxed),
+    })
+}
+
+/// Subscribers receiving: each records publish-to-receipt latency (the
+/// `t` in the data) while `measuring`, and counts receipts of `k` in `acks`.
+struct Receivers {
+    /// Subscribers connected.
+    count: u32,
+    acks: Arc<Acks>,
+    /// Connections and subscriptions that failed (and, later, publishes).
+    errors: Arc<AtomicU64>,
+    measuring: Arc<AtomicBool>,
+    delivered: Arc<AtomicU64>,
+    stop: CancellationToken,
+    tasks: JoinSet<Histogram<u64>>,
+}
+
+/// Opens `subscribers` connections, subscribes each to `channel`
+/// (wsgate) and starts its receiving task, with `ring` receipt counters;
+/// a connection that fails to open or subscribe counts in `errors`.
+///
+/// # Errors
+/// No subscriber connected.
+async fn start_receivers(
+    target: &Target,
+    subscribers: usize,
+    channel: &str,
+    ring: u64,
+    what: &str,
+) -> Result<Receivers, BenchError> {
+    let (open, failed) = open_many(target, subscribers, 200, what).await;
+    if open.is_empty() {
+        return Err(BenchError::Connect("no subscriber connected".into()));
+    }
+    let count = u32::try_from(open.len()).unwrap_or(u32::MAX);
+    let acks = Arc::new(Acks {
+        slots: (0..ring).map(|_| AtomicU32::new(0)).collect(),
+        subscribers: count,
+        done: Notify::new(),
+    });
+    let errors = Arc::new(AtomicU64::new(failed as u64));
+    let measuring = Arc::new(AtomicBool::new(false));
+    let delivered = Arc::new(AtomicU64::new(0));
+    let mut tasks = JoinSet::new();
+    let stop = CancellationToken::new();
+    let subscribe = format!(
+        r#"{{"op":"subscribe","id":1,"channel":{}}}"#,
+        serde_json::to_string(channel).unwrap_or_default()
+    );
+    for (_, mut ws) in open {
+        if !target.plain {
+            if ws.send(Message::text(subscribe.clone())).await.is_err() {
+                errors.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) if t.starts_with(r#"{"op":"ok""#) => {}
+                _ => {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+            }
+        }
+        let (acks, measuring, delivered) = (
+            Arc::clone(&acks),
+            Arc::clone(&measuring),
+            Arc::clone(&delivered),
+        );
+        let plain = target.plain;
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            let mut hist = histogram();
+            loop {
+                let msg = tokio::select! {
+                    () = stop.cancelled() => break,
+                    msg = ws.next() => msg,
+                };
+                let Some(Ok(Message::Text(text))) = msg else {
+                    if msg.is_none() || matches!(msg, Some(Err(_))) {
+                        break;
+                    }
+                    continue;
+                };
+                if !plain && !text.starts_with(r#"{"op":"message""#) {
+                    continue;
+                }
+                let (Some(t), Some(k)) = (field_u64(&text, r#""t":"#), field_u64(&text, r#""k":"#))
+                else {
+                    continue;
+                };
+                if acks.slot(k).fetch_add(1, Ordering::AcqRel) + 1 == acks.subscribers {
+                    acks.done.notify_one();
+                }
+                if measuring.load(Ordering::Relaxed) {
+                    delivered.fetch_add(1, Ordering::Relaxed);
+                    let _ = hist.record(micros_now().saturating_sub(t).max(1));
+                }
+            }
+            hist
+        });
+    }
+    Ok(Receivers {
+        count,
+        acks,
+        errors,
+        measuring,
+        delivered,
+        stop,
+        tasks,
     })
 }
 
