@@ -395,13 +395,24 @@ async fn a_backend_on_one_replica_reaches_subscribers_on_the_other() {
         c.cluster.redis_url = Some(redis.url());
         c.auth.hmac_secret_file = a.config.auth.hmac_secret_file.clone();
         c.api.listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+        // The shipped policy's commented `service` rule, uncommented.
+        let rule: String = wsgate::policy::DEFAULT_POLICY
+            .lines()
+            .skip_while(|l| !l.starts_with("# Uncomment and narrow"))
+            .skip(1)
+            .filter_map(|l| l.strip_prefix('#'))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert!(rule.contains(r#"roles = ["service"]"#), "{rule}");
+        std::fs::write(c.policy.dir.join("service.toml"), rule).expect("service policy");
     })
     .await;
-    let service = api_token(&api, "orders", &["member"]);
+    let service = api_token(&api, "orders", &["service"]);
     let mut on_a = Client::join(&a, "alice", &["member"]).await;
     let mut on_b = Client::join(&b, "bob", &["member"]).await;
     on_a.subscribe("chat:lobby").await;
     on_b.subscribe("chat:lobby").await;
+    on_a.subscribe("user:alice").await;
     let mut seqs = Vec::new();
     for n in 0..3 {
         let answer = post(
@@ -428,6 +439,39 @@ async fn a_backend_on_one_replica_reaches_subscribers_on_the_other() {
             );
         }
     }
+    // A user's own channel, allowed by the `service` rule only: "your
+    // order shipped" reaches alice on the other replica.
+    let answer = post(
+        &api,
+        "/api/publish",
+        &service,
+        &json!({"channel": "user:alice", "data": {"text": "your order shipped"}}),
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let m = on_a.next().await;
+    assert_eq!(
+        (
+            m["channel"].as_str(),
+            m["from"].as_str(),
+            &m["data"]["text"]
+        ),
+        (
+            Some("user:alice"),
+            Some("orders"),
+            &json!("your order shipped")
+        )
+    );
+    // And the member role alone may not.
+    let member = api_token(&api, "orders", &["member"]);
+    let refused = post(
+        &api,
+        "/api/publish",
+        &member,
+        &json!({"channel": "user:alice", "data": 1}),
+    )
+    .await;
+    assert_eq!(error(&refused, 403), "forbidden");
 }
 
 /// An admin API token.

@@ -14,9 +14,14 @@ use crate::harness::{Gateway, WAIT, Ws, eventually, start};
 /// The leaf certificate a new, full TLS handshake is served (DER). A
 /// resumed session would report the certificate of the session it resumes.
 async fn served(gw: &Gateway) -> Vec<u8> {
+    served_at(gw, gw.addr).await
+}
+
+/// The same at another listener of the gateway (the HTTP API's).
+async fn served_at(gw: &Gateway, addr: std::net::SocketAddr) -> Vec<u8> {
     let mut client = (*gw.client).clone();
     client.resumption = rustls::client::Resumption::disabled();
-    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client))
         .connect(name, tcp)
@@ -54,9 +59,15 @@ async fn still_alive(ws: &mut Ws) {
 
 #[tokio::test]
 async fn reload_serves_the_new_certificate_and_keeps_live_sessions() {
-    let gw = start(|c, _| c.tls.watch_interval_ms = 0).await;
+    let gw = start(|c, _| {
+        c.tls.watch_interval_ms = 0;
+        c.api.listen = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+    })
+    .await;
+    let api = gw.api.expect("api listener");
     let old = leaf(&gw.config.tls.cert_file);
     assert_eq!(served(&gw).await, old);
+    assert_eq!(served_at(&gw, api).await, old);
     let (mut live, _) = gw.connect(&gw.token("alice", &[])).await.expect("live");
 
     let paths = reissue(&gw);
@@ -64,6 +75,8 @@ async fn reload_serves_the_new_certificate_and_keeps_live_sessions() {
     assert_ne!(new, old, "a reissued certificate differs (serial, key)");
     gw.handle.reload_certs().expect("reload");
     assert_eq!(served(&gw).await, new);
+    // The API listener serves the gateway's certificate and reloads with it.
+    assert_eq!(served_at(&gw, api).await, new);
     assert_eq!(gw.handle.current_cert(), Some(new));
     still_alive(&mut live).await;
     assert_eq!(
