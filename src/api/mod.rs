@@ -502,7 +502,8 @@ fn percent_decode(text: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-fn json(status: StatusCode, body: String) -> Response<Body> {
+/// A JSON answer that no cache keeps (the dev token page uses it too).
+pub(crate) fn json(status: StatusCode, body: String) -> Response<Body> {
     let mut res = Response::new(Full::new(Bytes::from(body)));
     *res.status_mut() = status;
     let h = res.headers_mut();

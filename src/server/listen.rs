@@ -10,7 +10,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span, warn};
 
@@ -63,6 +63,23 @@ pub(super) async fn accept(
     }
 }
 
+/// `accept` once a connection slot of `permits` is free: past the cap,
+/// new connections wait in the kernel's backlog.
+async fn accept_within(
+    permits: &Arc<Semaphore>,
+    listener: &TcpListener,
+    backoff: &mut Backoff,
+    stop: &CancellationToken,
+    which: &'static str,
+) -> Option<(OwnedSemaphorePermit, TcpStream, SocketAddr)> {
+    let permit = tokio::select! {
+        () = stop.cancelled() => return None,
+        p = Arc::clone(permits).acquire_owned() => p.ok()?,
+    };
+    let (tcp, peer) = accept(listener, backoff, stop, which).await?;
+    Some((permit, tcp, peer))
+}
+
 /// Most admin connections served at once: scrapers and probes, not users.
 const ADMIN_CONNECTIONS: usize = 16;
 
@@ -75,17 +92,9 @@ pub(super) async fn serve_admin(
 ) {
     let permits = Arc::new(Semaphore::new(ADMIN_CONNECTIONS));
     let mut backoff = Backoff::default();
-    loop {
-        let permit = tokio::select! {
-            () = stop.cancelled() => return,
-            p = Arc::clone(&permits).acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-        };
-        let Some((tcp, peer)) = accept(&listener, &mut backoff, &stop, "admin").await else {
-            return;
-        };
+    while let Some((permit, tcp, peer)) =
+        accept_within(&permits, &listener, &mut backoff, &stop, "admin").await
+    {
         let shared = Arc::clone(&shared);
         let stop = stop.clone();
         tokio::spawn(
@@ -129,17 +138,9 @@ pub(super) async fn serve_api(
 ) {
     let permits = Arc::new(Semaphore::new(shared.gateway.config.api.max_connections));
     let mut backoff = Backoff::default();
-    loop {
-        let permit = tokio::select! {
-            () = stop.cancelled() => return,
-            p = Arc::clone(&permits).acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-        };
-        let Some((tcp, peer)) = accept(&listener, &mut backoff, &stop, "api").await else {
-            return;
-        };
+    while let Some((permit, tcp, peer)) =
+        accept_within(&permits, &listener, &mut backoff, &stop, "api").await
+    {
         let (api, shared, stop, acceptor) = (
             Arc::clone(&api),
             Arc::clone(&shared),

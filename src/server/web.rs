@@ -6,6 +6,7 @@ use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
 use http_body_util::Full;
 
+use crate::api::json;
 use crate::auth::mint::{self, TokenRequest};
 use crate::channel::is_token;
 use crate::config::Config;
@@ -102,16 +103,4 @@ pub(super) fn dev_token(config: &Config, query: Option<&str>) -> Response<Body> 
             )
         }
     }
-}
-
-fn json(status: StatusCode, body: String) -> Response<Body> {
-    let mut res = Response::new(Full::new(Bytes::from(body)));
-    *res.status_mut() = status;
-    let h = res.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    res
 }
