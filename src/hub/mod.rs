@@ -96,6 +96,12 @@ struct Pending {
     /// While its position is read from the cluster broker: the messages
     /// delivered meanwhile (epoch, seq, frame), sent after the replay.
     buffer: Option<Vec<(Box<str>, u64, Utf8Bytes)>>,
+    /// Replayed through this position (epoch, seq), which lay above the
+    /// last message delivered here when its read answered: it has the `ok`
+    /// and the replay, and is delivered to once a message reaches that
+    /// position, so a message read from the broker before its own
+    /// publication arrived here is not sent twice.
+    floor: Option<(Box<str>, u64)>,
 }
 
 impl Channel {
@@ -234,6 +240,7 @@ impl Hub {
         entry.pending.push(Pending {
             subscriber,
             buffer: buffer.then(Vec::new),
+            floor: None,
         });
         if first { Joined::First } else { Joined::Again }
     }
@@ -305,7 +312,12 @@ impl Hub {
         else {
             return false;
         };
-        let Pending { subscriber, buffer } = entry.pending.swap_remove(at);
+        if entry.pending[at].floor.is_some() {
+            return false;
+        }
+        let Pending {
+            subscriber, buffer, ..
+        } = entry.pending.swap_remove(at);
         if let Some(id) = id {
             let outcome = read.outcome.map(|r| r.map_err(Unrecovered::as_str));
             let ok = PositionOk::new(id, Some((&read.epoch, read.seq)), outcome).encode();
@@ -313,6 +325,21 @@ impl Hub {
         }
         for frame in &read.frames {
             subscriber.send(frame.clone());
+        }
+        let behind = entry
+            .epoch
+            .as_deref()
+            .is_none_or(|e| e == read.epoch.as_str())
+            && entry.seq < read.seq;
+        if behind {
+            // What it buffered lies at or below the local position, so
+            // inside the replay; live delivery waits for the read's top.
+            entry.pending.push(Pending {
+                subscriber,
+                buffer: Some(Vec::new()),
+                floor: Some((read.epoch.as_str().into(), read.seq)),
+            });
+            return true;
         }
         for (epoch, seq, frame) in buffer.unwrap_or_default() {
             // Above the replay in its epoch, or a numbering begun since.
@@ -586,6 +613,7 @@ impl Hub {
         };
         push(entry, notice.as_ref(), &frame, &mut out);
         buffer(entry, epoch, seq, &frame);
+        release(entry, epoch, seq);
         out
     }
 
@@ -607,6 +635,23 @@ impl Hub {
             let mut out = Published::default();
             push(entry, None, &notice, &mut out);
             told += out.delivered;
+            // Those waiting for their floor have had everything through
+            // it; from there on they may miss messages too.
+            let mut at = 0;
+            while at < entry.pending.len() {
+                let Some((epoch, seq)) = entry.pending[at].floor.take() else {
+                    at += 1;
+                    continue;
+                };
+                let waiting = entry.pending.swap_remove(at);
+                if waiting
+                    .subscriber
+                    .send(gap_notice(channel, Some(&epoch), seq))
+                {
+                    told += 1;
+                }
+                entry.subscribers.push(waiting.subscriber);
+            }
         }
         told
     }
@@ -671,6 +716,36 @@ fn buffer(entry: &mut Channel, epoch: &str, seq: u64, frame: &Utf8Bytes) {
         buffer.push((epoch.into(), seq, frame.clone()));
         true
     });
+}
+
+/// Starts delivering to the pending subscribers whose floor the message
+/// at (`epoch`, `seq`) reaches (or passes, in a numbering begun since),
+/// with what they buffered above it.
+fn release(entry: &mut Channel, epoch: &str, seq: u64) {
+    let mut at = 0;
+    while at < entry.pending.len() {
+        let reached = entry.pending[at]
+            .floor
+            .as_ref()
+            .is_some_and(|(e, s)| **e != *epoch || seq >= *s);
+        if !reached {
+            at += 1;
+            continue;
+        }
+        let Pending {
+            subscriber,
+            buffer,
+            floor,
+        } = entry.pending.swap_remove(at);
+        if let Some((floor_epoch, floor_seq)) = floor {
+            for (e, s, frame) in buffer.unwrap_or_default() {
+                if e != floor_epoch || s > floor_seq {
+                    subscriber.send(frame);
+                }
+            }
+        }
+        entry.subscribers.push(subscriber);
+    }
 }
 
 /// The notice that messages of `channel` may have been missed, naming the

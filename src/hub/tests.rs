@@ -238,3 +238,78 @@ fn a_cached_read_serves_while_nothing_newer_was_delivered() {
         "an outage voids it"
     );
 }
+
+#[test]
+fn a_read_ahead_of_local_delivery_is_not_repeated_when_the_message_arrives() {
+    let hub = hub();
+    let ch = ChannelName::parse("chat:a").unwrap();
+    let (live, mut live_rx) = sub(1, 64);
+    hub.join(&ch, live, false);
+    hub.activate(&ch, 1, None, None);
+    hub.deliver(&ch, "e1", 5, &msg(&ch, 5));
+    let (resumer, mut rx) = sub(2, 64);
+    hub.join(&ch, resumer, true);
+    // The broker stored 6 and 7 before their publications reach this
+    // replica: the read answers 7 while 5 is the last delivered here.
+    let read = Read {
+        epoch: "e1".into(),
+        seq: 7,
+        outcome: Some(Ok(())),
+        frames: [6, 7]
+            .map(|n| Utf8Bytes::from(msg(&ch, n).with_seq(u64::from(n))))
+            .to_vec(),
+    };
+    assert!(hub.activate_read(&ch, 2, Some(9), &read));
+    assert!(!hub.activate_read(&ch, 2, Some(9), &read), "activated once");
+    for n in 6..=8 {
+        hub.deliver(&ch, "e1", n, &msg(&ch, n as u32));
+    }
+    let seqs: Vec<u64> = std::iter::from_fn(|| rx.try_recv().ok())
+        .skip(1)
+        .map(|f| {
+            serde_json::from_str::<serde_json::Value>(f.as_str()).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(
+        seqs,
+        [6, 7, 8],
+        "the replay, then 8 once: 6 and 7 not again"
+    );
+    assert_eq!(std::iter::from_fn(|| live_rx.try_recv().ok()).count(), 4);
+    assert_eq!(hub.leave(&ch, 2), Left::Others);
+}
+
+#[test]
+fn one_waiting_for_its_floor_hears_of_a_gap_from_its_own_position() {
+    let hub = hub();
+    let ch = ChannelName::parse("chat:a").unwrap();
+    let (resumer, mut rx) = sub(2, 64);
+    hub.join(&ch, resumer, true);
+    // Nothing delivered here yet; the broker's history ends at 3.
+    let read = Read {
+        epoch: "e1".into(),
+        seq: 3,
+        outcome: None,
+        frames: Vec::new(),
+    };
+    assert!(hub.activate_read(&ch, 2, Some(1), &read));
+    assert_eq!(hub.notify_gap(std::slice::from_ref(&ch)), 1);
+    // After the outage a new numbering: delivered at once.
+    hub.deliver(&ch, "e2", 1, &msg(&ch, 1));
+    let frames: Vec<serde_json::Value> = std::iter::from_fn(|| rx.try_recv().ok())
+        .map(|f| serde_json::from_str(f.as_str()).unwrap())
+        .collect();
+    assert_eq!(frames[0]["op"], "ok");
+    assert_eq!(
+        (&frames[1]["op"], &frames[1]["epoch"], &frames[1]["seq"]),
+        (&"error".into(), &"e1".into(), &3.into()),
+        "{frames:?}"
+    );
+    assert_eq!(
+        (&frames[2]["op"], &frames[2]["seq"]),
+        (&"message".into(), &1.into())
+    );
+    assert_eq!(frames.len(), 3);
+}
