@@ -34,11 +34,13 @@ pub struct ApiReport {
     pub published: u64,
     pub duration_s: f64,
     pub requests_per_s: f64,
-    /// From sending the request to reading the whole answer.
+    /// From sending the request (at a fixed rate: from when it was due)
+    /// to reading the whole answer.
     pub request_us: Percentiles,
     pub delivered: u64,
     pub deliveries_per_s: f64,
-    /// From just before the request is sent to the subscriber's receipt.
+    /// From just before the request is sent (or was due) to the
+    /// subscriber's receipt.
     pub latency_us: Percentiles,
     /// Answers other than `200`, failed connections and subscribers.
     pub errors: u64,
@@ -135,8 +137,10 @@ pub async fn api(
             Arc::clone(&errors),
             Arc::clone(&measuring),
         );
-        // At a fixed rate each connection sends its share on a clock;
-        // a late answer makes the next requests go at once (open loop).
+        // At a fixed rate each connection sends its share on a clock; a
+        // late answer makes the next requests go at once, and their times
+        // count from when they were due, so a stall is not hidden by the
+        // requests it kept from being sent.
         let mut tick = rate.map(|r| {
             tokio::time::interval(Duration::from_secs_f64(
                 connections.max(1) as f64 / f64::from(r.max(1)),
@@ -145,11 +149,12 @@ pub async fn api(
         publishers.spawn(async move {
             let mut hist = histogram();
             while Instant::now() < end {
-                if let Some(tick) = &mut tick {
-                    tick.tick().await;
-                }
+                let late = match &mut tick {
+                    Some(tick) => tick.tick().await.elapsed(),
+                    None => Duration::ZERO,
+                };
                 let k = next_key.fetch_add(1, Ordering::Relaxed);
-                let sent = micros_now();
+                let sent = micros_now().saturating_sub(late.as_micros() as u64);
                 let body = format!(
                     r#"{{"channel":{channel_json},"data":{{"t":{sent},"k":{k},"p":"{pad}"}}}}"#
                 );
