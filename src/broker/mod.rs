@@ -197,6 +197,11 @@ impl AnyBroker {
         }
     }
 
+    /// Whether this is the in-process broker (no Redis).
+    pub fn is_local(&self) -> bool {
+        matches!(self, Self::Local(_))
+    }
+
     /// Management requests from other replicas, for the core to answer
     /// (`None` in process, or once taken).
     pub fn take_control(&self) -> Option<tokio::sync::mpsc::Receiver<String>> {
@@ -223,6 +228,32 @@ impl AnyBroker {
                 let n = b.broadcast_control(payload).await?;
                 Ok(Some((n, b.collect_replies(reply, n, wait).await)))
             }
+        }
+    }
+
+    /// Keeps a revocation (`user` at unix second `at`) in Redis for
+    /// `ttl_s`, so a replica started later learns it; nothing in process.
+    ///
+    /// # Errors
+    /// Redis is unreachable.
+    pub async fn store_revocation(
+        &self,
+        user: &str,
+        at: u64,
+        ttl_s: u64,
+    ) -> Result<(), BrokerError> {
+        match self {
+            Self::Local(_) => Ok(()),
+            Self::Redis(b) => b.store_revocation(user, at, ttl_s).await,
+        }
+    }
+
+    /// The revocations kept in Redis at or after unix second `since`
+    /// (`None` in process, or when Redis is unreachable).
+    pub async fn load_revocations(&self, since: u64) -> Option<Vec<(String, u64)>> {
+        match self {
+            Self::Local(_) => None,
+            Self::Redis(b) => b.load_revocations(since).await,
         }
     }
 

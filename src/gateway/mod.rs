@@ -157,6 +157,11 @@ impl Subscriptions {
     }
 }
 
+/// How often the revocations kept in Redis are read again.
+const REVOCATIONS_RELOAD: std::time::Duration = std::time::Duration::from_secs(30);
+/// How soon a read of them that failed is tried again.
+const REVOCATIONS_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// The shared core; one per server, behind an `Arc`.
 #[derive(Debug)]
 pub struct Gateway {
@@ -178,6 +183,9 @@ pub struct Gateway {
     /// Revoked users and when (unix s): their tokens issued before are
     /// refused, for `api.revocation_ttl_s`.
     revoked: Mutex<HashMap<String, u64>>,
+    /// Whether the revocations kept in Redis have been read once (always
+    /// with no Redis): until then the gateway is not ready.
+    revocations_loaded: AtomicBool,
     /// Source of process-unique session numbers.
     next_session: AtomicU64,
     /// Set when shutdown begins: `/readyz` and new upgrades answer 503.
@@ -210,6 +218,7 @@ impl Gateway {
             Arc::clone(&hub),
             Arc::clone(&metrics),
         )?;
+        let local = broker.is_local();
         let gateway = Self {
             admission: Arc::new(Admission::new(&config.admission)),
             config,
@@ -221,6 +230,7 @@ impl Gateway {
             history,
             users: Mutex::default(),
             revoked: Mutex::default(),
+            revocations_loaded: AtomicBool::new(local),
             keys: LocalKeys::default(),
             next_session: AtomicU64::new(1),
             draining: AtomicBool::new(false),
@@ -262,6 +272,24 @@ impl Gateway {
         self.disconnect(user)
     }
 
+    /// Adds the revocations kept in Redis to those in memory; false when
+    /// Redis could not be read.
+    async fn reload_revocations(&self) -> bool {
+        let ttl = self.config.api.revocation_ttl_s;
+        let since = crate::auth::mint::unix_now().saturating_sub(ttl);
+        let Some(kept) = self.broker.load_revocations(since).await else {
+            return false;
+        };
+        let mut revoked = self.revoked.lock().unwrap_or_else(PoisonError::into_inner);
+        for (user, at) in kept {
+            let known = revoked.entry(user).or_insert(at);
+            *known = (*known).max(at);
+        }
+        drop(revoked);
+        self.revocations_loaded.store(true, Ordering::Relaxed);
+        true
+    }
+
     /// Whether `identity`'s token was issued before a revocation of its
     /// user: in the same second counts as before, and so does a token
     /// without `iat`.
@@ -286,9 +314,10 @@ impl Gateway {
         self.draining.load(Ordering::Relaxed)
     }
 
-    /// Whether publications can flow (the broker is connected).
+    /// Whether publications can flow (the broker is connected) and the
+    /// revocations kept in Redis are known.
     pub fn broker_ready(&self) -> bool {
-        self.broker.ready()
+        self.broker.ready() && self.revocations_loaded.load(Ordering::Relaxed)
     }
 
     /// Subscribes `subscriber` to `channel` for `caller`, checking the
@@ -497,6 +526,14 @@ impl Gateway {
     /// # Errors
     /// Redis is unreachable: nothing was asked.
     pub async fn manage(&self, op: Manage) -> Result<(Managed, usize, usize), CoreError> {
+        if let Manage::Revoke { user, at } = &op {
+            // Kept in Redis first, so a replica that starts later (or
+            // misses the request) still refuses the revoked tokens.
+            self.broker
+                .store_revocation(user, *at, self.config.api.revocation_ttl_s)
+                .await
+                .map_err(|BrokerError::Unavailable| CoreError::Unavailable(Action::Publish))?;
+        }
         let reply = crate::history::new_epoch();
         let payload = serde_json::json!({ "reply": reply, "op": op }).to_string();
         // Replies are waited for a few Redis round trips, not forever.
@@ -550,9 +587,19 @@ impl Gateway {
         let Some(mut requests) = self.broker.take_control() else {
             return;
         };
+        // The revocations kept in Redis: read at start, and again now and
+        // then in case a request was missed (an outage, a partition).
+        let mut reload = tokio::time::interval(REVOCATIONS_RELOAD);
         loop {
             let payload = tokio::select! {
                 () = stop.cancelled() => return,
+                _ = reload.tick() => {
+                    if !self.reload_revocations().await {
+                        // Not connected yet (or an outage): soon again.
+                        reload.reset_after(REVOCATIONS_RETRY);
+                    }
+                    continue;
+                }
                 p = requests.recv() => match p { Some(p) => p, None => return },
             };
             #[derive(serde::Deserialize)]

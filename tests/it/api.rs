@@ -736,6 +736,32 @@ async fn management_reaches_every_replica() {
         .await
         .assert_refused(401);
     assert!(bob_b.settle().await.is_empty(), "bob's session stays");
+
+    // A replica started after the revocation reads it from Redis.
+    let late = start(|c, _| {
+        c.cluster.redis_url = Some(url.clone());
+        c.auth.hmac_secret_file = a.config.auth.hmac_secret_file.clone();
+    })
+    .await;
+    crate::cluster::wait_ready(&late, 200).await;
+    crate::harness::eventually(
+        WAIT,
+        "the late replica refusing alice's old token",
+        async || {
+            let res = late
+                .raw(&late.upgrade_head("/ws", &[&format!("Authorization: Bearer {old}")]))
+                .await;
+            (res.status == 401).then_some(())
+        },
+    )
+    .await;
+    // A token issued after the revocation second works there.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let fresh = late.token("alice", &["member"]);
+    assert!(
+        late.connect(&fresh).await.is_ok(),
+        "a newer token is accepted"
+    );
 }
 
 #[tokio::test]

@@ -146,4 +146,54 @@ impl RedisBroker {
             debug!("recording an idempotency answer in redis failed");
         }
     }
+
+    /// `ZADD` of a revocation, scored by its time; older ones than `ttl_s`
+    /// are trimmed, and the set expires when no revocation is recent.
+    pub(in crate::broker) async fn store_revocation(
+        &self,
+        user: &str,
+        at: u64,
+        ttl_s: u64,
+    ) -> Result<(), BrokerError> {
+        let mut conn = self.command_conn()?;
+        let key = format!("{}:revoked", self.prefix);
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .zadd(&key, user, at)
+            .ignore()
+            .cmd("ZREMRANGEBYSCORE")
+            .arg(&key)
+            .arg("-inf")
+            .arg(format!("({}", at.saturating_sub(ttl_s)))
+            .ignore()
+            .expire(&key, i64::try_from(ttl_s.max(1)).unwrap_or(i64::MAX))
+            .ignore();
+        match tokio::time::timeout(self.timeout, pipe.query_async::<()>(&mut conn)).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(BrokerError::Unavailable),
+        }
+    }
+
+    /// The revocations scored at or after `since`.
+    pub(in crate::broker) async fn load_revocations(
+        &self,
+        since: u64,
+    ) -> Option<Vec<(String, u64)>> {
+        let mut conn = self.command_conn().ok()?;
+        let mut cmd = redis::cmd("ZRANGEBYSCORE");
+        cmd.arg(format!("{}:revoked", self.prefix))
+            .arg(since)
+            .arg("+inf")
+            .arg("WITHSCORES");
+        let got: Vec<(String, f64)> =
+            tokio::time::timeout(self.timeout, cmd.query_async(&mut conn))
+                .await
+                .ok()?
+                .ok()?;
+        Some(
+            got.into_iter()
+                .map(|(user, at)| (user, at as u64))
+                .collect(),
+        )
+    }
 }
