@@ -25,7 +25,7 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::cluster::RedisServer;
 use crate::harness::{
     Client, Gateway, LOCAL, WAIT, Ws, admin_get, bearer_request_to, captured_logs, eventually_ok,
-    free_port, metric, read_json, repo_root, require_tool, start, substitute,
+    free_port, metric, read_json, repo_root, require_tool, same_keys, start, substitute,
 };
 
 /// HAProxy's tunnel timeout in these tests; the gateway pings 3x as often.
@@ -342,16 +342,10 @@ async fn a_draining_gateway_leaves_rotation_and_new_clients_land_on_the_other() 
     .await;
     // The same certificate and secret, so one client config and one token
     // work on either gateway.
-    let (cert, key, secret) = (
-        gw0.config.tls.cert_file.clone(),
-        gw0.config.tls.key_file.clone(),
-        gw0.config.auth.hmac_secret_file.clone(),
-    );
+    let keys = gw0.config.clone();
     let mut gw1 = start(move |c, _| {
         behind_haproxy(c);
-        c.tls.cert_file = cert;
-        c.tls.key_file = key;
-        c.auth.hmac_secret_file = secret;
+        same_keys(c, &keys);
     })
     .await;
     gw1.client = Arc::clone(&gw0.client);
@@ -417,16 +411,10 @@ async fn replicas_behind_haproxy(redis: &RedisServer) -> (Gateway, Gateway, Hapr
     .await;
     // The same certificate and secret, so one client config and one token
     // work on either replica.
-    let (cert, key, secret) = (
-        a.config.tls.cert_file.clone(),
-        a.config.tls.key_file.clone(),
-        a.config.auth.hmac_secret_file.clone(),
-    );
+    let keys = a.config.clone();
     let mut b = start(move |c, _| {
         replica(c);
-        c.tls.cert_file = cert;
-        c.tls.key_file = key;
-        c.auth.hmac_secret_file = secret;
+        same_keys(c, &keys);
     })
     .await;
     b.client = Arc::clone(&a.client);
@@ -735,16 +723,10 @@ async fn a_rolling_restart_behind_haproxy_loses_no_message() {
         move |c, _| replica(c)
     })
     .await;
-    let (cert, key, secret) = (
-        a.config.tls.cert_file.clone(),
-        a.config.tls.key_file.clone(),
-        a.config.auth.hmac_secret_file.clone(),
-    );
+    let keys = a.config.clone();
     let mut b = start(move |c, _| {
         replica(c);
-        c.tls.cert_file = cert;
-        c.tls.key_file = key;
-        c.auth.hmac_secret_file = secret;
+        same_keys(c, &keys);
     })
     .await;
     b.client = Arc::clone(&a.client);

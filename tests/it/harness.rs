@@ -146,6 +146,14 @@ pub fn base_config(dir: &std::path::Path) -> Config {
     config
 }
 
+/// Gives `c` the certificate, key and HMAC secret of `of`, so one client
+/// config and one token work on either gateway.
+pub fn same_keys(c: &mut Config, of: &Config) {
+    c.tls.cert_file = of.tls.cert_file.clone();
+    c.tls.key_file = of.tls.key_file.clone();
+    c.auth.hmac_secret_file = of.auth.hmac_secret_file.clone();
+}
+
 /// A rustls client config that trusts only the CA at `ca`.
 pub fn client_config(ca: &std::path::Path) -> Arc<ClientConfig> {
     let mut roots = RootCertStore::empty();
