@@ -66,6 +66,7 @@ mod hub;
 pub mod identity;
 mod metrics;
 pub mod policy;
+mod presence;
 mod protocol;
 mod proxy;
 mod rate;

@@ -86,11 +86,15 @@ pub const RESUME_OUTCOMES: [&str; 5] = [
     "no_history",
 ];
 
+/// Labels of `wsgate_presence_events_total{kind}`: frames queued.
+pub const PRESENCE_EVENTS: [&str; 2] = ["join", "leave"];
+
 /// Endpoints of `wsgate_api_requests_total{endpoint, status}`.
-pub const API_ENDPOINTS: [&str; 8] = [
+pub const API_ENDPOINTS: [&str; 9] = [
     "publish",
     "broadcast",
     "history",
+    "presence",
     "disconnect",
     "revoke",
     "unsubscribe",
@@ -165,6 +169,15 @@ impl<const N: usize> LabeledCounter<N> {
     pub fn inc(&self, label: &str) {
         if let Some(i) = self.labels.iter().position(|l| *l == label) {
             self.values[i].fetch_add(1, Ordering::Relaxed);
+        } else {
+            debug_assert!(false, "unknown metric label {label}");
+        }
+    }
+
+    /// Counts `n` for `label`, as [`LabeledCounter::inc`].
+    pub fn add(&self, label: &str, n: u64) {
+        if let Some(i) = self.labels.iter().position(|l| *l == label) {
+            self.values[i].fetch_add(n, Ordering::Relaxed);
         } else {
             debug_assert!(false, "unknown metric label {label}");
         }
@@ -282,6 +295,17 @@ pub struct Metrics {
     pub history_evictions: AtomicU64,
     /// HTTP API requests by endpoint and status.
     pub api: ApiRequests,
+    /// Members (a user in a channel) this gateway tracks, in grace or not.
+    pub presence_members: AtomicI64,
+    /// `join` and `leave` frames queued to watching sessions.
+    pub presence_events: LabeledCounter<2>,
+    /// Joins and leaves not sent because the channel had more members
+    /// than `presence.max_listed`.
+    pub presence_suppressed: AtomicU64,
+    /// Sweeps of a channel's expired members in Redis run by this replica.
+    pub presence_sweeps: AtomicU64,
+    /// Members removed by those sweeps (their replica stopped refreshing).
+    pub presence_expired: AtomicU64,
 }
 
 const RESULTS: [&str; 2] = ["ok", "failed"];
@@ -340,6 +364,11 @@ impl Default for Metrics {
             history_channels: AtomicI64::new(0),
             history_evictions: AtomicU64::new(0),
             api: ApiRequests::default(),
+            presence_members: AtomicI64::new(0),
+            presence_events: LabeledCounter::new(&PRESENCE_EVENTS),
+            presence_suppressed: AtomicU64::new(0),
+            presence_sweeps: AtomicU64::new(0),
+            presence_expired: AtomicU64::new(0),
         }
     }
 }
@@ -483,6 +512,36 @@ impl Metrics {
             "wsgate_history_evictions_total",
             "Channels evicted whole to stay under history.max_bytes.",
             self.history_evictions.load(Ordering::Relaxed),
+        );
+        gauge(
+            &mut out,
+            "wsgate_presence_members",
+            "Channel members (users) this gateway tracks for presence.",
+            load(&self.presence_members),
+        );
+        self.presence_events.render(
+            &mut out,
+            "wsgate_presence_events_total",
+            "kind",
+            "Presence join and leave frames queued to sessions.",
+        );
+        counter(
+            &mut out,
+            "wsgate_presence_suppressed_total",
+            "Joins and leaves not sent because the channel had more than presence.max_listed members.",
+            self.presence_suppressed.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "wsgate_presence_sweeps_total",
+            "Sweeps of expired presence members in Redis run by this replica.",
+            self.presence_sweeps.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "wsgate_presence_expired_total",
+            "Presence members removed by sweeps because their replica stopped refreshing them.",
+            self.presence_expired.load(Ordering::Relaxed),
         );
         self.api.render(&mut out);
         self.handshake.render(

@@ -25,6 +25,8 @@ pub enum ClientFrame<'a> {
         channel: ChannelName,
         /// The last position the client saw: replay what came after it.
         since: Option<Position>,
+        /// Also deliver the channel's `join` and `leave` frames.
+        presence: bool,
     },
     Unsubscribe {
         id: Option<u64>,
@@ -48,6 +50,10 @@ pub enum ClientFrame<'a> {
         /// 1 to [`MAX_HISTORY_LIMIT`]; [`DEFAULT_HISTORY_LIMIT`] when absent.
         limit: usize,
     },
+    Presence {
+        id: Option<u64>,
+        channel: ChannelName,
+    },
 }
 
 /// The flat shape every request shares; unknown fields are ignored.
@@ -67,6 +73,8 @@ struct Wire<'a> {
     since: Option<&'a RawValue>,
     #[serde(default)]
     limit: Option<serde_json::Value>,
+    #[serde(default)]
+    presence: Option<serde_json::Value>,
 }
 
 /// `since` as the contract has it.
@@ -106,6 +114,16 @@ pub enum ServerFrame<'a> {
     Pong {
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<u64>,
+    },
+    /// A user's first subscription to the channel began (§6).
+    Join {
+        channel: &'a str,
+        user: &'a str,
+    },
+    /// A user's last subscription to the channel ended, past the grace.
+    Leave {
+        channel: &'a str,
+        user: &'a str,
     },
 }
 
@@ -224,6 +242,34 @@ impl<'a> PositionOk<'a> {
     }
 }
 
+/// The `ok` of a `presence` request (protocol.md §6): the member count,
+/// and their user ids (sorted) unless there are too many to list.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PresenceOk<'a> {
+    op: &'static str,
+    id: u64,
+    count: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    users: Option<&'a [String]>,
+}
+
+impl<'a> PresenceOk<'a> {
+    pub fn new(id: u64, count: usize, users: Option<&'a [String]>) -> Self {
+        Self {
+            op: "ok",
+            id,
+            count,
+            users,
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|_| {
+            r#"{"op":"error","code":"internal","message":"encoding failed"}"#.to_owned()
+        })
+    }
+}
+
 /// What every `message` frame of `channel` starts with, up to `from`.
 fn message_prefix(channel: &ChannelName) -> String {
     format!(
@@ -245,6 +291,7 @@ pub enum ErrorCode {
     InvalidToken,
     Internal,
     NoHistory,
+    NoPresence,
 }
 
 /// Why a text frame could not be decoded into a [`ClientFrame`].
@@ -298,6 +345,16 @@ pub fn decode(text: &str) -> Result<ClientFrame<'_>, DecodeError> {
                         })?,
                 ),
             },
+            presence: match &wire.presence {
+                None => false,
+                Some(v) => v
+                    .as_bool()
+                    .ok_or_else(|| bad("`presence` must be true or false".into()))?,
+            },
+        },
+        "presence" => ClientFrame::Presence {
+            id,
+            channel: channel()?,
         },
         "unsubscribe" => ClientFrame::Unsubscribe {
             id,
@@ -437,7 +494,7 @@ mod tests {
         assert_eq!(ok(r#"{"op":"ping"}"#).unwrap(), "Ping { id: None }");
         assert!(matches!(
             decode(r#"{"op":"subscribe","id":1,"channel":"chat:lobby"}"#),
-            Ok(ClientFrame::Subscribe { id: Some(1), channel, since: None }) if channel == ch("chat:lobby")
+            Ok(ClientFrame::Subscribe { id: Some(1), channel, since: None, presence: false }) if channel == ch("chat:lobby")
         ));
         let resume =
             r#"{"op":"subscribe","id":2,"channel":"a","since":{"epoch":"q7f3k2","seq":41}}"#;

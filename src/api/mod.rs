@@ -68,6 +68,7 @@ impl Api {
             "/api/publish" => "publish",
             "/api/broadcast" => "broadcast",
             "/api/history" => "history",
+            "/api/presence" => "presence",
             "/api/disconnect" => "disconnect",
             "/api/revoke" => "revoke",
             "/api/unsubscribe" => "unsubscribe",
@@ -106,7 +107,7 @@ impl Api {
     ) -> Result<Response<Body>, ApiError> {
         let allowed = match endpoint {
             "publish" | "broadcast" | "disconnect" | "revoke" | "unsubscribe" => Method::POST,
-            "history" | "channels" => Method::GET,
+            "history" | "presence" | "channels" => Method::GET,
             _ => return Err(ApiError::not_found()),
         };
         if req.method() != allowed {
@@ -126,6 +127,7 @@ impl Api {
             "publish" => self.publish(caller, req).await,
             "broadcast" => self.broadcast(caller, req).await,
             "history" => self.history(caller, req.uri().query()).await,
+            "presence" => self.presence(caller, req.uri().query()).await,
             _ if !is_admin => Err(ApiError::new(
                 StatusCode::FORBIDDEN,
                 "forbidden",
@@ -336,11 +338,7 @@ impl Api {
     ) -> Result<Response<Body>, ApiError> {
         let mut channel = None;
         let mut limit = DEFAULT_HISTORY_LIMIT;
-        for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let value = percent_decode(value).ok_or_else(|| {
-                ApiError::bad_request("the query is not valid percent-encoded UTF-8")
-            })?;
+        for (name, value) in query_pairs(query)? {
             match name {
                 "channel" => channel = Some(parse_channel(&value)?),
                 "limit" => {
@@ -373,6 +371,48 @@ impl Api {
         }
         Ok(json(StatusCode::OK, value.to_string()))
     }
+
+    /// `GET /api/presence?channel=C`: the fields of the `presence` op's
+    /// `ok` (`count`, and `users` unless there are too many).
+    async fn presence(
+        &self,
+        caller: Caller<'_>,
+        query: Option<&str>,
+    ) -> Result<Response<Body>, ApiError> {
+        let mut channel = None;
+        for (name, value) in query_pairs(query)? {
+            if name == "channel" {
+                channel = Some(parse_channel(&value)?);
+            }
+        }
+        let channel =
+            channel.ok_or_else(|| ApiError::bad_request("missing query parameter `channel`"))?;
+        let listing = self
+            .gateway
+            .presence(caller, &channel)
+            .await
+            .map_err(ApiError::from_core)?;
+        let mut value = serde_json::json!({ "count": listing.count });
+        if let Some(users) = listing.users {
+            value["users"] = users.into();
+        }
+        Ok(json(StatusCode::OK, value.to_string()))
+    }
+}
+
+/// The name and percent-decoded value of each pair of a query string.
+fn query_pairs(query: Option<&str>) -> Result<Vec<(&str, String)>, ApiError> {
+    query
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            percent_decode(value).map(|v| (name, v)).ok_or_else(|| {
+                ApiError::bad_request("the query is not valid percent-encoded UTF-8")
+            })
+        })
+        .collect()
 }
 
 impl Api {
@@ -521,7 +561,9 @@ impl ApiError {
             CoreError::Forbidden(_) => {
                 Self::new(StatusCode::FORBIDDEN, "forbidden", &e.to_string())
             }
-            CoreError::NoHistory => Self::new(StatusCode::NOT_FOUND, "not_found", &e.to_string()),
+            CoreError::NoHistory | CoreError::NoPresence => {
+                Self::new(StatusCode::NOT_FOUND, "not_found", &e.to_string())
+            }
             CoreError::Unavailable(_) => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",

@@ -32,6 +32,7 @@ use crate::config::ClusterConfig;
 use crate::history::{HistoryRules, Position, Read};
 use crate::hub::{Hub, Published};
 use crate::metrics::Metrics;
+use crate::presence::{Listing, Presence};
 use crate::protocol::MessageTemplate;
 
 /// Why the broker could not do what was asked.
@@ -125,12 +126,13 @@ impl AnyBroker {
         cfg: &ClusterConfig,
         history: HistoryRules,
         hub: Arc<Hub>,
+        presence: Arc<Presence>,
         metrics: Arc<Metrics>,
     ) -> Result<(Self, Option<RedisWorker>), ::redis::RedisError> {
         match &cfg.redis_url {
             None => Ok((Self::Local(hub), None)),
             Some(url) => {
-                let (broker, worker) = RedisBroker::new(url, cfg, history, hub, metrics)?;
+                let (broker, worker) = RedisBroker::new(url, cfg, history, hub, presence, metrics)?;
                 Ok((Self::Redis(Box::new(broker)), Some(worker)))
             }
         }
@@ -298,6 +300,38 @@ impl AnyBroker {
         match self {
             Self::Local(_) => Err(BrokerError::Unavailable),
             Self::Redis(b) => b.read(channel, ReadFor::History(limit)).await,
+        }
+    }
+
+    /// Tells Redis that `user` became a member of `channel` on this
+    /// replica (nothing in process, where the presence table decides);
+    /// false when Redis could not be told.
+    pub async fn presence_enter(&self, channel: &ChannelName, user: &str) -> bool {
+        match self {
+            Self::Local(_) => true,
+            Self::Redis(b) => b.presence_enter(channel, user).await,
+        }
+    }
+
+    /// Tells Redis that `user` is no member of `channel` on this replica
+    /// any more.
+    pub fn presence_exit(&self, channel: &ChannelName, user: &str) {
+        if let Self::Redis(b) = self {
+            b.presence_exit(channel, user);
+        }
+    }
+
+    /// `channel`'s members on every replica; `None` in process.
+    ///
+    /// # Errors
+    /// Redis is unreachable.
+    pub async fn presence_read(
+        &self,
+        channel: &ChannelName,
+    ) -> Result<Option<Listing>, BrokerError> {
+        match self {
+            Self::Local(_) => Ok(None),
+            Self::Redis(b) => b.presence_read(channel).await.map(Some),
         }
     }
 

@@ -101,3 +101,79 @@ if count > 0 then
 end
 return out
 ";
+
+/// Presence in Redis (protocol.md §6), one channel at a time. KEYS:
+/// members (a sorted set of `"<replica> <user>"` scored by when the entry
+/// expires, in ms), users (a hash of user → how many replicas hold them),
+/// the sweep lock. ARGV: mode, topic, replica, lifetime_ms (the grace in
+/// `handoff`), max_listed, key_ttl_ms, sweep_ms, then users.
+///
+/// Modes: `enter` and `refresh` add or renew this replica's entry of each
+/// user (a user whose first entry it is joins); `exit` removes them (a
+/// user whose last entry it was leaves); `handoff` shortens them to the
+/// grace (a replica shutting down leaves its members to the sweep);
+/// `read` answers the count, and the users when there are at most
+/// `max_listed`. Every mode first sweeps expired entries (`read` always,
+/// the others when they take the sweep lock, so one replica sweeps a
+/// channel at a time), their users leaving as above. A join or leave is
+/// published (`J user`, `L user`) on the channel's topic only when the
+/// channel then has at most `max_listed` members. The others answer
+/// {published, suppressed, expired, swept}.
+pub(super) const PRESENCE_SCRIPT: &str = r"
+local members, users, lock = KEYS[1], KEYS[2], KEYS[3]
+local mode, topic, replica = ARGV[1], ARGV[2], ARGV[3]
+local life, max_listed = tonumber(ARGV[4]), tonumber(ARGV[5])
+local key_ttl, sweep_ms = tonumber(ARGV[6]), tonumber(ARGV[7])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local published, suppressed, expired, swept = 0, 0, 0, 0
+local function tell(kind, user)
+  if redis.call('HLEN', users) <= max_listed then
+    redis.call('PUBLISH', topic, kind .. ' ' .. user)
+    published = published + 1
+  else
+    suppressed = suppressed + 1
+  end
+end
+local function gone(user)
+  if redis.call('HINCRBY', users, user, -1) <= 0 then
+    redis.call('HDEL', users, user)
+    tell('L', user)
+  end
+end
+if mode == 'read' or (sweep_ms > 0 and redis.call('SET', lock, replica, 'NX', 'PX', sweep_ms)) then
+  swept = 1
+  local old = redis.call('ZRANGEBYSCORE', members, '-inf', now, 'LIMIT', 0, 1000)
+  for _, m in ipairs(old) do
+    redis.call('ZREM', members, m)
+    local sp = string.find(m, ' ', 1, true)
+    if sp then gone(string.sub(m, sp + 1)) end
+    expired = expired + 1
+  end
+end
+if mode == 'read' then
+  local n = redis.call('HLEN', users)
+  if n > max_listed then return {n} end
+  local out = redis.call('HKEYS', users)
+  table.insert(out, 1, n)
+  return out
+end
+for i = 8, #ARGV do
+  local user = ARGV[i]
+  local m = replica .. ' ' .. user
+  if mode == 'exit' then
+    if redis.call('ZREM', members, m) == 1 then gone(user) end
+  elseif mode == 'handoff' then
+    redis.call('ZADD', members, 'XX', 'LT', now + life, m)
+  elseif redis.call('ZADD', members, now + life, m) == 1 then
+    if redis.call('HINCRBY', users, user, 1) == 1 then tell('J', user) end
+  end
+end
+if redis.call('EXISTS', members) == 1 then
+  redis.call('PEXPIRE', members, key_ttl)
+  redis.call('PEXPIRE', users, key_ttl)
+else
+  redis.call('DEL', users)
+end
+return {published, suppressed, expired, swept}
+";

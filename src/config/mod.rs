@@ -44,6 +44,7 @@ pub struct Config {
     pub admission: AdmissionConfig,
     pub cluster: ClusterConfig,
     pub history: HistoryConfig,
+    pub presence: PresenceConfig,
     pub api: ApiConfig,
     pub policy: PolicyConfig,
     pub log: LogConfig,
@@ -465,6 +466,37 @@ impl Default for HistoryRule {
             pattern: "chat:*".to_owned(),
             max_messages: 100,
             max_age_s: 600,
+        }
+    }
+}
+
+/// Which channels keep presence (protocol.md §6): who is subscribed, per
+/// user, with `join` and `leave` frames for those who ask.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PresenceConfig {
+    /// The channels that keep presence, by pattern (the history syntax:
+    /// `*` one token, a final `>` one or more; no templates). Empty: none.
+    pub channels: Vec<String>,
+    /// Above this many members the `presence` op answers `count` only,
+    /// and `join` and `leave` are not sent (see docs/protocol.md §6).
+    pub max_listed: usize,
+    /// How long after a user's last subscription to a channel ends their
+    /// `leave` waits, in milliseconds; a new subscription meanwhile
+    /// cancels it (a reconnect is no leave and join).
+    pub grace_ms: u64,
+    /// With a Redis backplane: a member whose replica stops refreshing
+    /// it (a crash) is gone, with a `leave`, within this many seconds.
+    pub ttl_s: u64,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        Self {
+            channels: vec!["chat:*".to_owned()],
+            max_listed: 100,
+            grace_ms: 5_000,
+            ttl_s: 60,
         }
     }
 }

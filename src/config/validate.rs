@@ -192,6 +192,19 @@ impl Config {
                 "history.max_bytes must be at least 1 MiB when channels keep history".into(),
             );
         }
+        let p = &self.presence;
+        if p.channels.iter().any(String::is_empty) {
+            return bad("presence.channels: a pattern must not be empty".into());
+        }
+        if !(1..=10_000).contains(&p.max_listed) {
+            return bad("presence.max_listed must be between 1 and 10000".into());
+        }
+        if p.grace_ms > 600_000 {
+            return bad("presence.grace_ms must be at most 600000 (10 minutes)".into());
+        }
+        if !(3..=86_400).contains(&p.ttl_s) {
+            return bad("presence.ttl_s must be between 3 and 86400".into());
+        }
         if !(32..=128).contains(&self.admission.ipv6_prefix_len) {
             return bad("admission.ipv6_prefix_len must be between 32 and 128".into());
         }

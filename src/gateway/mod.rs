@@ -15,7 +15,7 @@
 
 pub mod slots;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
@@ -34,6 +34,7 @@ use crate::hub::{Hub, Left, Published, Subscriber};
 use crate::identity::Identity;
 use crate::metrics::Metrics;
 use crate::policy::{Action, PolicySet, PolicyStore};
+use crate::presence::{Listing, Presence, PresenceRules};
 use crate::protocol::{ErrorCode, ServerFrame};
 
 /// Why the core refused a request. Each has a stable wire code apart
@@ -49,6 +50,8 @@ pub enum CoreError {
     Unavailable(Action),
     #[error("this channel keeps no history")]
     NoHistory,
+    #[error("this channel keeps no presence")]
+    NoPresence,
 }
 
 fn unavailable_text(action: Action) -> &'static str {
@@ -66,6 +69,7 @@ impl CoreError {
             Self::TooManySubscriptions => ErrorCode::TooManySubscriptions,
             Self::Unavailable(_) => ErrorCode::Internal,
             Self::NoHistory => ErrorCode::NoHistory,
+            Self::NoPresence => ErrorCode::NoPresence,
         }
     }
 }
@@ -138,24 +142,28 @@ pub struct SubscribeOptions<'a> {
     pub id: Option<u64>,
     /// Resume: replay what came after this position.
     pub since: Option<&'a Position>,
+    /// Also send this session the channel's `join` and `leave` frames.
+    pub presence: bool,
 }
 
 /// One connection's subscriptions, kept by its caller and changed only
-/// through the core, so the hub, the broker and the gauge agree.
+/// through the core, so the hub, the broker, presence and the gauge agree.
 #[derive(Debug, Default)]
 pub struct Subscriptions {
-    channels: HashSet<ChannelName>,
+    /// Each with whether the session watches its presence.
+    channels: HashMap<ChannelName, bool>,
+    /// Whose they are (set by the first subscribe): the presence member.
+    user: Option<Box<str>>,
 }
 
 impl Subscriptions {
-    pub fn contains(&self, channel: &ChannelName) -> bool {
-        self.channels.contains(channel)
-    }
-
     pub fn len(&self) -> usize {
         self.channels.len()
     }
 }
+
+/// How often graces are checked: a `leave` comes at most this late.
+const PRESENCE_TICK: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// How often the revocations kept in Redis are read again.
 const REVOCATIONS_RELOAD: std::time::Duration = std::time::Duration::from_secs(30);
@@ -172,6 +180,8 @@ pub struct Gateway {
     /// Per-address and global admission limits.
     pub admission: Arc<Admission>,
     hub: Arc<Hub>,
+    /// Who is in which channel (per user), and who watches.
+    presence: Arc<Presence>,
     broker: AnyBroker,
     /// Which channels keep history (in the hub, or in Redis).
     history: HistoryRules,
@@ -203,7 +213,7 @@ impl Gateway {
         metrics: Arc<Metrics>,
         verifier: Verifier,
         policies: PolicyStore,
-        history: HistoryRules,
+        (history, presence): (HistoryRules, PresenceRules),
     ) -> Result<(Self, Option<RedisWorker>), ::redis::RedisError> {
         // With a Redis backplane, history lives in Redis, not in the hub.
         let local_history = if config.cluster.redis_url.is_none() {
@@ -212,10 +222,13 @@ impl Gateway {
             HistoryRules::default()
         };
         let hub = Arc::new(Hub::new(local_history, Arc::clone(&metrics)));
+        let single = config.cluster.redis_url.is_none();
+        let presence = Arc::new(Presence::new(presence, single, Arc::clone(&metrics)));
         let (broker, worker) = AnyBroker::new(
             &config.cluster,
             history.clone(),
             Arc::clone(&hub),
+            Arc::clone(&presence),
             Arc::clone(&metrics),
         )?;
         let local = broker.is_local();
@@ -226,6 +239,7 @@ impl Gateway {
             verifier,
             policies,
             hub,
+            presence,
             broker,
             history,
             users: Mutex::default(),
@@ -337,13 +351,25 @@ impl Gateway {
         channel: &ChannelName,
         options: SubscribeOptions<'_>,
     ) -> Result<(), CoreError> {
-        if subs.contains(channel) {
+        let keeps_presence = self.presence.keeps(channel);
+        if let Some(watching) = subs.channels.get_mut(channel) {
+            if options.presence && !keeps_presence {
+                return Err(CoreError::NoPresence);
+            }
             if let Some(id) = options.id {
                 subscriber.send(Utf8Bytes::from(ServerFrame::Ok { id }.encode()));
+            }
+            // Asking for presence on a subscription without it starts it.
+            if options.presence && !*watching {
+                *watching = true;
+                self.presence.watch(channel, subscriber);
             }
             return Ok(());
         }
         caller.check(Action::Subscribe, channel)?;
+        if options.presence && !keeps_presence {
+            return Err(CoreError::NoPresence);
+        }
         if subs.len() >= self.config.limits.max_subscriptions {
             return Err(CoreError::TooManySubscriptions);
         }
@@ -389,8 +415,24 @@ impl Gateway {
             let label = outcome.map_or_else(|why| why.as_str(), |()| "recovered");
             self.metrics.resumes.inc(label);
         }
-        subs.channels.insert(channel.clone());
+        subs.channels.insert(channel.clone(), options.presence);
         self.metrics.subscriptions.fetch_add(1, Ordering::Relaxed);
+        if keeps_presence {
+            let user = &caller.identity.user;
+            if subs.user.is_none() {
+                subs.user = Some(user.as_str().into());
+            }
+            // Watching first: the subscriber hears its own user's join,
+            // after its `ok`, as every other watcher does.
+            if options.presence {
+                self.presence.watch(channel, subscriber);
+            }
+            if self.presence.enter(channel, user) {
+                // Awaited, so a `presence` right after lists this user;
+                // when Redis cannot be told, the next renewal tells it.
+                self.broker.presence_enter(channel, user).await;
+            }
+        }
         Ok(())
     }
 
@@ -402,10 +444,10 @@ impl Gateway {
         session: u64,
         channel: &ChannelName,
     ) -> bool {
-        if !subs.channels.remove(channel) {
+        let Some(watching) = subs.channels.remove(channel) else {
             return false;
-        }
-        self.leave(session, channel);
+        };
+        self.leave(session, channel, subs.user.as_deref(), watching);
         self.metrics.subscriptions.fetch_sub(1, Ordering::Relaxed);
         true
     }
@@ -413,8 +455,8 @@ impl Gateway {
     /// Ends every subscription of `session` (its connection is closing).
     pub fn unsubscribe_all(&self, subs: &mut Subscriptions, session: u64) {
         let n = subs.len() as i64;
-        for channel in std::mem::take(&mut subs.channels) {
-            self.leave(session, &channel);
+        for (channel, watching) in std::mem::take(&mut subs.channels) {
+            self.leave(session, &channel, subs.user.as_deref(), watching);
         }
         self.metrics.subscriptions.fetch_sub(n, Ordering::Relaxed);
     }
@@ -430,7 +472,7 @@ impl Gateway {
     ) -> Vec<ChannelName> {
         let lost: Vec<ChannelName> = subs
             .channels
-            .iter()
+            .keys()
             .filter(|c| caller.check(Action::Subscribe, c).is_err())
             .cloned()
             .collect();
@@ -440,11 +482,58 @@ impl Gateway {
         lost
     }
 
-    fn leave(&self, session: u64, channel: &ChannelName) {
+    fn leave(&self, session: u64, channel: &ChannelName, user: Option<&str>, watching: bool) {
         // The broker is asked on every join (all wait for its
         // confirmation) and released only when the hub says the last left.
         if self.hub.leave(channel, session) == Left::Last {
             self.broker.release();
+        }
+        if watching {
+            self.presence.unwatch(channel, session);
+        }
+        if let Some(user) = user
+            && self.presence.keeps(channel)
+            && self.presence.exit(channel, user, Instant::now())
+        {
+            self.broker.presence_exit(channel, user);
+        }
+    }
+
+    /// Who is in `channel` (on every replica), for `caller`, who needs the
+    /// `subscribe` permission (subscribed or not).
+    ///
+    /// # Errors
+    /// Forbidden, the channel keeps no presence, or Redis is unreachable.
+    pub async fn presence(
+        &self,
+        caller: Caller<'_>,
+        channel: &ChannelName,
+    ) -> Result<Listing, CoreError> {
+        caller.check(Action::Subscribe, channel)?;
+        if !self.presence.keeps(channel) {
+            return Err(CoreError::NoPresence);
+        }
+        match self.broker.presence_read(channel).await {
+            Ok(Some(listing)) => Ok(listing),
+            Ok(None) => Ok(self.presence.listing(channel)),
+            Err(BrokerError::Unavailable) => Err(CoreError::Unavailable(Action::Subscribe)),
+        }
+    }
+
+    /// Ends the graces of members whose last subscription ended (their
+    /// `leave`), a few times a second, until `stop`: one task for every
+    /// member of the process.
+    pub async fn serve_presence(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        let mut tick = tokio::time::interval(PRESENCE_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            for (channel, user) in self.presence.expire(Instant::now()) {
+                self.broker.presence_exit(&channel, &user);
+            }
         }
     }
 

@@ -32,6 +32,7 @@ use crate::gateway::Gateway;
 use crate::history::HistoryRules;
 use crate::metrics::Metrics;
 use crate::policy::{PolicyError, PolicyStore};
+use crate::presence::PresenceRules;
 use crate::tls;
 use crate::upgrade::UpgradePolicy;
 
@@ -128,9 +129,11 @@ impl Server {
         let upgrade = UpgradePolicy::from_config(&config)?;
         let history = HistoryRules::compile(&config.history, config.websocket.outbox_frames)
             .map_err(ConfigError::Invalid)?;
+        let presence = PresenceRules::compile(&config.presence).map_err(ConfigError::Invalid)?;
         // The URL may carry a password: the error names only what is wrong.
-        let (gateway, broker_worker) = Gateway::new(config, metrics, verifier, policies, history)
-            .map_err(|e| StartError::Redis(e.to_string()))?;
+        let (gateway, broker_worker) =
+            Gateway::new(config, metrics, verifier, policies, (history, presence))
+                .map_err(|e| StartError::Redis(e.to_string()))?;
         let shared = Arc::new(Shared {
             gateway: Arc::new(gateway),
             upgrade,
@@ -202,6 +205,7 @@ impl Server {
         } = self;
         let broker_stop = CancellationToken::new();
         tokio::spawn(Arc::clone(&shared.gateway).serve_control(broker_stop.clone()));
+        tokio::spawn(Arc::clone(&shared.gateway).serve_presence(broker_stop.clone()));
         if let Some(worker) = broker_worker {
             tokio::spawn(worker.run(broker_stop.clone()));
         }

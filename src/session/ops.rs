@@ -15,7 +15,7 @@ use super::{Session, expiry_instant};
 use crate::channel::ChannelName;
 use crate::gateway::{Caller, CoreError, SubscribeOptions};
 use crate::hub::Subscriber;
-use crate::protocol::{self, ClientFrame, ErrorCode, PositionOk, ServerFrame};
+use crate::protocol::{self, ClientFrame, ErrorCode, PositionOk, PresenceOk, ServerFrame};
 
 /// Consecutive frames that are not JSON objects before closing with 1008.
 const MAX_BAD_FRAMES: u32 = 8;
@@ -94,10 +94,16 @@ impl Session<'_> {
         self.bad_frames = 0;
         match frame {
             ClientFrame::Ping { id } => self.reply(&ServerFrame::Pong { id }),
-            ClientFrame::Subscribe { id, channel, since } => {
+            ClientFrame::Subscribe {
+                id,
+                channel,
+                since,
+                presence,
+            } => {
                 let options = SubscribeOptions {
                     id,
                     since: since.as_ref(),
+                    presence,
                 };
                 self.subscribe(id, &channel, options).await;
             }
@@ -121,6 +127,9 @@ impl Session<'_> {
                 return self.publish(id, &channel, data).await;
             }
             ClientFrame::Refresh { id, token } => self.refresh(id, &token),
+            ClientFrame::Presence { id, channel } => {
+                return self.presence(id, &channel).await;
+            }
         }
         None
     }
@@ -175,6 +184,29 @@ impl Session<'_> {
         Ok(false)
     }
 
+    /// [`Session::spend`] for a request handler: `Err` holds what the
+    /// handler returns when no token was left (a close, or nothing more).
+    fn spend_or_end(
+        &mut self,
+        id: Option<u64>,
+        channel: &ChannelName,
+        what: &str,
+    ) -> Result<(), Option<CloseReason>> {
+        match self.spend(id, channel, what) {
+            Err(reason) => Err(Some(reason)),
+            Ok(false) => Err(None),
+            Ok(true) => Ok(()),
+        }
+    }
+
+    /// Who this session acts for, judged by its policy snapshot.
+    fn caller(&self) -> Caller<'_> {
+        Caller {
+            identity: &self.ctx.identity,
+            policy: &self.policy,
+        }
+    }
+
     /// `history`: the last messages of a channel in one `ok`. It costs a
     /// token of the same budget as `publish`.
     async fn history(
@@ -183,21 +215,33 @@ impl Session<'_> {
         channel: &ChannelName,
         limit: usize,
     ) -> Option<CloseReason> {
-        match self.spend(id, channel, "request rate exceeded") {
-            Err(reason) => return Some(reason),
-            Ok(false) => return None,
-            Ok(true) => {}
+        if let Err(end) = self.spend_or_end(id, channel, "request rate exceeded") {
+            return end;
         }
-        let caller = Caller {
-            identity: &self.ctx.identity,
-            policy: &self.policy,
-        };
-        match self.gateway.history(caller, channel, limit).await {
+        match self.gateway.history(self.caller(), channel, limit).await {
             Ok((position, frames)) => {
                 if let Some(id) = id {
                     let ok = PositionOk::new(id, Some((&position.epoch, position.seq)), None)
                         .with_messages(channel, frames.iter().map(Utf8Bytes::as_str));
                     self.reply_text(ok);
+                }
+            }
+            Err(e) => self.core_error(id, e, channel),
+        }
+        None
+    }
+
+    /// `presence`: who is in a channel, in one `ok`. It costs a token of
+    /// the same budget as `publish`.
+    async fn presence(&mut self, id: Option<u64>, channel: &ChannelName) -> Option<CloseReason> {
+        if let Err(end) = self.spend_or_end(id, channel, "request rate exceeded") {
+            return end;
+        }
+        match self.gateway.presence(self.caller(), channel).await {
+            Ok(listing) => {
+                if let Some(id) = id {
+                    let ok = PresenceOk::new(id, listing.count, listing.users.as_deref());
+                    self.reply_text(ok.encode());
                 }
             }
             Err(e) => self.core_error(id, e, channel),
@@ -211,10 +255,8 @@ impl Session<'_> {
         channel: &ChannelName,
         data: &RawValue,
     ) -> Option<CloseReason> {
-        match self.spend(id, channel, "publish rate exceeded") {
-            Err(reason) => return Some(reason),
-            Ok(false) => return None,
-            Ok(true) => {}
+        if let Err(end) = self.spend_or_end(id, channel, "publish rate exceeded") {
+            return end;
         }
         // The ok is encoded up front: the core has it queued the moment
         // the publication is certain, which may be before its own echo.

@@ -144,6 +144,8 @@ pub fn check_config(args: &ConfigArgs) -> Result<(), BoxError> {
     // The history patterns compile as `serve` compiles them.
     crate::history::HistoryRules::compile(&config.history, config.websocket.outbox_frames)
         .map_err(crate::config::ConfigError::Invalid)?;
+    crate::presence::PresenceRules::compile(&config.presence)
+        .map_err(crate::config::ConfigError::Invalid)?;
     for name in ignored {
         println!("note: {name} names no configuration section; ignored");
     }

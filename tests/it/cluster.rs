@@ -88,7 +88,7 @@ pub(crate) async fn replicas(redis: &RedisServer) -> (Gateway, Gateway) {
     (a, b)
 }
 
-pub(crate) async fn wait_ready(gw: &Gateway, status: u16) {
+pub(crate) async fn wait_ready(gw: &crate::harness::Endpoint, status: u16) {
     eventually_ok(
         WAIT,
         &format!("/readyz to answer {status}"),

@@ -826,11 +826,11 @@ pub struct Client {
 }
 
 impl Client {
-    pub async fn join(gw: &Gateway, user: &str, roles: &[&str]) -> Self {
+    pub async fn join(gw: &Endpoint, user: &str, roles: &[&str]) -> Self {
         Self::join_with(gw, &gw.token(user, roles), user).await
     }
 
-    pub async fn join_with(gw: &Gateway, token: &str, user: &str) -> Self {
+    pub async fn join_with(gw: &Endpoint, token: &str, user: &str) -> Self {
         let (ws, res) = gw.connect(token).await.expect("upgrade");
         assert_eq!(res.status(), 101);
         Self::from_ws(ws, user).await

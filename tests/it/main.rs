@@ -17,6 +17,7 @@ mod limits;
 mod logs;
 mod metrics;
 mod openapi;
+mod presence;
 mod process;
 mod proxy;
 mod reload;

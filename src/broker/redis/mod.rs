@@ -17,6 +17,7 @@ use futures_util::future::{BoxFuture, Shared};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 mod manage;
+mod presence;
 
 use super::BrokerError;
 use super::scripts::{NEW_EPOCH, PUBLISH_SCRIPT, READ_SCRIPT};
@@ -25,8 +26,11 @@ use crate::config::ClusterConfig;
 use crate::history::{HistoryRules, Position, Read, Unrecovered};
 use crate::hub::{Hub, Published};
 use crate::metrics::Metrics;
+use crate::presence::{Listing, Presence};
 use crate::protocol::MessageTemplate;
 use manage::{CONTROL_QUEUE, control_topic};
+pub use presence::PresenceWorker;
+use presence::{PRESENCE_QUEUE, PresenceKeys, PresenceOp};
 
 /// What a read is for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -73,6 +77,9 @@ pub struct RedisBroker {
     requests: mpsc::Sender<SubscribeRequest>,
     released: Arc<Notify>,
     ready: Arc<AtomicBool>,
+    /// Enters and exits of this replica's members, for [`PresenceWorker`].
+    presence_ops: mpsc::Sender<PresenceOp>,
+    presence_keys: PresenceKeys,
 }
 
 impl std::fmt::Debug for RedisBroker {
@@ -168,6 +175,7 @@ impl RedisBroker {
         cfg: &ClusterConfig,
         rules: HistoryRules,
         hub: Arc<Hub>,
+        presence: Arc<Presence>,
         metrics: Arc<Metrics>,
     ) -> Result<(Self, RedisWorker), redis::RedisError> {
         let client = redis::Client::open(url)?;
@@ -178,6 +186,15 @@ impl RedisBroker {
         let ready = Arc::new(AtomicBool::new(false));
         let timeout = Duration::from_millis(cfg.command_timeout_ms);
         let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
+        let (ops_tx, ops_rx) = mpsc::channel(PRESENCE_QUEUE);
+        let presence_keys = PresenceKeys::new(&cfg.prefix, presence.rules(), timeout);
+        let presence_worker = PresenceWorker {
+            keys: presence_keys.clone(),
+            ops: ops_rx,
+            commands: Arc::clone(&commands),
+            presence: Arc::clone(&presence),
+            metrics: Arc::clone(&metrics),
+        };
         let broker = Self {
             control: Mutex::new(Some(control_rx)),
             prefix: cfg.prefix.clone(),
@@ -192,6 +209,8 @@ impl RedisBroker {
             requests: tx,
             released: Arc::clone(&released),
             ready: Arc::clone(&ready),
+            presence_ops: ops_tx,
+            presence_keys,
         };
         let worker = RedisWorker {
             client,
@@ -204,6 +223,8 @@ impl RedisBroker {
             released,
             ready,
             hub,
+            presence,
+            presence_worker: Some(presence_worker),
             metrics,
             control: control_tx,
         };
@@ -375,6 +396,48 @@ impl RedisBroker {
     pub(super) fn ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
     }
+
+    /// `user` became a member of `channel` here; returns once Redis has
+    /// it (false when it could not be told: the next renewal adds it).
+    pub(super) async fn presence_enter(&self, channel: &ChannelName, user: &str) -> bool {
+        let (done, told) = oneshot::channel();
+        let op = PresenceOp {
+            channel: channel.clone(),
+            user: user.into(),
+            enter: true,
+            done: Some(done),
+        };
+        if self.presence_ops.try_send(op).is_err() {
+            return false;
+        }
+        matches!(tokio::time::timeout(self.timeout, told).await, Ok(Ok(())))
+    }
+
+    /// `user` is no member of `channel` here any more (their grace ended).
+    pub(super) fn presence_exit(&self, channel: &ChannelName, user: &str) {
+        let op = PresenceOp {
+            channel: channel.clone(),
+            user: user.into(),
+            enter: false,
+            done: None,
+        };
+        if self.presence_ops.try_send(op).is_err() {
+            // Its entry expires within the time-to-live instead.
+            debug!("presence queue full; a leave waits for its entry to expire");
+        }
+    }
+
+    /// `channel`'s members on every replica.
+    pub(super) async fn presence_read(
+        &self,
+        channel: &ChannelName,
+    ) -> Result<Listing, BrokerError> {
+        let mut conn = self.command_conn()?;
+        self.presence_keys
+            .read(&mut conn, channel)
+            .await
+            .ok_or(BrokerError::Unavailable)
+    }
 }
 
 /// Owns the Redis connections: (re)connects with jittered back-off,
@@ -391,6 +454,9 @@ pub struct RedisWorker {
     released: Arc<Notify>,
     ready: Arc<AtomicBool>,
     hub: Arc<Hub>,
+    presence: Arc<Presence>,
+    /// Run beside this worker, from its start.
+    presence_worker: Option<PresenceWorker>,
     metrics: Arc<Metrics>,
     /// Management requests from other replicas, for the gateway core.
     control: mpsc::Sender<String>,
@@ -415,6 +481,9 @@ impl RedisWorker {
 
     /// Runs until `stop`.
     pub async fn run(mut self, stop: CancellationToken) {
+        if let Some(worker) = self.presence_worker.take() {
+            tokio::spawn(worker.run(stop.clone()));
+        }
         let metrics = Arc::clone(&self.metrics);
         let metrics = &*metrics;
         let mut delay = Duration::from_millis(50);
@@ -581,6 +650,12 @@ impl RedisWorker {
             .strip_prefix(&self.prefix)
             .and_then(|rest| rest.strip_prefix(":msg:"))
             .and_then(|c| ChannelName::parse(c).ok());
+        if let (Some(channel), Some((event, user))) =
+            (&channel, presence::parse_event(message.get_payload_bytes()))
+        {
+            self.presence.announce(channel, event, user);
+            return;
+        }
         let parsed =
             parse_message(message.get_payload_bytes()).and_then(|(seq, epoch, from, data)| {
                 let data: &RawValue = serde_json::from_str(data).ok()?;
