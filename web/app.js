@@ -6,7 +6,9 @@
 // wsgate.js does the protocol work: it reconnects with back-off, asks
 // getToken() for a token at every (re)connect and before expiry (refresh),
 // and re-subscribes every channel it remembers after each reconnect. This
-// page keeps its own list of joined channels only to show them.
+// page keeps its own list of joined channels only to show them. In rooms
+// (chat:*) it also asks for presence, and shows who is in the room as
+// wsgate.js keeps it up to date (the listing, then join and leave).
 import { WsgateClient, WsgateError, describeClose, CloseCode } from './wsgate.js';
 
 const $ = (id) => document.getElementById(id);
@@ -31,6 +33,10 @@ const ui = {
   noticeText: $('notice-text'),
   noticeClose: $('notice-close'),
   room: $('room'),
+  membersPanel: $('members-panel'),
+  membersCount: $('members-count'),
+  members: $('members'),
+  membersNote: $('members-note'),
   scroller: $('scroller'),
   empty: $('empty'),
   messages: $('messages'),
@@ -42,6 +48,8 @@ const ui = {
 const WS_URL = `${location.protocol === 'http:' ? 'ws' : 'wss'}://${location.host}/ws`;
 const CHANNEL_RE = /^[A-Za-z0-9_.@=+-]+(?::[A-Za-z0-9_.@=+-]+)*$/;
 const NAME_RE = /^[A-Za-z0-9_.@=+-]{1,64}$/;
+// The rooms whose subscriptions ask for presence: what `serve --dev` keeps it for.
+const PRESENCE_RE = /^chat:[^:]+$/;
 const MAX_MESSAGES = 500;
 const EXPIRY_WARNING_S = 120;
 const TOKEN_EXPIRED = CloseCode.TOKEN_EXPIRED; // 4001
@@ -59,7 +67,8 @@ const app = {
   tokenInUse: null,    // the token getToken last handed out
   devAvailable: false,
   // channel -> { status: 'joining' | 'joined' | 'pending', unread, lastSeq,
-  //              scrolled: its recent history was shown }
+  //              scrolled: its recent history was shown,
+  //              presence: { members: sorted [] | null (too many), count } | null }
   channels: new Map(),
   active: null,        // the channel shown and written to
   countdown: null,
@@ -304,6 +313,9 @@ function onState({ state, code, delayMs }) {
     case 'closed':
       setBadge('closed', 'Closed', code ? meaning(code) : '');
       markChannelsPending();
+      // No longer followed: who was here is not known any more.
+      for (const entry of app.channels.values()) entry.presence = null;
+      renderMembers();
       break;
     default:
       setBadge('idle', 'Not connected');
@@ -367,6 +379,9 @@ function connect() {
   client.on('error', mine(onClientError));
   client.on('unrecovered', mine(onUnrecovered));
   client.on('closed', mine(onClosed));
+  client.on('members', mine(onMembers));
+  client.on('join', mine((e) => onPresenceChange('joined', e)));
+  client.on('leave', mine((e) => onPresenceChange('left', e)));
   // Channels joined before (with another token, or before a Disconnect)
   // are joined again on this connection.
   for (const channel of app.channels.keys()) subscribe(channel);
@@ -382,6 +397,9 @@ function dropClient() {
   clearTimeout(app.expiryTimer);
   stopCountdown();
   if (old) old.close();
+  // Who is in a room is known only while a client follows it.
+  for (const entry of app.channels.values()) entry.presence = null;
+  renderMembers();
 }
 
 function onWelcome(w) {
@@ -391,6 +409,7 @@ function onWelcome(w) {
   ui.whoami.hidden = false;
   ui.whoami.textContent = w.user;
   ui.whoami.title = `Session ${w.session}`;
+  renderMembers(); // which member is you
   if (app.welcomes === 1) {
     // On a phone, make room for the conversation once connected.
     if (narrow.matches) ui.connCard.open = false;
@@ -509,6 +528,7 @@ function errorText(err, channel) {
     case 'rate_limited': return 'You are sending messages too fast. Wait a moment, then send again.';
     case 'too_many_subscriptions': return 'You have joined too many channels. Leave one first.';
     case 'not_subscribed': return `You are not in ${ch}.`;
+    case 'no_presence': return `${ch} keeps no list of who is in it.`;
     case 'bad_request': return `The gateway did not accept that: ${err.message}`;
     case 'invalid_token': return 'the gateway did not accept the new token';
     case 'token_mismatch': return 'the new token is for another user';
@@ -576,9 +596,19 @@ async function subscribe(channel) {
         since = { epoch: page.epoch, seq: page.seq };
       }
     }
-    await client.subscribe(channel, (msg) => {
+    const handler = (msg) => {
       if (app.client === client) onMessage(msg);
-    }, { since });
+    };
+    try {
+      // In a room, also follow who is in it (wsgate.js asks again after
+      // every reconnect).
+      await client.subscribe(channel, handler, { since, presence: PRESENCE_RE.test(channel) });
+    } catch (err) {
+      if (err?.code !== 'no_presence') throw err;
+      // This gateway keeps no presence for the room: join it without.
+      if (app.client !== client || app.channels.get(channel) !== entry) return;
+      await client.subscribe(channel, handler, { since });
+    }
     if (app.client !== client || app.channels.get(channel) !== entry) return;
     entry.status = 'joined';
   } catch (err) {
@@ -621,6 +651,7 @@ function removeChannel(channel) {
   app.channels.delete(channel);
   if (app.active === channel) setActive(app.channels.keys().next().value ?? null);
   renderChips();
+  renderMembers();
   updateControls();
 }
 
@@ -633,6 +664,7 @@ function setActive(channel) {
   for (const li of ui.messages.children) li.hidden = !visibleIn(li, channel);
   updateEmpty();
   renderChips();
+  renderMembers();
   updateControls();
   scrollToEnd(true);
 }
@@ -680,6 +712,60 @@ ui.joinForm.addEventListener('submit', (e) => {
 });
 ui.leave.addEventListener('click', () => leave(ui.channel.value.trim()));
 ui.channel.addEventListener('input', updateControls);
+
+// ---------------------------------------------------------------- members
+
+/** wsgate.js's view of a room changed (the listing, a join or a leave). */
+function onMembers({ channel, members, count }) {
+  const entry = app.channels.get(channel);
+  if (!entry) return;
+  entry.presence = { members, count };
+  if (channel === app.active) renderMembers();
+}
+
+/** "bob joined." in the room's conversation (not for yourself). */
+function onPresenceChange(what, { channel, user }) {
+  if (user === app.user || !app.channels.has(channel)) return;
+  systemLine(`${user} ${what}.`, channel);
+}
+
+/**
+ * Who is in the shown room: each user once (however many tabs), yourself
+ * marked; only the count when there are more than the gateway lists.
+ * Hidden for a channel without presence.
+ */
+function renderMembers() {
+  const p = app.active && app.channels.get(app.active)?.presence;
+  ui.membersPanel.hidden = !p;
+  if (!p) {
+    ui.members.replaceChildren();
+    return;
+  }
+  ui.membersCount.textContent = String(p.count);
+  const items = (p.members ?? []).map((user) => {
+    const li = document.createElement('li');
+    li.className = 'member';
+    li.dataset.user = user;
+    const name = document.createElement('span');
+    name.className = 'name';
+    name.textContent = user;
+    li.append(name);
+    if (user === app.user) {
+      li.dataset.own = 'true';
+      const you = document.createElement('span');
+      you.className = 'you';
+      you.textContent = '(you)';
+      li.append(you);
+    }
+    return li;
+  });
+  ui.members.replaceChildren(...items);
+  ui.members.hidden = p.members === null;
+  ui.membersNote.hidden = p.members !== null;
+  ui.membersNote.textContent = p.members === null
+    ? `${p.count} people are here: too many to list.`
+    : '';
+}
 
 // ---------------------------------------------------------------- messages
 

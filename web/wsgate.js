@@ -9,11 +9,24 @@
 //   const { messages } = await client.history('chat:lobby', 50);
 //   client.on('unrecovered', ({ channel, reason }) => resync(channel));
 //
+//   // Presence (1.1): who is in a channel, kept up to date.
+//   await client.subscribe('chat:room', onMessage, { presence: true });
+//   client.members('chat:room'); // ['alice', 'bob'], or null above the limit
+//   client.on('members', ({ channel, members, count }) => render(channel, members, count));
+//   client.on('join', ({ channel, user }) => say(`${user} joined ${channel}`));
+//   const { count, users } = await client.presence('chat:other'); // a one-off look
+//
 // On a channel that keeps history the client remembers the last position
 // (epoch and seq) it saw and resumes from it on every reconnect (1001 from
 // a draining gateway included): what was missed is replayed before live
 // messages, each exactly once. When that is not possible the gateway says
 // why, and the client emits 'unrecovered' so the application can resync.
+//
+// On a channel that keeps presence, `subscribe(..., { presence: true })`
+// fetches the member listing after every (re)subscribe and then follows
+// the gateway's `join` and `leave` frames, so members() is the current
+// view. Above the gateway's listed-members limit there is only a count,
+// and no join or leave frames at all (storm control).
 //
 // In Node 20 pass the `ws` package's WebSocket: `{ WebSocket, wsOptions: { ca } }`.
 
@@ -39,6 +52,7 @@ export const ErrorCode = Object.freeze({
   FORBIDDEN: 'forbidden',
   NOT_SUBSCRIBED: 'not_subscribed',
   NO_HISTORY: 'no_history',
+  NO_PRESENCE: 'no_presence',
   RATE_LIMITED: 'rate_limited',
   TOO_MANY_SUBSCRIPTIONS: 'too_many_subscriptions',
   TOKEN_MISMATCH: 'token_mismatch',
@@ -177,7 +191,10 @@ export class WsgateClient {
     this._state = 'idle';
     this._listeners = new Map();
     // channel -> { handler, waiters: [{resolve, reject}], confirmed,
-    //              position: {epoch, seq} | null (history channels) }
+    //              position: {epoch, seq} | null (history channels),
+    //              presence: asked for join/leave frames,
+    //              members: {users: sorted [] | null, count} | null (not known yet),
+    //              listing: a presence request of the client's own is on its way }
     this._subs = new Map();
     this._pending = new Map(); // id -> { resolve, reject, timer, op, channel }
     this._nextId = 1;
@@ -262,15 +279,28 @@ export class WsgateClient {
    * connection opens. `since` ({epoch, seq}, e.g. saved by the application
    * from position()) resumes from there; otherwise the client resumes from
    * what it saw itself after every reconnect.
+   *
+   * `presence: true` (a channel that keeps presence, else the error
+   * `no_presence`) also follows who is in the channel: remembered like the
+   * channel, so every resubscribe after a reconnect asks again and fetches
+   * the listing anew (what changed while away came in no frame). Resolves
+   * once that first listing is in, so members() answers right away.
    */
-  async subscribe(channel, handler, { since } = {}) {
+  async subscribe(channel, handler, { since, presence } = {}) {
     if (typeof handler !== 'function') throw new TypeError('subscribe: handler must be a function');
+    if (presence !== undefined && typeof presence !== 'boolean') throw new TypeError('subscribe: presence must be a boolean');
     let entry = this._subs.get(channel);
     if (entry) {
       entry.handler = handler;
     } else {
-      entry = { handler, waiters: [], confirmed: false, position: null };
+      entry = {
+        handler, waiters: [], confirmed: false, position: null, presence: false, members: null, listing: false,
+      };
       this._subs.set(channel, entry);
+    }
+    if (presence !== undefined && presence !== entry.presence) {
+      entry.presence = presence;
+      entry.members = null; // a view only while following the frames
     }
     if (since && typeof since.epoch === 'string' && Number.isInteger(since.seq)) {
       entry.position = { epoch: since.epoch, seq: since.seq };
@@ -288,11 +318,26 @@ export class WsgateClient {
 
   async _subscribeNow(channel, entry) {
     const since = entry.position ? { epoch: entry.position.epoch, seq: entry.position.seq } : undefined;
+    const frame = { op: 'subscribe', channel };
+    if (since) frame.since = since;
+    const presence = entry.presence;
+    if (presence) {
+      frame.presence = true;
+      // The listing asked for after the ok counts every frame that comes
+      // before it (maybe in the same read as the ok): until then a frame
+      // asks for no listing of its own.
+      entry.listing = true;
+    }
     let ok;
     try {
-      ok = await this._request(since ? { op: 'subscribe', channel, since } : { op: 'subscribe', channel });
+      ok = await this._request(frame);
     } catch (err) {
-      if (err.code !== 'closed' && err.code !== 'timeout' && this._subs.get(channel) === entry) {
+      if (presence) entry.listing = false;
+      if (err.code === ErrorCode.NO_PRESENCE && entry.confirmed && this._subs.get(channel) === entry) {
+        // Presence asked for on a subscription that stands: it goes on without.
+        entry.presence = false;
+        entry.members = null;
+      } else if (err.code !== 'closed' && err.code !== 'timeout' && this._subs.get(channel) === entry) {
         // Refused by the gateway: forget it.
         this._subs.delete(channel);
         for (const w of entry.waiters.splice(0)) w.reject(err);
@@ -310,7 +355,71 @@ export class WsgateClient {
         channel, reason: ok.reason, since, epoch: ok.epoch, seq: ok.seq,
       });
     }
+    if (presence) await this._fetchMembers(channel, entry);
     for (const w of entry.waiters.splice(0)) w.resolve();
+  }
+
+  /**
+   * Fetches the listing of a presence-subscribed channel into its view.
+   * A failure leaves the view as it was (the next reconnect, or the next
+   * frame, fetches again); the subscription itself stands.
+   */
+  async _fetchMembers(channel, entry) {
+    entry.listing = true;
+    try {
+      await this.presence(channel);
+    } catch (err) {
+      if (err.code !== 'closed' && err.code !== 'timeout' && this._subs.get(channel) === entry) this._emit('error', err);
+    } finally {
+      entry.listing = false;
+    }
+  }
+
+  /**
+   * A `join` or `leave` frame. Applied to a listed view, it is news only
+   * when it changes it (a join of a user listed, or a leave of one not
+   * listed, changes nothing). Without a listed view it is passed on as
+   * it is: either the listing is on its way (and counts it already), or
+   * the channel was above the limit, and a frame means it is back within
+   * it: list it again.
+   */
+  _onMembership(kind, channel, user) {
+    const entry = this._subs.get(channel);
+    if (!entry || !entry.presence || typeof user !== 'string') return;
+    const view = entry.members;
+    if (!view || !view.users) {
+      this._emit(kind, { channel, user });
+      if (!entry.listing && entry.confirmed && this._ready) this._fetchMembers(channel, entry);
+      return;
+    }
+    const { users } = view;
+    let i = 0;
+    while (i < users.length && users[i] < user) i++;
+    const listed = users[i] === user;
+    if (kind === 'join') {
+      if (listed) return;
+      users.splice(i, 0, user);
+    } else {
+      if (!listed) return;
+      users.splice(i, 1);
+    }
+    view.count = users.length;
+    this._emit(kind, { channel, user });
+    this._emitMembers(channel, view);
+  }
+
+  /** Replaces the view with a listing; 'members' when that changes it. */
+  _setMembers(channel, entry, { count, users }) {
+    const old = entry.members;
+    const view = { count, users: users ? [...users].sort((a, b) => (a < b ? -1 : a > b ? 1 : 0)) : null };
+    entry.members = view;
+    const same = old && old.count === view.count && (old.users === null) === (view.users === null)
+      && (!view.users || view.users.every((u, i) => old.users[i] === u));
+    if (!same) this._emitMembers(channel, view);
+  }
+
+  _emitMembers(channel, view) {
+    this._emit('members', { channel, members: view.users ? [...view.users] : null, count: view.count });
   }
 
   /** Resubscribes `channel` from its last position (after a gap notice). */
@@ -335,6 +444,34 @@ export class WsgateClient {
   }
 
   /**
+   * The client's view of who is in a channel subscribed with presence:
+   * user ids, sorted. null when not known yet, when the channel has more
+   * members than the gateway lists (the 'members' event still has the
+   * count), or when the subscription did not ask for presence. While a
+   * reconnect is on its way it is the view from before, until the
+   * listing is fetched again.
+   */
+  members(channel) {
+    const users = this._subs.get(channel)?.members?.users;
+    return users ? [...users] : null;
+  }
+
+  /**
+   * Who is in a channel that keeps presence, now: { count, users }, users
+   * sorted, or null above the gateway's listed-members limit. Needs the
+   * subscribe permission only, not a subscription. On a channel this
+   * client follows with presence, the answer also becomes its view.
+   */
+  async presence(channel) {
+    const ok = await this._request({ op: 'presence', channel });
+    const listing = { count: ok.count, users: Array.isArray(ok.users) ? ok.users : null };
+    // Every join and leave before the reply is in it; those after it follow.
+    const entry = this._subs.get(channel);
+    if (entry?.presence) this._setMembers(channel, entry, listing);
+    return { count: listing.count, users: listing.users ? [...listing.users] : null };
+  }
+
+  /**
    * The last `limit` (1–1000, default 50) messages of a history channel,
    * oldest first: { epoch, seq, messages: [{from, seq, data}] }.
    */
@@ -343,6 +480,7 @@ export class WsgateClient {
     return { epoch: ok.epoch, seq: ok.seq, messages: ok.messages ?? [] };
   }
 
+  /** Stops the messages (and, with presence, forgets the members view). */
   async unsubscribe(channel) {
     const entry = this._subs.get(channel);
     this._subs.delete(channel);
@@ -533,6 +671,10 @@ export class WsgateClient {
         this._emit('message', frame);
         return;
       }
+      case 'join':
+      case 'leave':
+        this._onMembership(frame.op, frame.channel, frame.user);
+        return;
       default:
         // Unknown ops are ignored (forward compatibility).
     }

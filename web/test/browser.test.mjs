@@ -5,15 +5,22 @@
 //   cd web && node --test --test-concurrency=1 test/browser.test.mjs
 //
 // Screenshots go to target/artifacts/chat-desktop.png and chat-phone.png.
+//
+// The binary embeds the page's files when it is built. To try edits of
+// web/ without a rebuild, WSGATE_WEB_FROM_DISK=1 serves index.html,
+// app.js, wsgate.js and style.css from web/ instead (with the gateway's
+// own response headers, CSP included).
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
-import { mkdirSync } from 'node:fs';
+import { mkdirSync, readFileSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
+import WS from 'ws';
 import { BIN, startGateway } from './gateway.mjs';
+import { WsgateClient } from '../wsgate.js';
 
 const repo = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
 const ARTIFACTS = path.join(repo, 'target', 'artifacts');
@@ -21,6 +28,8 @@ const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
 const DESKTOP = { width: 1280, height: 800 };
 const PHONE = { width: 375, height: 740 };
 const WAIT = 10_000;
+const FROM_DISK = process.env.WSGATE_WEB_FROM_DISK === '1';
+const PAGE_FILES = { '/': 'index.html', '/index.html': 'index.html', '/app.js': 'app.js', '/wsgate.js': 'wsgate.js', '/style.css': 'style.css' };
 
 let gw;
 let browser;
@@ -34,6 +43,11 @@ before(async () => {
       // A small publish bucket, so a quick typist meets the rate limit.
       WSGATE_LIMITS_PUBLISH_BURST: '5',
       WSGATE_LIMITS_PUBLISH_RATE_PER_S: '2',
+      // A short grace, so a leave shows within the test (default 5 s).
+      WSGATE_PRESENCE_GRACE_MS: '300',
+      // Rooms with more members show only a count. chat:lobby never has
+      // more than 4 at once in these tests; chat:crowd does.
+      WSGATE_PRESENCE_MAX_LISTED: '4',
     },
   });
   browser = await chromium.launch({
@@ -41,6 +55,9 @@ before(async () => {
     args: [
       '--ignore-certificate-errors', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
       '--disable-background-networking', '--disable-component-update', '--disable-sync',
+      // A document fulfilled by the test is of no known address, and would
+      // be kept from connecting to localhost.
+      ...(FROM_DISK ? ['--disable-features=LocalNetworkAccessChecks'] : []),
     ],
   });
 });
@@ -54,6 +71,13 @@ after(async () => {
 async function openPage(viewport = DESKTOP) {
   const context = await browser.newContext({ ignoreHTTPSErrors: true, viewport });
   context.setDefaultTimeout(WAIT);
+  if (FROM_DISK) {
+    await context.route((url) => url.origin === gw.origin && Object.hasOwn(PAGE_FILES, url.pathname), async (route) => {
+      const file = PAGE_FILES[new URL(route.request().url()).pathname];
+      const response = await route.fetch();
+      await route.fulfill({ response, body: readFileSync(path.join(repo, 'web', file)) });
+    });
+  }
   const page = await context.newPage();
   page.problems = [];
   page.on('pageerror', (err) => page.problems.push(`page error: ${err.message}`));
@@ -308,5 +332,78 @@ test('without --dev there is no /dev/token, and no dev panel', async () => {
       child.kill('SIGTERM');
       await exited;
     }
+  }
+});
+
+/** Waits until the members panel lists exactly `users` (in this order). */
+async function members(page, users) {
+  await page.locator('#members-panel').waitFor({ state: 'visible' });
+  await page.waitForFunction((want) => JSON.stringify(
+    [...document.querySelectorAll('#members [data-user]')].map((li) => li.dataset.user),
+  ) === want, JSON.stringify(users));
+  assert.equal(await page.textContent('#members-count'), String(users.length));
+}
+
+test('the members panel: two users in a room see each other, and a leave drops them', async () => {
+  const frank = await openPage(DESKTOP);
+  const gina = await openPage(PHONE);
+  await signIn(frank, 'frank', 'member');
+  await signIn(gina, 'gina', 'member');
+  await join(frank, 'chat:presence');
+  await joined(frank, 'chat:presence');
+  await members(frank, ['frank']);
+  const own = frank.locator('#members [data-user="frank"]');
+  assert.equal(await own.getAttribute('data-own'), 'true');
+  assert.match(await own.textContent(), /frank\s*\(you\)/);
+
+  await join(gina, 'chat:presence');
+  await joined(gina, 'chat:presence');
+  await members(gina, ['frank', 'gina']);
+  await members(frank, ['frank', 'gina']);
+  assert.equal(await frank.getAttribute('#members [data-user="gina"]', 'data-own'), null);
+  assert.equal(await gina.getAttribute('#members [data-user="gina"]', 'data-own'), 'true');
+  await frank.locator('#messages .sys', { hasText: 'gina joined.' }).waitFor();
+  await frank.screenshot({ path: path.join(ARTIFACTS, 'chat-members.png') });
+  await gina.screenshot({ path: path.join(ARTIFACTS, 'chat-members-phone.png') });
+
+  // A channel without presence shows no panel.
+  await join(frank, 'announce:news');
+  await joined(frank, 'announce:news');
+  assert.ok(await frank.isHidden('#members-panel'));
+  await frank.click('#joined .chip[data-channel="chat:presence"]');
+  await members(frank, ['frank', 'gina']);
+
+  // gina closes her page: after the grace she is gone from frank's panel.
+  noProblems(gina);
+  await gina.context().close();
+  await members(frank, ['frank']);
+  await frank.locator('#messages .sys', { hasText: 'gina left.' }).waitFor();
+  noProblems(frank);
+  await frank.context().close();
+});
+
+test('a room with more members than are listed shows only the count', async () => {
+  const harry = await openPage(DESKTOP);
+  await signIn(harry, 'harry', 'member');
+  const room = 'chat:crowd';
+  // Four more members (the gateway lists up to 4), connected from Node.
+  const others = ['ian', 'jo', 'kim', 'lee'].map((sub) => new WsgateClient(gw.url, {
+    getToken: async () => gw.token(sub, ['member']), WebSocket: WS, wsOptions: { ca: gw.ca },
+  }));
+  try {
+    await Promise.all(others.map(async (c) => { await c.connect(); await c.subscribe(room, () => {}); }));
+    await join(harry, room);
+    await joined(harry, room);
+    await harry.locator('#members-note', { hasText: '5 people are here: too many to list.' }).waitFor();
+    assert.equal(await harry.textContent('#members-count'), '5');
+    assert.equal(await harry.locator('#members [data-user]').count(), 0);
+    // Back within the limit: listed again.
+    await others[0].unsubscribe(room);
+    await members(harry, ['harry', 'jo', 'kim', 'lee']);
+    assert.ok(await harry.isHidden('#members-note'));
+    noProblems(harry);
+  } finally {
+    for (const c of others) c.close();
+    await harry.context().close();
   }
 });

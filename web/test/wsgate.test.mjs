@@ -7,7 +7,7 @@ import { readdirSync, readFileSync } from 'node:fs';
 import WS from 'ws';
 import { startGateway } from './gateway.mjs';
 import {
-  CloseCode, describeClose, WsgateError, reconnectDelay, WsgateClient,
+  CloseCode, describeClose, ErrorCode, WsgateError, reconnectDelay, WsgateClient,
 } from '../wsgate.js';
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
@@ -745,4 +745,181 @@ test('4003 from the HTTP API: a new token is asked for, and the client stops whe
   assert.match(info.reason, /getToken failed after 4003/);
   assert.equal(tokens, 2, 'asked once for a new token, then stopped');
   assert.equal(c.state, 'closed');
+});
+
+// ---------------------------------------------------------------- presence
+
+/** Records a client's 'join', 'leave' and 'members' events, in order. */
+function presenceLog(client) {
+  const log = [];
+  for (const kind of ['join', 'leave', 'members']) client.on(kind, (e) => log.push({ kind, ...e }));
+  return log;
+}
+
+/** Polls `fn` until it returns a truthy value (or throws after `ms`). */
+async function eventually(what, fn, ms = 8000) {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    const v = await fn();
+    if (v) return v;
+    if (Date.now() > deadline) throw new Error(`${what}: not within ${ms} ms`);
+    await sleep(50);
+  }
+}
+
+// A short grace, so a leave comes within the test (default 5 s).
+const SHORT_GRACE = { WSGATE_PRESENCE_GRACE_MS: '300' };
+
+test('presence: members() follows joins and leaves; a leave waits for the grace', async () => {
+  await withGateway({ env: SHORT_GRACE }, async (g) => {
+    const { Spy, sent } = spyWebSocket();
+    const alice = makeClient(g, { sub: 'alice', WebSocket: Spy });
+    const bob = makeClient(g, { sub: 'bob' });
+    await Promise.all([alice.connect(), bob.connect()]);
+    const log = presenceLog(alice);
+    const room = 'chat:presence';
+
+    await alice.subscribe(room, () => {}, { presence: true });
+    // Resolved once the listing is in.
+    assert.deepEqual(alice.members(room), ['alice']);
+    assert.deepEqual(sent.filter((f) => f.channel === room).map((f) => [f.op, f.presence]),
+      [['subscribe', true], ['presence', undefined]], 'the listing is fetched after the subscribe');
+    assert.deepEqual(log.filter((e) => e.kind === 'members'), [{ kind: 'members', channel: room, members: ['alice'], count: 1 }]);
+
+    // Bob's subscription makes him a member, whether or not he asks for presence.
+    const joined = waitEvent(alice, 'join', (e) => e.user === 'bob');
+    await bob.subscribe(room, () => {});
+    assert.deepEqual(await joined, { channel: room, user: 'bob' });
+    assert.deepEqual(alice.members(room), ['alice', 'bob']);
+    assert.deepEqual(log.at(-1), { kind: 'members', channel: room, members: ['alice', 'bob'], count: 2 });
+    assert.deepEqual(await bob.presence(room), { count: 2, users: ['alice', 'bob'] });
+    assert.equal(bob.members(room), null, 'bob did not ask for presence');
+
+    // A second tab of bob's is no new join.
+    const bob2 = makeClient(g, { sub: 'bob' });
+    await bob2.connect();
+    await bob2.subscribe(room, () => {});
+    await alice.ping();
+    assert.equal(log.filter((e) => e.kind === 'join' && e.user === 'bob').length, 1);
+
+    // His last subscription ends: the leave follows after the grace.
+    bob2.close();
+    const left = waitEvent(alice, 'leave');
+    const t0 = Date.now();
+    bob.close();
+    assert.deepEqual(await left, { channel: room, user: 'bob' });
+    const after = Date.now() - t0;
+    assert.ok(after >= 250, `leave ${after} ms after the last tab closed (grace 300 ms)`);
+    assert.deepEqual(alice.members(room), ['alice']);
+    assert.deepEqual(log.at(-1), { kind: 'members', channel: room, members: ['alice'], count: 1 });
+    // Her own join came too (after her ok), as every watcher sees it.
+    assert.deepEqual(log.filter((e) => e.kind !== 'members').map((e) => `${e.kind} ${e.user}`),
+      ['join alice', 'join bob', 'leave bob']);
+
+    // Unsubscribing forgets the view.
+    await alice.unsubscribe(room);
+    assert.equal(alice.members(room), null);
+  });
+});
+
+test('presence: presence() answers count and users; no_presence and forbidden reject', async (t) => {
+  t.after(closeAll);
+  const { Spy, sent } = spyWebSocket();
+  const c = makeClient(gw, { sub: 'pat', WebSocket: Spy });
+  const other = makeClient(gw, { sub: 'quinn' });
+  await Promise.all([c.connect(), other.connect()]);
+  assert.equal(ErrorCode.NO_PRESENCE, 'no_presence');
+
+  assert.deepEqual(await c.presence('chat:nobody-here'), { count: 0, users: [] });
+  await other.subscribe('chat:asked', () => {});
+  assert.deepEqual(await c.presence('chat:asked'), { count: 1, users: ['quinn'] }, 'no subscription needed');
+
+  // user:<sub> channels keep no presence: no subscription is made.
+  await assert.rejects(c.subscribe('user:pat', () => {}, { presence: true }), (err) => {
+    assert.ok(err instanceof WsgateError);
+    assert.equal(err.code, ErrorCode.NO_PRESENCE);
+    assert.equal(err.channel, 'user:pat');
+    return true;
+  });
+  assert.equal(c.members('user:pat'), null);
+  await assert.rejects(c.presence('user:pat'), (err) => err instanceof WsgateError && err.code === 'no_presence');
+  await assert.rejects(c.presence('secret'), { code: 'forbidden', channel: 'secret' });
+  await assert.rejects(c.subscribe('chat:x', () => {}, { presence: 'yes' }), TypeError);
+  assert.equal(c.state, 'open', 'the connection stays open');
+
+  // Without presence the same channel subscribes, and the refused one was not remembered.
+  await c.subscribe('user:pat', () => {});
+  assert.deepEqual(sent.filter((f) => f.op === 'subscribe').map((f) => [f.channel, f.presence]),
+    [['user:pat', true], ['user:pat', undefined]]);
+});
+
+test('presence: after a forced reconnect the listing is fetched again', async () => {
+  await withGateway({ env: SHORT_GRACE }, async (g) => {
+    const { Spy, sent, sockets } = spyWebSocket();
+    // alice's reconnect waits until the test lets it through.
+    let gate = Promise.resolve();
+    const alice = makeClient(g, {
+      sub: 'alice', WebSocket: Spy, getToken: async () => { await gate; return g.token('alice', ['member']); },
+    });
+    const bob = makeClient(g, { sub: 'bob' });
+    const carol = makeClient(g, { sub: 'carol' });
+    await Promise.all([alice.connect(), bob.connect(), carol.connect()]);
+    const room = 'chat:again';
+    await bob.subscribe(room, () => {});
+    await alice.subscribe(room, () => {}, { presence: true });
+    assert.deepEqual(alice.members(room), ['alice', 'bob']);
+
+    // alice's connection drops; while she is away bob leaves and carol comes.
+    let open;
+    gate = new Promise((resolve) => { open = resolve; });
+    const away = waitEvent(alice, 'state', (s) => s.state === 'reconnecting');
+    sockets.at(-1).terminate();
+    await away;
+    bob.close();
+    await carol.subscribe(room, () => {});
+    await eventually('bob gone', async () => {
+      const { users } = await carol.presence(room);
+      return !users.includes('bob');
+    });
+    assert.deepEqual(alice.members(room), ['alice', 'bob'], 'the view from before, while away');
+
+    sent.length = 0;
+    const log = presenceLog(alice);
+    const reopened = waitEvent(alice, 'state', (s) => s.state === 'open');
+    open();
+    await reopened;
+    assert.deepEqual(sent.filter((f) => f.channel === room).map((f) => [f.op, f.presence]),
+      [['subscribe', true], ['presence', undefined]], 'subscribed with presence again, then listed');
+    assert.deepEqual(alice.members(room), ['alice', 'carol']);
+    assert.deepEqual(log.filter((e) => e.kind === 'members').at(-1),
+      { kind: 'members', channel: room, members: ['alice', 'carol'], count: 2 });
+
+    // And it is followed live again.
+    const left = waitEvent(alice, 'leave', (e) => e.user === 'carol');
+    await carol.unsubscribe(room);
+    await left;
+    assert.deepEqual(alice.members(room), ['alice']);
+  });
+});
+
+test('presence: above the listed limit only a count, and no frames; back within it, listed again', async () => {
+  await withGateway({ env: { WSGATE_PRESENCE_MAX_LISTED: '2', WSGATE_PRESENCE_GRACE_MS: '0' } }, async (g) => {
+    const room = 'chat:crowd';
+    const [alice, bob, carol] = ['alice', 'bob', 'carol'].map((sub) => makeClient(g, { sub }));
+    await Promise.all([alice.connect(), bob.connect(), carol.connect()]);
+    await bob.subscribe(room, () => {});
+    await carol.subscribe(room, () => {});
+    const log = presenceLog(alice);
+    await alice.subscribe(room, () => {}, { presence: true });
+    assert.equal(alice.members(room), null, 'three members: more than can be listed');
+    assert.deepEqual(log, [{ kind: 'members', channel: room, members: null, count: 3 }], 'no join frame either');
+    assert.deepEqual(await alice.presence(room), { count: 3, users: null });
+
+    // carol leaves: two members, within the limit: frames again, and the view is listed.
+    const listed = waitEvent(alice, 'members', (e) => e.members !== null);
+    await carol.unsubscribe(room);
+    assert.deepEqual(await listed, { channel: room, members: ['alice', 'bob'], count: 2 });
+    assert.deepEqual(alice.members(room), ['alice', 'bob']);
+    assert.ok(log.some((e) => e.kind === 'leave' && e.user === 'carol'), 'the leave is passed on');
+  });
 });
