@@ -20,14 +20,19 @@
 #   BENCH_SOAK=0  (seconds: hold wsgate's 10,000 idle connections that long
 #                  instead of BENCH_HOLD, e.g. 600 for the 10-minute
 #                  heartbeat soak, which then adds 9 minutes to the run)
-#   BENCH_ONLY="idle idle-big fanout-w100 fanout-w1 connect resume api-c1 api-c16 api-rate cluster-w100 cluster-w1 cluster-resume"
-#              (a subset; cluster-*: two wsgate replicas on a private
+#   BENCH_ONLY="idle idle-big fanout-w100 fanout-w1 connect resume api-c1 api-c16 api-rate cluster-w100 cluster-w1 cluster-resume presence cluster-presence"
+#              (a subset; presence: BENCH_IDLE_N connections subscribed
+#              to one channel without presence, then with it (its
+#              members), wsgate only; cluster-presence: the same members
+#              on replica B of two on a private redis-server, held
+#              BENCH_PRESENCE_HOLD s, counting Redis' commands;
+#              cluster-*: two wsgate replicas on a private
 #              redis-server, subscribers on one, the publisher on the other;
 #              resume: BENCH_RESUME_N clients drop and resume at once;
 #              api-cN: BENCH_SUBSCRIBERS subscribers, publishes through the
 #              HTTP API on N keep-alive connections, wsgate only;
 #              api-rate: the same at BENCH_API_RATE over 16 connections)
-#   BENCH_API_RATE=100
+#   BENCH_API_RATE=100   BENCH_PRESENCE_HOLD=120/5
 #   BENCH_RESUME_N=10000/1000
 #   BENCH_SERVERS="wsgate node"   BENCH_PORT=9443 (wsgate; the peer uses +1)
 #   BENCH_DOCS=dir  where the report goes (default docs/, or the work dir
@@ -43,10 +48,11 @@ cd "$ROOT"
 
 QUICK=${BENCH_QUICK:-0}
 if [[ $QUICK == 1 ]]; then
-  d_idle=1000 d_big=2000 d_hold=5 d_big_hold=5 d_subs=200 d_dur=3 d_warm=1 d_conn=300 d_resume=1000
+  d_idle=1000 d_big=2000 d_hold=5 d_big_hold=5 d_subs=200 d_dur=3 d_warm=1 d_conn=300 d_resume=1000 d_phold=5
 else
-  d_idle=10000 d_big=18000 d_hold=60 d_big_hold=20 d_subs=1000 d_dur=10 d_warm=2 d_conn=2000 d_resume=10000
+  d_idle=10000 d_big=18000 d_hold=60 d_big_hold=20 d_subs=1000 d_dur=10 d_warm=2 d_conn=2000 d_resume=10000 d_phold=120
 fi
+PRESENCE_HOLD=${BENCH_PRESENCE_HOLD:-$d_phold}
 RESUME_N=${BENCH_RESUME_N:-$d_resume}
 API_RATE=${BENCH_API_RATE:-100}
 IDLE_N=${BENCH_IDLE_N:-$d_idle}
@@ -60,7 +66,7 @@ SIZE=${BENCH_SIZE:-100}
 DURATION=${BENCH_DURATION:-$d_dur}
 WARMUP=${BENCH_WARMUP:-$d_warm}
 CONNECT_N=${BENCH_CONNECT_N:-$d_conn}
-ONLY=${BENCH_ONLY:-"idle idle-big fanout-w100 fanout-w1 connect resume api-c1 api-c16 api-rate cluster-w100 cluster-w1 cluster-resume"}
+ONLY=${BENCH_ONLY:-"idle idle-big fanout-w100 fanout-w1 connect resume api-c1 api-c16 api-rate cluster-w100 cluster-w1 cluster-resume presence cluster-presence"}
 SERVERS=${BENCH_SERVERS:-"wsgate node"}
 WS_PORT=${BENCH_PORT:-9443}
 NODE_PORT=$((WS_PORT + 1))
@@ -361,12 +367,23 @@ if [[ " $SERVERS " == *" wsgate "* ]]; then
   done
 fi
 
+# What presence costs (wsgate's own): the same connections subscribed to
+# one channel without presence (announce:* keeps none), then to one that
+# keeps it (chat:*, with "presence":true), so the difference is what each
+# member and watcher costs the process.
+if [[ " $SERVERS " == *" wsgate "* ]] && want presence; then
+  run_bench presence-off wsgate ecdsa idle --connections "$IDLE_N" --concurrency 200 \
+    --hold 5 --sources "$IDLE_SOURCES" --subscribe announce:bench
+  run_bench presence-on wsgate ecdsa idle --connections "$IDLE_N" --concurrency 200 \
+    --hold 5 --sources "$IDLE_SOURCES" --subscribe chat:bench --presence
+fi
+
 # Two replicas on one Redis: subscribers on replica B, the publisher on
 # replica A, so every delivery crosses Redis. Redis and both replicas share
 # CPU 0, as one server does in the other scenarios.
 REDIS_PORT=$((WS_PORT + 10))
 B_PORT=$((WS_PORT + 2))
-run_cluster_bench() { # scenario window
+run_cluster_bench() { # scenario window (100, 1, resume or presence)
   local scenario=$1 window=$2 rpid apid bpid logd=$WORK/logs i
   for port in "$REDIS_PORT" "$WS_PORT" "$B_PORT"; do
     ! listening "$port" || die "port $port is already in use; choose others with BENCH_PORT"
@@ -399,6 +416,15 @@ run_cluster_bench() { # scenario window
   local args=(fanout --url "wss://127.0.0.1:$B_PORT/ws" --publish-url "wss://127.0.0.1:$WS_PORT/ws"
     --ca "$(ca_file ecdsa)" --secret "$WORK/hmac.secret" --subscribers "$SUBS" --size "$SIZE"
     --window "$window" --duration "$DURATION" --warmup "$WARMUP")
+  if [[ $window == presence ]]; then
+    # Presence members on B (presence.ttl_s 60 s: a renewal every 20 s, a
+    # sweep every 10 s), held BENCH_PRESENCE_HOLD s: Redis' commands per
+    # member and minute, and B's RSS.
+    args=(idle --url "wss://127.0.0.1:$B_PORT/ws" --ca "$(ca_file ecdsa)"
+      --secret "$WORK/hmac.secret" --connections "$IDLE_N" --concurrency 200
+      --sources "$IDLE_SOURCES" --hold "$PRESENCE_HOLD" --server-pid "$bpid"
+      --subscribe chat:bench --presence --redis-url "redis://127.0.0.1:$REDIS_PORT/")
+  fi
   if [[ $window == resume ]]; then
     # Subscribed on A, resumed on B (as after A drains), through Redis.
     args=(resume --url "wss://127.0.0.1:$WS_PORT/ws" --resume-url "wss://127.0.0.1:$B_PORT/ws"
@@ -432,6 +458,7 @@ run_cluster_bench() { # scenario window
   tail -n 1 "$out" >&2 || true
 }
 if [[ " $SERVERS " == *" wsgate "* ]]; then
+  if want cluster-presence; then run_cluster_bench cluster-presence presence; fi
   for window in 100 1; do
     if want "cluster-w$window"; then run_cluster_bench "cluster-w$window" "$window"; fi
   done

@@ -24,9 +24,25 @@ async fn every_bench_mode_runs_against_a_gateway() {
         .await
         .unwrap();
 
-    let idle = bench::idle(&target, 20, 5, Duration::ZERO, Some(std::process::id())).await;
+    // Held subscribed with presence: 20 members (in their grace once the
+    // bench lets go, so still counted).
+    let options = bench::IdleOptions {
+        channel: Some("chat:idle".into()),
+        presence: true,
+        redis_url: None,
+    };
+    let idle = bench::idle(
+        &target,
+        20,
+        5,
+        Duration::ZERO,
+        Some(std::process::id()),
+        &options,
+    )
+    .await;
     assert_eq!((idle.opened, idle.failed), (20, 0), "{idle:?}");
     assert!(idle.rss_after_kib.is_some());
+    assert_eq!(gw.metric("wsgate_presence_members").await, 20);
 
     let fan = bench::fanout(
         &target,

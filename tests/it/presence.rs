@@ -210,6 +210,25 @@ async fn presence_lists_then_counts_and_refuses_precisely() {
 }
 
 #[tokio::test]
+async fn presence_requests_spend_the_connection_request_budget() {
+    let gw = start(|c, _| {
+        c.limits.publish_rate_per_s = 1;
+        c.limits.publish_burst = 2;
+    })
+    .await;
+    let mut alice = Client::join(&gw, "alice", &["member"]).await;
+    presence(&mut alice, "chat:lobby").await;
+    presence(&mut alice, "chat:lobby").await;
+    let refused = alice
+        .error(
+            json!({"op": "presence", "channel": "chat:lobby"}),
+            "rate_limited",
+        )
+        .await;
+    assert_eq!(refused["channel"], "chat:lobby");
+}
+
+#[tokio::test]
 async fn every_way_a_subscription_ends_starts_the_grace() {
     let gw = start(|c, _| {
         c.presence.grace_ms = 200;

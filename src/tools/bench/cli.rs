@@ -50,6 +50,15 @@ pub enum BenchCommand {
         /// The server's pid, to read its RSS.
         #[arg(long)]
         server_pid: Option<u32>,
+        /// Subscribe every connection to this channel.
+        #[arg(long)]
+        subscribe: Option<String>,
+        /// Subscribe with `"presence":true` (its members' join/leave).
+        #[arg(long, requires = "subscribe")]
+        presence: bool,
+        /// Report what this Redis ran while the connections were held.
+        #[arg(long)]
+        redis_url: Option<String>,
     },
     /// One publisher to N subscribers: deliveries/s and latency.
     Fanout {
@@ -194,14 +203,23 @@ pub fn run(command: BenchCommand) -> Result<(), BoxError> {
                 concurrency,
                 hold,
                 server_pid,
+                subscribe,
+                presence,
+                redis_url,
             } => {
                 let target = target(&t, connections).await?;
+                let options = super::IdleOptions {
+                    channel: subscribe,
+                    presence,
+                    redis_url,
+                };
                 let report = super::idle(
                     &target,
                     connections,
                     concurrency,
                     Duration::from_secs(hold),
                     server_pid,
+                    &options,
                 )
                 .await;
                 serde_json::to_string(&report)?

@@ -315,11 +315,21 @@ pub struct IdleReport {
     pub connections: usize,
     pub opened: usize,
     pub failed: usize,
+    /// The channel every connection subscribed to, if any.
+    pub channel: Option<String>,
+    /// Whether they subscribed with `"presence":true`.
+    pub presence: bool,
     pub rss_before_kib: Option<u64>,
     pub rss_after_kib: Option<u64>,
     pub rss_per_conn_kib: Option<f64>,
     /// RSS every 10 s while holding (heartbeat growth check).
     pub rss_samples_kib: Vec<u64>,
+    /// With `--redis-url`: what Redis ran while the connections were held
+    /// (after they settled), per connection and minute: every command
+    /// (those run inside scripts included), and the scripts.
+    pub redis_window_s: Option<f64>,
+    pub redis_commands_per_conn_per_min: Option<f64>,
+    pub redis_scripts_per_conn_per_min: Option<f64>,
     pub elapsed_s: f64,
 }
 
@@ -330,6 +340,32 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// What `bench idle` connections do once open.
+#[derive(Debug, Clone, Default)]
+pub struct IdleOptions {
+    /// Subscribe every connection to this channel.
+    pub channel: Option<String>,
+    /// With `"presence":true`.
+    pub presence: bool,
+    /// Read Redis' counters here while holding.
+    pub redis_url: Option<String>,
+}
+
+/// Redis' counters: every command run (scripts' included), and scripts.
+async fn redis_counters(
+    conn: Option<&mut redis::aio::MultiplexedConnection>,
+) -> Option<(Instant, u64, u64)> {
+    let conn = conn?;
+    let (Some(commands), Some(scripts)) = (
+        resume::redis_commands(conn).await,
+        resume::redis_script_calls(conn).await,
+    ) else {
+        eprintln!("idle: could not read redis' counters");
+        return None;
+    };
+    Some((Instant::now(), commands, scripts))
+}
+
 /// Opens and holds idle connections.
 pub async fn idle(
     target: &Target,
@@ -337,17 +373,26 @@ pub async fn idle(
     concurrency: usize,
     hold: Duration,
     server_pid: Option<u32>,
+    options: &IdleOptions,
 ) -> IdleReport {
     let started = Instant::now();
     let before = server_pid.and_then(rss_kib);
     let (open, failed) = open_many(target, connections, concurrency, "idle").await;
     let opened = open.len();
+    let subscribe = options.channel.as_ref().map(|channel| {
+        serde_json::json!({"op": "subscribe", "id": 1, "channel": channel, "presence": options.presence})
+            .to_string()
+    });
     // Each connection reads (answering the server's pings) until told to stop.
     let stop = Arc::new(Notify::new());
     let mut readers = JoinSet::new();
     for (_, mut ws) in open {
         let stop = Arc::clone(&stop);
+        let subscribe = subscribe.clone();
         readers.spawn(async move {
+            if let Some(frame) = subscribe {
+                let _ = ws.send(Message::text(frame)).await;
+            }
             tokio::select! {
                 () = stop.notified() => {}
                 () = async { while let Some(Ok(_)) = ws.next().await {} } => {}
@@ -357,6 +402,17 @@ pub async fn idle(
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = server_pid.and_then(rss_kib);
+    let mut redis = match &options.redis_url {
+        Some(url) => {
+            let conn = resume::redis_conn(url).await;
+            if conn.is_none() {
+                eprintln!("idle: cannot connect to {url}");
+            }
+            conn
+        }
+        None => None,
+    };
+    let redis_start = redis_counters(redis.as_mut()).await;
     let mut samples = Vec::new();
     let hold_until = Instant::now() + hold;
     while Instant::now() < hold_until {
@@ -369,10 +425,19 @@ pub async fn idle(
             samples.push(rss);
         }
     }
+    let redis_end = redis_counters(redis.as_mut()).await;
     stop.notify_waiters();
     readers.shutdown().await;
     let per_conn = match (before, after) {
         (Some(b), Some(a)) if opened > 0 => Some((a.saturating_sub(b)) as f64 / opened as f64),
+        _ => None,
+    };
+    let redis = match (redis_start, redis_end) {
+        (Some((t0, c0, k0)), Some((t1, c1, k1))) if opened > 0 => {
+            let minutes = t1.duration_since(t0).as_secs_f64() / 60.0;
+            let per = |n: u64| n as f64 / opened as f64 / minutes;
+            Some((minutes * 60.0, per(c1 - c0), per(k1 - k0)))
+        }
         _ => None,
     };
     IdleReport {
@@ -380,10 +445,15 @@ pub async fn idle(
         connections,
         opened,
         failed,
+        channel: options.channel.clone(),
+        presence: options.presence,
         rss_before_kib: before,
         rss_after_kib: after,
         rss_per_conn_kib: per_conn,
         rss_samples_kib: samples,
+        redis_window_s: redis.map(|r| r.0),
+        redis_commands_per_conn_per_min: redis.map(|r| r.1),
+        redis_scripts_per_conn_per_min: redis.map(|r| r.2),
         elapsed_s: started.elapsed().as_secs_f64(),
     }
 }

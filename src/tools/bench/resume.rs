@@ -59,14 +59,14 @@ fn cpu_s(pid: u32) -> Option<f64> {
 }
 
 /// A connection for reading Redis' counters.
-async fn redis_conn(url: &str) -> Option<redis::aio::MultiplexedConnection> {
+pub(super) async fn redis_conn(url: &str) -> Option<redis::aio::MultiplexedConnection> {
     let client = redis::Client::open(url).ok()?;
     client.get_multiplexed_async_connection().await.ok()
 }
 
 /// Redis' `total_commands_processed` (the INFO asking for it is counted
 /// only after it answers).
-async fn redis_commands(conn: &mut redis::aio::MultiplexedConnection) -> Option<u64> {
+pub(super) async fn redis_commands(conn: &mut redis::aio::MultiplexedConnection) -> Option<u64> {
     let info: String = redis::cmd("INFO")
         .arg("stats")
         .query_async(conn)
@@ -75,6 +75,32 @@ async fn redis_commands(conn: &mut redis::aio::MultiplexedConnection) -> Option<
     info.lines()
         .find_map(|l| l.strip_prefix("total_commands_processed:"))
         .and_then(|v| v.trim().parse().ok())
+}
+
+/// How many scripts Redis ran (`EVALSHA` and `EVAL` calls, from
+/// `INFO commandstats`): the round trips of the gateway's scripts, whose
+/// own commands `total_commands_processed` counts too.
+pub(super) async fn redis_script_calls(
+    conn: &mut redis::aio::MultiplexedConnection,
+) -> Option<u64> {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .ok()?;
+    Some(
+        info.lines()
+            .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+            .filter_map(|l| {
+                l.split_once("calls=")?
+                    .1
+                    .split(',')
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .sum(),
+    )
 }
 
 /// The next text frame, or an error naming what was awaited.

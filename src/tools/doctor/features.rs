@@ -76,6 +76,53 @@ pub(super) fn check_history(config: &Config, out: &mut Findings) {
     );
 }
 
+/// `[presence]`: patterns that compile, and a grace that a reconnect can
+/// use (with Redis, a time-to-live the grace fits in).
+pub(super) fn check_presence(config: &Config, out: &mut Findings) {
+    let p = &config.presence;
+    if let Err(e) = crate::presence::PresenceRules::compile(p) {
+        out.push(Level::Error, "presence.channels", e);
+        return;
+    }
+    if p.channels.is_empty() {
+        out.push(Level::Ok, "presence.channels", "no channel keeps presence");
+        return;
+    }
+    if p.grace_ms == 0 {
+        out.push(
+            Level::Note,
+            "presence.grace_ms",
+            "0: every reconnect is a leave and a join for everyone watching",
+        );
+    }
+    let clustered = config.cluster.redis_url.is_some();
+    if clustered && p.grace_ms / 1000 >= p.ttl_s {
+        out.push(
+            Level::Note,
+            "presence.ttl_s",
+            format!(
+                "{} s is not above the grace ({} ms): a crashed replica's members may leave before a drained one's",
+                p.ttl_s, p.grace_ms
+            ),
+        );
+    }
+    out.push(
+        Level::Ok,
+        "presence.channels",
+        format!(
+            "{} keep presence; users listed up to {} members, leave after {} ms{}",
+            p.channels.join(", "),
+            p.max_listed,
+            p.grace_ms,
+            if clustered {
+                format!(", a crashed replica's members gone within {} s", p.ttl_s)
+            } else {
+                String::new()
+            }
+        ),
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,5 +154,31 @@ mod tests {
         let both = api_findings("203.0.113.7:8444", true);
         assert_eq!(warnings(&both), 2, "{both:?}");
         assert!(both.iter().any(|(_, m)| m.starts_with("api.plain_http: ")));
+    }
+
+    #[test]
+    fn presence_patterns_are_checked_and_a_zero_grace_is_noted() {
+        let findings = |tweak: &dyn Fn(&mut Config)| {
+            let mut config = Config::default();
+            tweak(&mut config);
+            let mut out = Findings::default();
+            check_presence(&config, &mut out);
+            out.0
+                .into_iter()
+                .map(|f| (f.level, f.key.to_owned()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            findings(&|_| {}),
+            [(Level::Ok, "presence.channels".to_owned())]
+        );
+        assert_eq!(
+            findings(&|c| c.presence.channels = vec!["u:{sub}".into()]),
+            [(Level::Error, "presence.channels".to_owned())]
+        );
+        assert!(
+            findings(&|c| c.presence.grace_ms = 0)
+                .contains(&(Level::Note, "presence.grace_ms".to_owned()))
+        );
     }
 }

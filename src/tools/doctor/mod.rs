@@ -97,6 +97,7 @@ pub fn diagnose(config: &Config, env: &Environment) -> Vec<Finding> {
     check_tls(config, env, &mut out);
     check_heartbeat(config, &mut out);
     features::check_history(config, &mut out);
+    features::check_presence(config, &mut out);
     features::check_api(config, &mut out);
     check_policies(config, &mut out);
     check_network(config, &mut out);
