@@ -64,6 +64,7 @@ mod gateway;
 mod history;
 mod hub;
 pub mod identity;
+mod loggate;
 mod metrics;
 pub mod policy;
 mod presence;
@@ -72,6 +73,8 @@ mod proxy;
 mod rate;
 pub mod server;
 mod session;
+#[cfg(test)]
+mod testing;
 pub mod tls;
 pub mod tools;
 mod upgrade;

@@ -306,6 +306,9 @@ pub struct Metrics {
     pub presence_sweeps: AtomicU64,
     /// Members removed by those sweeps (their replica stopped refreshing).
     pub presence_expired: AtomicU64,
+    /// Log lines about clients held back by the per-address and global
+    /// log rate (see `loggate`).
+    pub log_lines_held: AtomicU64,
 }
 
 const RESULTS: [&str; 2] = ["ok", "failed"];
@@ -369,6 +372,7 @@ impl Default for Metrics {
             presence_suppressed: AtomicU64::new(0),
             presence_sweeps: AtomicU64::new(0),
             presence_expired: AtomicU64::new(0),
+            log_lines_held: AtomicU64::new(0),
         }
     }
 }
@@ -542,6 +546,12 @@ impl Metrics {
             "wsgate_presence_expired_total",
             "Presence members removed by sweeps because their replica stopped refreshing them.",
             self.presence_expired.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "wsgate_log_lines_held_total",
+            "Log lines about clients (refusals, closes) held back by the log rate limits.",
+            self.log_lines_held.load(Ordering::Relaxed),
         );
         self.api.render(&mut out);
         self.handshake.render(

@@ -56,6 +56,21 @@ pub enum ClientFrame<'a> {
     },
 }
 
+impl ClientFrame<'_> {
+    /// The request's `id` and the channel it names, for a reply that
+    /// refuses it whatever it was.
+    pub fn id_and_channel(&self) -> (Option<u64>, Option<&ChannelName>) {
+        match self {
+            Self::Subscribe { id, channel, .. }
+            | Self::Unsubscribe { id, channel }
+            | Self::Publish { id, channel, .. }
+            | Self::History { id, channel, .. }
+            | Self::Presence { id, channel } => (*id, Some(channel)),
+            Self::Refresh { id, .. } | Self::Ping { id } => (*id, None),
+        }
+    }
+}
+
 /// The flat shape every request shares; unknown fields are ignored.
 #[derive(Deserialize)]
 struct Wire<'a> {
@@ -660,5 +675,57 @@ mod tests {
             empty,
             r#"{"op":"ok","id":7,"epoch":"q7","seq":0,"messages":[]}"#
         );
+    }
+
+    /// Fuzz: every client frame the decoder can be handed, mutated from
+    /// valid ones with the tokens JSON and the protocol care about, or
+    /// random bytes made text. A panic fails; every answer is a frame or a
+    /// `DecodeError` whose message is short and never echoes the input.
+    #[test]
+    fn fuzz_the_client_frame_decoder() {
+        let seeds: [&[u8]; 8] = [
+            br#"{"op":"subscribe","id":1,"channel":"chat:lobby","since":{"epoch":"q7","seq":41},"presence":true}"#,
+            br#"{"op":"publish","id":2,"channel":"chat:a","data":{"x":[1,2,{"y":null}]}}"#,
+            br#"{"op":"refresh","id":3,"token":"a.b.c"}"#,
+            br#"{"op":"history","id":4,"channel":"c","limit":1000}"#,
+            br#"{"op":"presence","id":5,"channel":"c"}"#,
+            br#"{"op":"unsubscribe","channel":"c"}"#,
+            br#"{"op":"ping"}"#,
+            br#"[1,"x",{"op":"ping"}]"#,
+        ];
+        let dictionary: [&[u8]; 16] = [
+            b"{",
+            b"}",
+            b"[",
+            b"]",
+            b"\"",
+            b"\\u0000",
+            b"\\ud800",
+            b":",
+            b",",
+            b"null",
+            b"1e999",
+            b"-0",
+            b"18446744073709551616",
+            b"\"op\"",
+            b"\"channel\":",
+            b"\xf0\x9f\x92",
+        ];
+        let mut rng = crate::testing::Rng::new(0xdec0de);
+        for _ in 0..crate::testing::iterations(20_000) {
+            let bytes = if rng.one_in(10) {
+                rng.bytes(64)
+            } else {
+                let seed: &[u8] = seeds[rng.below(seeds.len())];
+                rng.mutate(seed, &dictionary)
+            };
+            let text = String::from_utf8_lossy(&bytes);
+            if let Err(e) = decode(&text) {
+                assert!(e.message.len() < 200, "{}", e.message);
+                if text.len() > 24 {
+                    assert!(!e.message.contains(text.as_ref()), "echoed input");
+                }
+            }
+        }
     }
 }

@@ -37,10 +37,16 @@ impl Trusted {
     }
 }
 
-/// The client's address from the forwarding header: walking from the
-/// right (the hop nearest to us), the first address that is not a trusted
-/// proxy. `None` when the header is absent or an entry does not parse
-/// (then the peer's address stands).
+/// The client's address from the forwarding header of a request whose
+/// peer is a trusted proxy: walking from the right (the hop nearest to
+/// us), the first address that is not a trusted proxy; when every hop is
+/// trusted, the leftmost. An entry that does not parse stops the walk: it
+/// was written by the hop to its right, whose own address is then the
+/// client's as far as anyone can tell, so that address is the answer
+/// (never "no address", which would skip the per-address limits). `None`
+/// when nothing can be believed at all (no header, or garbage in the
+/// nearest entry): the caller counts the request against the proxy's own
+/// address.
 pub fn forwarded_client(
     headers: &HeaderMap,
     which: ForwardedHeader,
@@ -51,26 +57,29 @@ pub fn forwarded_client(
         ForwardedHeader::XForwardedFor => "x-forwarded-for",
         ForwardedHeader::Forwarded => "forwarded",
     };
-    // Repeated headers form one list, in order (RFC 9110 §5.3).
-    let mut hops = Vec::new();
+    // Repeated headers form one list, in order (RFC 9110 §5.3); a value
+    // that is not text is one entry that does not parse.
+    let mut hops: Vec<Option<&str>> = Vec::new();
     for value in headers.get_all(name) {
-        let value = value.to_str().ok()?;
-        for element in value.split(',') {
-            let hop = match which {
-                ForwardedHeader::Forwarded => forwarded_for(element)?,
-                _ => element.trim(),
-            };
-            hops.push(parse_hop(hop)?);
+        match value.to_str() {
+            Ok(value) => hops.extend(value.split(',').map(|element| match which {
+                ForwardedHeader::Forwarded => forwarded_for(element),
+                _ => Some(element.trim()),
+            })),
+            Err(_) => hops.push(None),
         }
     }
-    let mut client = None;
+    let mut nearest = None;
     for hop in hops.into_iter().rev() {
-        client = Some(hop);
-        if !trusted.contains(hop) {
-            break;
+        let Some(ip) = hop.and_then(parse_hop) else {
+            return nearest;
+        };
+        if !trusted.contains(ip) {
+            return Some(ip);
         }
+        nearest = Some(ip);
     }
-    client
+    nearest
 }
 
 /// The `for=` parameter of one `Forwarded` element.
@@ -281,13 +290,77 @@ mod tests {
         // Only trusted hops: the leftmost one.
         let h = headers("x-forwarded-for", &["10.0.0.5, 10.0.0.2"]);
         assert_eq!(forwarded_client(&h, xff, &trusted), Some(ip("10.0.0.5")));
-        // Garbage: ignored as a whole.
+        // Garbage left of the client's own entry is never reached.
         let h = headers("x-forwarded-for", &["nonsense, 203.0.113.7"]);
+        assert_eq!(forwarded_client(&h, xff, &trusted), Some(ip("203.0.113.7")));
+        // Garbage nearest to us: nothing to believe (the proxy's address
+        // stands); garbage behind a trusted hop: that hop's address.
+        let h = headers("x-forwarded-for", &["203.0.113.7, x"]);
         assert_eq!(forwarded_client(&h, xff, &trusted), None);
+        let h = headers("x-forwarded-for", &["203.0.113.7, x, 10.0.0.9"]);
+        assert_eq!(forwarded_client(&h, xff, &trusted), Some(ip("10.0.0.9")));
         // The other header is not read.
         let h = headers("forwarded", &["for=203.0.113.7"]);
         assert_eq!(forwarded_client(&h, xff, &trusted), None);
         assert_eq!(forwarded_client(&h, ForwardedHeader::None, &trusted), None);
+    }
+
+    /// The right-most untrusted hop, written another way: strip the
+    /// longest run of parsable trusted hops from the right; the entry
+    /// before it is the client if it parses, else the first stripped hop
+    /// (or nothing), else, with all stripped, the leftmost.
+    fn reference(hops: &[Option<IpAddr>], trusted: &Trusted) -> Option<IpAddr> {
+        let stripped = hops
+            .iter()
+            .rev()
+            .take_while(|h| h.is_some_and(|ip| trusted.contains(ip)))
+            .count();
+        if stripped == hops.len() {
+            return hops.first().copied().flatten();
+        }
+        let before = hops[hops.len() - 1 - stripped];
+        before.or_else(|| {
+            (stripped > 0)
+                .then(|| hops[hops.len() - stripped])
+                .flatten()
+        })
+    }
+
+    #[test]
+    fn the_rightmost_untrusted_hop_matches_a_reference_on_random_lists() {
+        let trusted = Trusted::parse(&["10.0.0.0/8".into(), "2001:db8::/32".into()]).unwrap();
+        let pool: [(&str, Option<IpAddr>); 9] = [
+            ("10.0.0.2", Some(ip("10.0.0.2"))),
+            ("10.9.9.9:80", Some(ip("10.9.9.9"))),
+            ("[2001:db8::1]", Some(ip("2001:db8::1"))),
+            ("203.0.113.7", Some(ip("203.0.113.7"))),
+            ("[2001:dead::5]:443", Some(ip("2001:dead::5"))),
+            ("::ffff:198.51.100.1", Some(ip("198.51.100.1"))),
+            ("x", None),
+            ("", None),
+            ("unknown", None),
+        ];
+        let mut rng = crate::testing::Rng::new(0x5eed_f0e0);
+        for _ in 0..crate::testing::iterations(5_000) {
+            let n = rng.below(7);
+            let picks: Vec<usize> = (0..n).map(|_| rng.below(pool.len())).collect();
+            let text = picks
+                .iter()
+                .map(|&i| pool[i].0)
+                .collect::<Vec<_>>()
+                .join(", ");
+            let hops: Vec<Option<IpAddr>> = picks.iter().map(|&i| pool[i].1).collect();
+            let h = if n == 0 {
+                HeaderMap::new()
+            } else {
+                headers("x-forwarded-for", &[&text])
+            };
+            assert_eq!(
+                forwarded_client(&h, ForwardedHeader::XForwardedFor, &trusted),
+                reference(&hops, &trusted),
+                "X-Forwarded-For: {text}"
+            );
+        }
     }
 
     #[test]

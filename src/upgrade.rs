@@ -266,6 +266,8 @@ impl Accepted {
         let h = res.headers_mut();
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        // An answer to a request that carried a token: no cache keeps it.
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         if let Ok(v) = HeaderValue::from_str(&self.accept_key) {
             h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
         }
@@ -330,9 +332,11 @@ pub async fn decide<B>(
     // session lasts.
     let mut client = conn.client.ip();
     let mut forwarded_slot = None;
-    if policy.forwarding_from(client)
-        && let Some(ip) = proxy::forwarded_client(req.headers(), policy.forwarded, &policy.trusted)
-    {
+    if policy.forwarding_from(client) {
+        // A header that names no believable client counts the request
+        // against the proxy itself: never against no address at all.
+        let ip = proxy::forwarded_client(req.headers(), policy.forwarded, &policy.trusted)
+            .unwrap_or(client);
         client = ip;
         match admission.admit(ip, now) {
             Admit::Yes(guard) => forwarded_slot = Some(guard),

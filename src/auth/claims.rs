@@ -56,6 +56,31 @@ impl AuthFailure {
     }
 }
 
+/// The latest NumericDate accepted, 9999-12-31T23:59:59Z: later ones mean
+/// nothing real, and near `u64::MAX` they overflow time arithmetic.
+pub const MAX_NUMERIC_DATE: u64 = 253_402_300_799;
+
+/// A time claim as whole seconds: absent is `Ok(None)`; a number that is
+/// negative, not finite or past [`MAX_NUMERIC_DATE`] is a bad claim.
+fn numeric_date(claims: &Map<String, Value>, name: &str) -> Result<Option<u64>, AuthFailure> {
+    let Some(v) = claims.get(name) else {
+        return Ok(None);
+    };
+    // A NumericDate may have a fraction (RFC 7519 §2); whole seconds do.
+    let secs = v
+        .as_u64()
+        .or_else(|| {
+            v.as_f64()
+                .filter(|f| f.is_finite() && *f >= 0.0 && *f <= MAX_NUMERIC_DATE as f64)
+                .map(|f| f as u64)
+        })
+        .ok_or(AuthFailure::BadClaim)?;
+    if secs > MAX_NUMERIC_DATE {
+        return Err(AuthFailure::BadClaim);
+    }
+    Ok(Some(secs))
+}
+
 pub(super) fn identity_from_claims(
     mut claims: Map<String, Value>,
     roles_claim: &str,
@@ -65,15 +90,16 @@ pub(super) fn identity_from_claims(
         Some(_) => return Err(AuthFailure::BadClaim),
         None => return Err(AuthFailure::MissingClaim),
     };
+    // `exp` in whole seconds, as ever; past year 9999 it is refused rather
+    // than overflowing the time arithmetic of the expiry (a validly signed
+    // `exp` of 2^63 used to panic the connection's task).
     let expires_at = claims
         .get("exp")
         .and_then(Value::as_u64)
+        .filter(|exp| *exp <= MAX_NUMERIC_DATE)
         .ok_or(AuthFailure::BadClaim)?;
-    // A NumericDate may have a fraction (RFC 7519 §2); whole seconds do.
-    let issued_at = claims.get("iat").and_then(|v| {
-        v.as_u64()
-            .or_else(|| v.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
-    });
+    let issued_at = numeric_date(&claims, "iat")?;
+    numeric_date(&claims, "nbf")?;
     let roles = match claims.get(roles_claim) {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::Array(items)) => items

@@ -50,6 +50,8 @@ struct Inner {
     api_validation: Validation,
     leeway: Duration,
     roles_claim: String,
+    /// `auth.require_typ`.
+    require_typ: bool,
     keys: RwLock<Arc<KeySet>>,
     source: Source,
     metrics: Arc<KeyMetrics>,
@@ -68,6 +70,20 @@ enum Source {
         /// The body in force, so an unchanged set is not parsed again.
         body: Mutex<Option<Bytes>>,
     },
+}
+
+/// The longest `kid` looked up: key ids are short names or thumbprints;
+/// a longer one is refused before any lookup.
+const MAX_KID_BYTES: usize = 256;
+
+/// Whether a JOSE `typ` names a JWT access token: `JWT` or `at+jwt`
+/// (RFC 9068 §2.1), case-insensitive, with or without `application/`.
+fn access_token_typ(typ: &str) -> bool {
+    let t = typ
+        .get(..12)
+        .filter(|p| p.eq_ignore_ascii_case("application/"))
+        .map_or(typ, |_| &typ[12..]);
+    t.eq_ignore_ascii_case("jwt") || t.eq_ignore_ascii_case("at+jwt")
 }
 
 /// A refusal inside verification: unknown kids are told apart, since only
@@ -164,6 +180,7 @@ impl Verifier {
                 validation,
                 leeway: Duration::from_secs(auth.leeway_s),
                 roles_claim: auth.roles_claim.clone(),
+                require_typ: auth.require_typ,
                 keys: RwLock::new(Arc::new(keys)),
                 source,
                 metrics,
@@ -348,6 +365,16 @@ impl Verifier {
         if !validation.algorithms.contains(&header.alg) {
             return Err(Refused::Auth(AuthFailure::Algorithm));
         }
+        if header
+            .kid
+            .as_ref()
+            .is_some_and(|kid| kid.len() > MAX_KID_BYTES)
+        {
+            return Err(Refused::Auth(AuthFailure::Malformed));
+        }
+        if self.inner.require_typ && !header.typ.as_deref().is_some_and(access_token_typ) {
+            return Err(Refused::Auth(AuthFailure::Malformed));
+        }
         let keys = self.keys();
         let Some(key) = keys.select(header.kid.as_deref()) else {
             return Err(Refused::NoKey {
@@ -364,7 +391,10 @@ impl Verifier {
         // jsonwebtoken compares whole seconds, while a session ends at the
         // exact instant `exp` + leeway: refuse from that instant too, or a
         // client could reconnect with the token its session just expired on.
-        let end = UNIX_EPOCH + Duration::from_secs(identity.expires_at) + self.inner.leeway;
+        let end = UNIX_EPOCH
+            .checked_add(Duration::from_secs(identity.expires_at))
+            .and_then(|t| t.checked_add(self.inner.leeway))
+            .ok_or(Refused::Auth(AuthFailure::BadClaim))?;
         if SystemTime::now() >= end {
             return Err(Refused::Auth(AuthFailure::Expired));
         }
@@ -667,5 +697,88 @@ mod tests {
         );
         m.insert("sub".into(), 7.into());
         assert_eq!(identity_from_claims(m, "roles"), Err(AuthFailure::BadClaim));
+    }
+
+    fn hs_verifier(dir: &Path, tweak: impl FnOnce(&mut Config)) -> (Verifier, EncodingKey) {
+        let secret = b"0123456789abcdef0123456789abcdef-verifier-test";
+        let file = dir.join("hmac.secret");
+        std::fs::write(&file, secret).unwrap();
+        let mut config = Config::default();
+        config.auth.hmac_secret_file = file;
+        tweak(&mut config);
+        (
+            Verifier::from_config(&config).unwrap(),
+            EncodingKey::from_secret(secret),
+        )
+    }
+
+    fn hs_token(key: &EncodingKey, header: &Header, claims: &Value) -> String {
+        jsonwebtoken::encode(header, claims, key).unwrap()
+    }
+
+    #[test]
+    fn time_claims_that_overflow_are_refused_never_panicked_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let (v, key) = hs_verifier(dir.path(), |_| {});
+        let header = Header::new(Algorithm::HS256);
+        let now = mint::unix_now();
+        let ok = serde_json::json!({"sub": "a", "exp": now + 600});
+        assert!(v.verify(&hs_token(&key, &header, &ok)).is_ok());
+        let huge = [
+            serde_json::json!(1u64 << 63),
+            serde_json::json!(u64::MAX),
+            serde_json::json!(1e300),
+            serde_json::json!(claims::MAX_NUMERIC_DATE + 1),
+        ];
+        for value in &huge {
+            for claim in ["exp", "iat", "nbf"] {
+                let mut claims = ok.clone();
+                claims[claim] = value.clone();
+                let verdict = v.verify(&hs_token(&key, &header, &claims));
+                assert!(verdict.is_err(), "{claim} = {value} was accepted");
+            }
+        }
+        let mut negative = ok.clone();
+        negative["iat"] = serde_json::json!(-5);
+        assert_eq!(
+            v.verify(&hs_token(&key, &header, &negative)),
+            Err(AuthFailure::BadClaim)
+        );
+    }
+
+    #[test]
+    fn long_kids_are_refused_and_typ_is_checked_when_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let (v, key) = hs_verifier(dir.path(), |_| {});
+        let claims = serde_json::json!({"sub": "a", "exp": mint::unix_now() + 600});
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some("k".repeat(MAX_KID_BYTES + 1));
+        assert_eq!(
+            v.verify(&hs_token(&key, &header, &claims)),
+            Err(AuthFailure::Malformed)
+        );
+        header.kid = None;
+        header.typ = Some("logout+jwt".into());
+        assert!(
+            v.verify(&hs_token(&key, &header, &claims)).is_ok(),
+            "typ not asked"
+        );
+
+        let (strict, key) = hs_verifier(dir.path(), |c| c.auth.require_typ = true);
+        for (typ, accepted) in [
+            (Some("JWT"), true),
+            (Some("at+jwt"), true),
+            (Some("application/AT+JWT"), true),
+            (Some("logout+jwt"), false),
+            (Some("application/"), false),
+            (None, false),
+        ] {
+            header.typ = typ.map(str::to_owned);
+            assert_eq!(
+                strict.verify(&hs_token(&key, &header, &claims)).is_ok(),
+                accepted,
+                "typ {typ:?}"
+            );
+        }
     }
 }

@@ -97,6 +97,10 @@ pub struct ServerConfig {
     pub allowed_origins: Vec<String>,
     /// Also allow an `Origin` equal to `https://` + the request's `Host`.
     pub allow_same_origin: bool,
+    /// Serve `/metrics` on this (public) listener too. Off: metrics are
+    /// read on `admin_listen` only, so the open internet does not learn
+    /// the gateway's load and refusal counts. `serve --dev` turns it on.
+    pub public_metrics: bool,
 }
 
 impl Default for ServerConfig {
@@ -120,6 +124,7 @@ impl Default for ServerConfig {
             forwarded_header: ForwardedHeader::None,
             allowed_origins: Vec::new(),
             allow_same_origin: true,
+            public_metrics: false,
         }
     }
 }
@@ -197,6 +202,11 @@ pub struct AuthConfig {
     pub roles_claim: String,
     /// Accept `?access_token=` on the upgrade URL (off: URLs end up in logs).
     pub query_token: bool,
+    /// Require the JOSE header's `typ` to be `JWT` or `at+jwt` (RFC 9068
+    /// access tokens; case-insensitive, with or without `application/`),
+    /// so tokens of other kinds signed with the same key (ID tokens with
+    /// another `typ`, logout tokens) are refused.
+    pub require_typ: bool,
 }
 
 impl Default for AuthConfig {
@@ -219,6 +229,7 @@ impl Default for AuthConfig {
             max_token_bytes: 8 * 1024,
             roles_claim: "roles".to_owned(),
             query_token: false,
+            require_typ: false,
         }
     }
 }
@@ -528,6 +539,13 @@ pub struct LogConfig {
     pub level: String,
     /// `text` for people, `json` for log pipelines.
     pub format: LogFormat,
+    /// Lines one client address may cause (refusals, closes, failed
+    /// handshakes: logged at `info`) per second, after a burst of
+    /// `client_lines_burst`; 0: no limit.
+    pub client_lines_per_s: u32,
+    pub client_lines_burst: u32,
+    /// Such lines from all addresses together per second; 0: no limit.
+    pub client_lines_max_per_s: u32,
 }
 
 impl Default for LogConfig {
@@ -535,6 +553,9 @@ impl Default for LogConfig {
         Self {
             level: "info".to_owned(),
             format: LogFormat::Text,
+            client_lines_per_s: 1,
+            client_lines_burst: 5,
+            client_lines_max_per_s: 100,
         }
     }
 }

@@ -158,7 +158,8 @@ fn split_host_port(text: &str, default_port: u16) -> Option<(String, u16)> {
 /// A checked `https://` JWKS URL, split for connecting.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JwksUrl {
-    /// The URL as configured, for logs.
+    /// The URL without its query and fragment, for logs and errors: a
+    /// query may carry a credential (`?api_key=`), so it is never shown.
     pub text: String,
     /// Host without IPv6 brackets: what is resolved and named in SNI.
     pub host: String,
@@ -174,8 +175,9 @@ impl JwksUrl {
     ///
     /// # Errors
     /// Another scheme (plain `http` included), user info, or no host.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let uri: Uri = text
+    pub fn parse(configured: &str) -> Result<Self, String> {
+        let text = configured.split(['?', '#']).next().unwrap_or(configured);
+        let uri: Uri = configured
             .parse()
             .map_err(|e| format!("{text:?} is not a URL ({e})"))?;
         if uri.scheme_str() != Some("https") {
@@ -210,6 +212,15 @@ impl JwksUrl {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_jwks_url_is_shown_without_its_query() {
+        let url = JwksUrl::parse("https://id.example.com/certs?api_key=s3cret#x").unwrap();
+        assert_eq!(url.text, "https://id.example.com/certs");
+        assert_eq!(url.target, "/certs?api_key=s3cret", "still requested");
+        let err = JwksUrl::parse("https://u@id.example.com/c?api_key=s3cret").unwrap_err();
+        assert!(!err.contains("s3cret"), "{err}");
+    }
 
     #[test]
     fn origins_normalise() {

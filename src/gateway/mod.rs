@@ -179,6 +179,8 @@ pub struct Gateway {
     pub policies: PolicyStore,
     /// Per-address and global admission limits.
     pub admission: Arc<Admission>,
+    /// How often client-caused lines (refusals, closes) are logged.
+    pub log_gate: crate::loggate::LogGate,
     hub: Arc<Hub>,
     /// Who is in which channel (per user), and who watches.
     presence: Arc<Presence>,
@@ -234,6 +236,7 @@ impl Gateway {
         let local = broker.is_local();
         let gateway = Self {
             admission: Arc::new(Admission::new(&config.admission)),
+            log_gate: crate::loggate::LogGate::new(&config.log, Arc::clone(&metrics)),
             config,
             metrics,
             verifier,
@@ -707,7 +710,9 @@ impl Gateway {
 
     /// Drops history past its age and forgets idle history channels.
     pub fn sweep(&self) {
-        self.hub.sweep(Instant::now());
+        let now = Instant::now();
+        self.hub.sweep(now);
+        self.log_gate.sweep(now);
     }
 
     /// Publishes `data` on `channel` as `caller`. `accepted` runs once the

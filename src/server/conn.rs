@@ -13,7 +13,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsAcceptor;
-use tracing::debug;
+use tracing::{debug, info};
 
 use super::listen::http1_builder;
 use super::{Shared, routes};
@@ -44,7 +44,9 @@ pub(super) async fn serve_connection(
             Ok(None) => {}
             Err(e) => {
                 metrics.proxy_headers.inc(e.label());
-                debug!(error = %e, "connection refused: PROXY header");
+                if let Some(held) = shared.gateway.log_gate.admit_now(peer.ip()) {
+                    info!(error = %e, held, "connection refused: PROXY header");
+                }
                 return;
             }
         }
@@ -95,11 +97,15 @@ pub(super) async fn serve_connection(
             stream
         }
         Ok(Err(e)) => {
-            debug!(error = %e, "tls handshake failed");
+            if let Some(held) = shared.gateway.log_gate.admit_now(client.ip()) {
+                info!(error = %e, held, "tls handshake failed");
+            }
             return;
         }
         Err(_) => {
-            debug!("tls handshake timed out");
+            if let Some(held) = shared.gateway.log_gate.admit_now(client.ip()) {
+                info!(held, "tls handshake timed out");
+            }
             return;
         }
     };

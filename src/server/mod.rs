@@ -57,6 +57,17 @@ pub enum StartError {
 }
 
 /// Everything a connection task shares with the others.
+/// Who `/dev/token` answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DevEndpoints {
+    /// Not routed (404).
+    Off,
+    /// Peers on a loopback address; others get 404.
+    Loopback,
+    /// Anyone who reaches the port (`--dev-token-for-anyone`).
+    Anyone,
+}
+
 #[derive(Debug)]
 struct Shared {
     /// The core: config, metrics, verifier, policies, hub, broker, slots.
@@ -65,10 +76,12 @@ struct Shared {
     upgrade: UpgradePolicy,
     /// The served certificate, replaced by reloads.
     certs: Arc<tls::CertStore>,
-    /// `/metrics` is served on the admin listener, not the main one.
-    admin_metrics: bool,
-    /// `/dev/token` is routed (only under `serve --dev`).
-    dev_endpoints: bool,
+    /// `/metrics` is served on the main listener too
+    /// (`server.public_metrics`, and no admin listener).
+    public_metrics: bool,
+    /// `/dev/token` is routed (only under `serve --dev`): to loopback
+    /// peers only, or to anyone when the operator said so.
+    dev_endpoints: DevEndpoints,
     /// Cancelled when sessions must close (1001), each at its place in
     /// the drain window.
     shutdown: CancellationToken,
@@ -127,6 +140,7 @@ impl Server {
             None => None,
         };
         let upgrade = UpgradePolicy::from_config(&config)?;
+        let config_public_metrics = config.server.public_metrics;
         let history = HistoryRules::compile(&config.history, config.websocket.outbox_frames)
             .map_err(ConfigError::Invalid)?;
         let presence = PresenceRules::compile(&config.presence).map_err(ConfigError::Invalid)?;
@@ -138,8 +152,8 @@ impl Server {
             gateway: Arc::new(gateway),
             upgrade,
             certs,
-            admin_metrics: admin.is_some(),
-            dev_endpoints: false,
+            public_metrics: config_public_metrics && admin.is_none(),
+            dev_endpoints: DevEndpoints::Off,
             shutdown: CancellationToken::new(),
             hurry: CancellationToken::new(),
             sessions: TaskTracker::new(),
@@ -154,12 +168,13 @@ impl Server {
         })
     }
 
-    /// Routes `GET /dev/token`, which mints tokens for anyone who asks:
-    /// for `serve --dev` only, never in production.
+    /// Routes `GET /dev/token`, which mints tokens with any role for
+    /// whoever asks: for `serve --dev` only, never in production. It
+    /// answers loopback peers only, unless `to` says anyone.
     #[must_use]
-    pub fn with_dev_endpoints(mut self) -> Self {
+    pub fn with_dev_endpoints(mut self, to: DevEndpoints) -> Self {
         if let Some(shared) = Arc::get_mut(&mut self.shared) {
-            shared.dev_endpoints = true;
+            shared.dev_endpoints = to;
         }
         self
     }

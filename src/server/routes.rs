@@ -12,7 +12,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::Role;
-use tracing::{Instrument, debug, info_span};
+use tracing::{Instrument, debug, info, info_span};
 
 use super::{Shared, web};
 use crate::gateway::slots::ConnSlot;
@@ -28,28 +28,43 @@ pub(super) async fn handle(
     refusal: Option<Refusal>,
 ) -> Response<Body> {
     let overloaded = refusal == Some(Refusal::Overloaded);
-    let mut res = match req.uri().path() {
+    let client = conn.client.ip();
+    let path = req.uri().path();
+    // An upgrade asked of any other route is refused and the connection
+    // closed: never answered as a plain GET on a kept-alive connection.
+    let elsewhere = path != "/ws" && req.headers().contains_key(header::UPGRADE);
+    let mut res = match path {
+        _ if elsewhere => refuse(Refusal::NotFound, shared, client),
         "/ws" => match refusal {
-            Some(refusal) => refuse(refusal, shared),
+            Some(refusal) => refuse(refusal, shared, client),
             None => return upgrade_ws(req, shared, conn).await,
         },
         // Liveness stays up under overload and while draining.
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => readiness(shared, overloaded),
-        "/metrics" if shared.admin_metrics => refuse(Refusal::NotFound, shared),
-        "/metrics" => metrics(shared),
-        "/dev/token" if shared.dev_endpoints => {
+        "/metrics" if shared.public_metrics => metrics(shared),
+        "/metrics" => refuse(Refusal::NotFound, shared, client),
+        "/dev/token" if dev_token_for(shared.dev_endpoints, conn.client.ip()) => {
             web::dev_token(&shared.gateway.config, req.uri().query())
         }
-        path => web::asset(path).unwrap_or_else(|| refuse(Refusal::NotFound, shared)),
+        path => web::asset(path).unwrap_or_else(|| refuse(Refusal::NotFound, shared, client)),
     };
-    if refusal.is_some() {
+    if refusal.is_some() || elsewhere {
         // An overflow slot or a limited address gets one answer, not a
         // keep-alive session.
         res.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     res
+}
+
+/// Whether `/dev/token` answers a peer at `ip`.
+fn dev_token_for(to: super::DevEndpoints, ip: std::net::IpAddr) -> bool {
+    match to {
+        super::DevEndpoints::Off => false,
+        super::DevEndpoints::Loopback => crate::config::canonical_ip(ip).is_loopback(),
+        super::DevEndpoints::Anyone => true,
+    }
 }
 
 /// Decides the upgrade, answers `101`, and spawns the session, which
@@ -63,7 +78,7 @@ async fn upgrade_ws(
     let gateway = &shared.gateway;
     let accepted = match upgrade::decide(&req, gateway, &shared.upgrade, &conn).await {
         Ok(accepted) => accepted,
-        Err(refusal) => return refuse(refusal, shared),
+        Err(refusal) => return refuse(refusal, shared, conn.client.ip()),
     };
     gateway.metrics.upgrades.inc("ok");
     let response = accepted.response();
@@ -76,6 +91,7 @@ async fn upgrade_ws(
         ..
     } = accepted;
     let ctx = SessionContext {
+        client,
         number: user_slot.session,
         id: session::new_session_id(),
         identity,
@@ -108,20 +124,27 @@ async fn upgrade_ws(
     response
 }
 
-fn refuse(refusal: Refusal, shared: &Shared) -> Response<Body> {
-    let metrics = &shared.gateway.metrics;
+fn refuse(refusal: Refusal, shared: &Shared, client: std::net::IpAddr) -> Response<Body> {
+    let gateway = &shared.gateway;
+    let metrics = &gateway.metrics;
     if refusal != Refusal::NotFound {
         metrics.upgrades.inc(refusal.label());
     }
     if let Some(reason) = refusal.auth_failure() {
         metrics.auth_failures.inc(reason);
     }
-    debug!(
-        status = refusal.status().as_u16(),
-        reason = refusal.label(),
-        auth = refusal.auth_failure().unwrap_or(""),
-        "request refused"
-    );
+    // Visible at the default level; a flood is held back per address.
+    if refusal != Refusal::NotFound
+        && let Some(held) = gateway.log_gate.admit_now(client)
+    {
+        info!(
+            status = refusal.status().as_u16(),
+            reason = refusal.label(),
+            auth = refusal.auth_failure().unwrap_or(""),
+            held,
+            "request refused"
+        );
+    }
     refusal.response(&shared.upgrade)
 }
 
@@ -177,4 +200,23 @@ fn text(status: StatusCode, body: &'static str) -> Response<Body> {
     res.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::DevEndpoints;
+
+    #[test]
+    fn the_dev_token_answers_loopback_peers_only_unless_told() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        for peer in ["127.0.0.1", "127.0.0.9", "::1", "::ffff:127.0.0.1"] {
+            assert!(dev_token_for(DevEndpoints::Loopback, ip(peer)), "{peer}");
+            assert!(!dev_token_for(DevEndpoints::Off, ip(peer)), "{peer}");
+        }
+        for peer in ["203.0.113.7", "10.0.0.1", "::ffff:10.0.0.1", "2001:db8::1"] {
+            assert!(!dev_token_for(DevEndpoints::Loopback, ip(peer)), "{peer}");
+            assert!(dev_token_for(DevEndpoints::Anyone, ip(peer)), "{peer}");
+        }
+    }
 }

@@ -90,7 +90,7 @@ impl CloseReason {
             Self::Shutdown => "server shutting down",
             Self::TokenExpired => "token expired",
             Self::SlowReader => "too slow reading messages",
-            Self::RateLimited => "publish rate limit exceeded repeatedly",
+            Self::RateLimited => "request rate limit exceeded repeatedly",
             Self::ProtocolError => "protocol error",
             Self::Binary => "binary frames are not accepted",
             Self::InvalidUtf8 => "invalid UTF-8",

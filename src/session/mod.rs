@@ -18,7 +18,7 @@ use tokio::time::{Instant, MissedTickBehavior, sleep_until, timeout};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, info};
 
 use crate::auth::mint::unix_now;
 use crate::config::Config;
@@ -39,6 +39,8 @@ const WRITE_BUFFER: usize = 16 * 1024;
 /// One session's identity and wiring.
 #[derive(Debug)]
 pub struct SessionContext {
+    /// The client's address (for the log rate).
+    pub client: std::net::IpAddr,
     /// Process-unique number (the hub's key).
     pub number: u64,
     /// Random id shown to the client and in logs.
@@ -81,6 +83,9 @@ struct Session<'a> {
     bucket: Bucket,
     strikes: u32,
     bad_frames: u32,
+    /// A heartbeat ping of ours awaits its pong: that pong is free, any
+    /// other ping or pong spends the request budget.
+    ping_outstanding: bool,
     /// Set by a successful `refresh`: the expiry timer must move.
     new_expiry: Option<Instant>,
 }
@@ -121,6 +126,7 @@ where
         bucket: Bucket::full(rate, Instant::now().into_std()),
         strikes: 0,
         bad_frames: 0,
+        ping_outstanding: false,
         new_expiry: None,
         ctx,
     };
@@ -147,9 +153,19 @@ where
     close(&mut ws, reason, write_timeout, metrics).await;
     metrics.sessions_open.fetch_sub(1, Ordering::Relaxed);
     metrics.sessions_closed.inc(reason.label());
-    // Every reason so far is the client's doing or a normal end: nothing
-    // for an operator to act on, so debug (metrics count them).
-    debug!(reason = reason.label(), "session closed");
+    // Closes the gateway made are visible at the default level (a flood
+    // held back per address); a client's own close and the drain's are
+    // routine, and counted by the metrics.
+    match reason {
+        CloseReason::ClientClosed | CloseReason::Shutdown => {
+            debug!(reason = reason.label(), "session closed");
+        }
+        _ => {
+            if let Some(held) = gateway.log_gate.admit_now(session.ctx.client) {
+                info!(reason = reason.label(), held, "session closed");
+            }
+        }
+    }
     reason
 }
 
@@ -254,6 +270,7 @@ impl Session<'_> {
                     silence.as_mut().reset(deadline);
                 }
                 _ = tick.tick() => {
+                    self.ping_outstanding = true;
                     let ping = std::iter::once(Message::Ping(Default::default()));
                     if let Err(reason) = send_all(ws, ping, write_timeout, &slow).await {
                         return reason;
@@ -281,8 +298,19 @@ impl Session<'_> {
                         Some(Ok(Message::Text(text))) => text,
                         Some(Ok(Message::Binary(_))) => return CloseReason::Binary,
                         Some(Ok(Message::Close(_))) => return CloseReason::ClientClosed,
-                        // Pings are answered by tungstenite; all count as liveness.
-                        Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+                        // Pings are answered by tungstenite; all count as
+                        // liveness, and each spends the request budget, so
+                        // a ping flood is no free way to make us write.
+                        Some(Ok(Message::Pong(_))) if self.ping_outstanding => {
+                            self.ping_outstanding = false;
+                            continue;
+                        }
+                        Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {
+                            if let Err(reason) = self.spend(None) {
+                                return reason;
+                            }
+                            continue;
+                        }
                     };
                     if let Some(reason) = self.handle(&text).await {
                         return reason;
@@ -343,9 +371,12 @@ fn drain_turn(number: u64, window_ms: u64) -> Duration {
 /// The instant the session must end: `exp` + leeway, measured from now
 /// to the sub-second (whole seconds would end sessions up to 1 s late).
 fn expiry_instant(expires_at: u64, leeway: Duration) -> Instant {
-    let end = std::time::UNIX_EPOCH + Duration::from_secs(expires_at) + leeway;
-    let remaining = end
-        .duration_since(std::time::SystemTime::now())
+    // Verification refuses an `exp` past year 9999; checked anyway, so no
+    // claim can overflow the arithmetic here.
+    let remaining = std::time::UNIX_EPOCH
+        .checked_add(Duration::from_secs(expires_at))
+        .and_then(|t| t.checked_add(leeway))
+        .and_then(|end| end.duration_since(std::time::SystemTime::now()).ok())
         .unwrap_or(Duration::ZERO);
     // Cap far-future tokens so the Instant arithmetic cannot overflow.
     Instant::now() + remaining.min(Duration::from_secs(100 * 365 * 86_400))

@@ -92,6 +92,12 @@ impl Session<'_> {
             }
         };
         self.bad_frames = 0;
+        // Every request takes a token of the connection's budget, so no op
+        // is a free way to make the gateway work.
+        let (id, channel) = frame.id_and_channel();
+        if let Err(end) = self.spend_or_end(id, channel, "request rate exceeded") {
+            return end;
+        }
         match frame {
             ClientFrame::Ping { id } => self.reply(&ServerFrame::Pong { id }),
             ClientFrame::Subscribe {
@@ -107,9 +113,7 @@ impl Session<'_> {
                 };
                 self.subscribe(id, &channel, options).await;
             }
-            ClientFrame::History { id, channel, limit } => {
-                return self.history(id, &channel, limit).await;
-            }
+            ClientFrame::History { id, channel, limit } => self.history(id, &channel, limit).await,
             ClientFrame::Unsubscribe { id, channel } => {
                 let gateway = self.gateway;
                 if gateway.unsubscribe(&mut self.subscriptions, self.ctx.number, &channel) {
@@ -123,13 +127,9 @@ impl Session<'_> {
                     );
                 }
             }
-            ClientFrame::Publish { id, channel, data } => {
-                return self.publish(id, &channel, data).await;
-            }
+            ClientFrame::Publish { id, channel, data } => self.publish(id, &channel, data).await,
             ClientFrame::Refresh { id, token } => self.refresh(id, &token),
-            ClientFrame::Presence { id, channel } => {
-                return self.presence(id, &channel).await;
-            }
+            ClientFrame::Presence { id, channel } => self.presence(id, &channel).await,
         }
         None
     }
@@ -163,13 +163,13 @@ impl Session<'_> {
         }
     }
 
-    /// Takes one token of the connection's request budget; a connection
-    /// that keeps asking past it is closed (4008).
-    fn spend(
+    /// Takes one token of the connection's request budget (every request,
+    /// and every ping or pong frame the client sends); a connection that
+    /// keeps asking past it is closed (4008). A request over the budget is
+    /// answered `rate_limited`.
+    pub(super) fn spend(
         &mut self,
-        id: Option<u64>,
-        channel: &ChannelName,
-        what: &str,
+        request: Option<(Option<u64>, Option<&ChannelName>, &str)>,
     ) -> Result<bool, CloseReason> {
         let rate = self.rate;
         if self.bucket.take(rate, Instant::now().into_std()).is_ok() {
@@ -180,19 +180,21 @@ impl Session<'_> {
         if self.strikes >= self.gateway.config.limits.rate_limit_strikes {
             return Err(CloseReason::RateLimited);
         }
-        self.error(id, ErrorCode::RateLimited, what, Some(channel));
+        if let Some((id, channel, what)) = request {
+            self.error(id, ErrorCode::RateLimited, what, channel);
+        }
         Ok(false)
     }
 
-    /// [`Session::spend`] for a request handler: `Err` holds what the
-    /// handler returns when no token was left (a close, or nothing more).
+    /// [`Session::spend`] for a request: `Err` holds what the handler
+    /// returns when no token was left (a close, or nothing more).
     fn spend_or_end(
         &mut self,
         id: Option<u64>,
-        channel: &ChannelName,
+        channel: Option<&ChannelName>,
         what: &str,
     ) -> Result<(), Option<CloseReason>> {
-        match self.spend(id, channel, what) {
+        match self.spend(Some((id, channel, what))) {
             Err(reason) => Err(Some(reason)),
             Ok(false) => Err(None),
             Ok(true) => Ok(()),
@@ -207,17 +209,8 @@ impl Session<'_> {
         }
     }
 
-    /// `history`: the last messages of a channel in one `ok`. It costs a
-    /// token of the same budget as `publish`.
-    async fn history(
-        &mut self,
-        id: Option<u64>,
-        channel: &ChannelName,
-        limit: usize,
-    ) -> Option<CloseReason> {
-        if let Err(end) = self.spend_or_end(id, channel, "request rate exceeded") {
-            return end;
-        }
+    /// `history`: the last messages of a channel in one `ok`.
+    async fn history(&mut self, id: Option<u64>, channel: &ChannelName, limit: usize) {
         match self.gateway.history(self.caller(), channel, limit).await {
             Ok((position, frames)) => {
                 if let Some(id) = id {
@@ -228,15 +221,10 @@ impl Session<'_> {
             }
             Err(e) => self.core_error(id, e, channel),
         }
-        None
     }
 
-    /// `presence`: who is in a channel, in one `ok`. It costs a token of
-    /// the same budget as `publish`.
-    async fn presence(&mut self, id: Option<u64>, channel: &ChannelName) -> Option<CloseReason> {
-        if let Err(end) = self.spend_or_end(id, channel, "request rate exceeded") {
-            return end;
-        }
+    /// `presence`: who is in a channel, in one `ok`.
+    async fn presence(&mut self, id: Option<u64>, channel: &ChannelName) {
         match self.gateway.presence(self.caller(), channel).await {
             Ok(listing) => {
                 if let Some(id) = id {
@@ -246,18 +234,9 @@ impl Session<'_> {
             }
             Err(e) => self.core_error(id, e, channel),
         }
-        None
     }
 
-    async fn publish(
-        &mut self,
-        id: Option<u64>,
-        channel: &ChannelName,
-        data: &RawValue,
-    ) -> Option<CloseReason> {
-        if let Err(end) = self.spend_or_end(id, channel, "publish rate exceeded") {
-            return end;
-        }
+    async fn publish(&mut self, id: Option<u64>, channel: &ChannelName, data: &RawValue) {
         // The ok is encoded up front: the core has it queued the moment
         // the publication is certain, which may be before its own echo.
         // Fire-and-forget publishing (no id) never creates an outbox.
@@ -278,43 +257,34 @@ impl Session<'_> {
         if let Err(e) = self.gateway.publish(caller, channel, data, accepted).await {
             self.core_error(id, e, channel);
         }
-        None
     }
 
     fn refresh(&mut self, id: Option<u64>, token: &str) {
         if token.len() > self.gateway.config.auth.max_token_bytes {
-            return self.error(id, ErrorCode::InvalidToken, "token too large", None);
+            return self.refresh_refused(id, ErrorCode::InvalidToken, "token too large");
         }
         // No waiting inside the session loop: an unknown kid starts a JWKS
         // refresh in the background and the client may retry.
-        let identity = match self.gateway.verifier.verify_now(token) {
+        let refused = match self.gateway.verifier.verify_now(token) {
             Ok(identity) if identity.has_audience(&self.gateway.config.api.audience) => {
-                return self.error(
-                    id,
-                    ErrorCode::InvalidToken,
-                    &crate::auth::AuthFailure::Audience.to_string(),
-                    None,
-                );
+                Err(crate::auth::AuthFailure::Audience)
             }
             Ok(identity) if self.gateway.is_revoked(&identity) => {
-                return self.error(
-                    id,
-                    ErrorCode::InvalidToken,
-                    &crate::auth::AuthFailure::Revoked.to_string(),
-                    None,
-                );
+                Err(crate::auth::AuthFailure::Revoked)
             }
+            verified => verified,
+        };
+        let identity = match refused {
             Ok(identity) => identity,
             Err(failure) => {
-                return self.error(id, ErrorCode::InvalidToken, &failure.to_string(), None);
+                return self.refresh_refused(id, ErrorCode::InvalidToken, &failure.to_string());
             }
         };
         if identity.user != self.ctx.identity.user {
-            return self.error(
+            return self.refresh_refused(
                 id,
                 ErrorCode::TokenMismatch,
                 "the new token names another user",
-                None,
             );
         }
         let leeway = Duration::from_secs(self.gateway.config.auth.leeway_s);
@@ -322,6 +292,16 @@ impl Session<'_> {
         self.ctx.identity = identity;
         self.recheck_subscriptions("the refreshed token does not allow this subscription");
         self.ok(id);
+    }
+
+    /// A refused `refresh`: answered, and counted as a failed
+    /// authentication of the client's address, as a refused upgrade is, so
+    /// an open connection is no way around that limit.
+    fn refresh_refused(&mut self, id: Option<u64>, code: ErrorCode, message: &str) {
+        let admission = &self.gateway.admission;
+        let key = admission.key(self.ctx.client);
+        admission.auth_failed(key, std::time::Instant::now());
+        self.error(id, code, message, None);
     }
 
     /// Ends a subscription the server withdrew (the HTTP API's

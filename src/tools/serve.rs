@@ -14,15 +14,22 @@ use super::certs::{self, CertPaths, Replace};
 use super::cli::{BoxError, ConfigArgs, load_config};
 use crate::auth::mint::{self, TokenRequest};
 use crate::config::{Config, LogFormat};
-use crate::server::{Server, ServerHandle};
+use crate::server::{DevEndpoints, Server, ServerHandle};
 
 #[derive(Args)]
 pub struct ServeArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
     /// Create missing dev certificates and secret, and print a ready token.
+    /// Serves `/dev/token` to loopback peers; refused on an address other
+    /// than loopback unless `--dev-token-for-anyone`.
     #[arg(long)]
     pub dev: bool,
+    /// With `--dev` on an address other than loopback: let `/dev/token`
+    /// mint tokens with any role (admin included) for anyone who reaches
+    /// the port. Only on a network you trust entirely.
+    #[arg(long, requires = "dev")]
+    pub dev_token_for_anyone: bool,
     /// Listen address, e.g. 127.0.0.1:8443 (overrides server.listen).
     #[arg(long)]
     pub listen: Option<std::net::SocketAddr>,
@@ -49,6 +56,10 @@ pub fn serve(args: ServeArgs) -> Result<(), BoxError> {
             LogFormat::Text
         };
     }
+    if args.dev {
+        // On loopback (see below), metrics on the one listener are handy.
+        config.server.public_metrics = true;
+    }
     if args.dev && config.api.listen.is_none() {
         // The HTTP API on loopback: 8444 beside the default 8443, else
         // any free port (printed below), so a --listen of its own never
@@ -61,6 +72,7 @@ pub fn serve(args: ServeArgs) -> Result<(), BoxError> {
         config.api.listen = Some(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
     }
     config.validate()?;
+    let dev_to = dev_endpoints(args.dev, args.dev_token_for_anyone, config.server.listen)?;
     init_logging(&config)?;
     for name in ignored {
         info!(variable = %name, "environment variable names no configuration section; ignored");
@@ -73,11 +85,9 @@ pub fn serve(args: ServeArgs) -> Result<(), BoxError> {
         .build()?;
     runtime.block_on(async move {
         let mut server = Server::bind(config.clone()).await?;
-        if args.dev {
-            server = server.with_dev_endpoints();
-            if !config.server.listen.ip().is_loopback() {
-                warn!(addr = %config.server.listen, "--dev serves /dev/token, which mints tokens for anyone: keep it on loopback");
-            }
+        server = server.with_dev_endpoints(dev_to);
+        if dev_to == DevEndpoints::Anyone {
+            warn!(addr = %config.server.listen, "--dev-token-for-anyone: /dev/token mints tokens with any role for anyone who reaches this port");
         }
         let addr = server.local_addr()?;
         info!(%addr, "listening");
@@ -97,6 +107,34 @@ pub fn serve(args: ServeArgs) -> Result<(), BoxError> {
         server.run(stop).await;
         Ok::<(), BoxError>(())
     })
+}
+
+/// Who `/dev/token` answers: nobody without `--dev`; loopback peers with
+/// it; anyone only when asked by name.
+///
+/// # Errors
+/// `--dev` on an address other than loopback without
+/// `--dev-token-for-anyone`.
+fn dev_endpoints(
+    dev: bool,
+    for_anyone: bool,
+    listen: std::net::SocketAddr,
+) -> Result<DevEndpoints, BoxError> {
+    if !dev {
+        return Ok(DevEndpoints::Off);
+    }
+    if for_anyone {
+        return Ok(DevEndpoints::Anyone);
+    }
+    if !listen.ip().is_loopback() {
+        return Err(format!(
+            "refusing --dev on {listen}: it serves /dev/token, which mints tokens with any role \
+             (admin included) for whoever asks; listen on a loopback address (127.0.0.1, [::1]), \
+             or add --dev-token-for-anyone to expose exactly that"
+        )
+        .into());
+    }
+    Ok(DevEndpoints::Loopback)
 }
 
 fn init_logging(config: &Config) -> Result<(), BoxError> {

@@ -110,14 +110,7 @@ async fn failed_authentications_block_the_address_before_signature_checks() {
     let gw = start(|c, _| c.admission.address_failed_auths_per_min = 3).await;
     let token = gw.token("alice", &[]);
     let source = addr(8);
-    let forged = crate::harness::hs256_jwt(
-        r#"{"alg":"HS256","typ":"JWT"}"#,
-        &format!(
-            r#"{{"sub":"mallory","exp":{}}}"#,
-            crate::harness::now() + 600
-        ),
-        b"not the gateway's secret, but long enough for hs256",
-    );
+    let forged = crate::harness::forged_token();
     for _ in 0..3 {
         upgrade_from(&gw, source, &forged).await.assert_refused(401);
     }
@@ -142,4 +135,32 @@ async fn failed_authentications_block_the_address_before_signature_checks() {
     gw.connect_from(addr(9), gw.bearer_request(&token))
         .await
         .expect("other address");
+}
+
+/// A refused `refresh` is a failed authentication of the address too: an
+/// open connection is no way to try forged tokens past the limit.
+#[tokio::test]
+async fn refused_refreshes_count_against_the_address() {
+    let gw = start(|c, _| c.admission.address_failed_auths_per_min = 3).await;
+    let source = addr(11);
+    let token = gw.token("alice", &["member"]);
+    let (ws, _) = gw
+        .connect_from(source, gw.bearer_request(&token))
+        .await
+        .expect("upgrade");
+    let mut alice = crate::harness::Client::from_ws(ws, "alice").await;
+    for _ in 0..3 {
+        alice
+            .error(
+                serde_json::json!({"op": "refresh", "token": "a.b.c"}),
+                "invalid_token",
+            )
+            .await;
+    }
+    // The address is over its failed authentications: even a valid token
+    // is refused at the upgrade now.
+    upgrade_from(&gw, source, &token).await.assert_refused(429);
+    gw.connect_from(addr(12), gw.bearer_request(&token))
+        .await
+        .expect("other addresses are not affected");
 }

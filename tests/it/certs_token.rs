@@ -429,3 +429,18 @@ async fn policy_explain_names_the_deciding_rule() {
     assert_eq!(forged.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&forged.stderr).contains("token refused"));
 }
+
+/// `/dev/token` mints tokens with any role: `--dev` refuses to serve it
+/// beyond loopback unless the operator names exactly that. (Refused before
+/// anything is bound.)
+#[test]
+fn serve_dev_beyond_loopback_needs_the_flag_that_says_what_it_exposes() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = wsgate(&["serve", "--dev", "--listen", "0.0.0.0:0"], dir.path());
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("refusing --dev on 0.0.0.0:0"), "{err}");
+    assert!(err.contains("--dev-token-for-anyone"), "{err}");
+    let out = wsgate(&["serve", "--dev-token-for-anyone"], dir.path());
+    assert!(!out.status.success(), "the flag needs --dev");
+}

@@ -965,14 +965,20 @@ async fn subscription_limit() {
         .await;
 }
 
+/// A gateway whose request budget is 1 a second after a `burst`, closing
+/// after `strikes` requests over it in a row.
+async fn with_budget(burst: u32, strikes: u32) -> Gateway {
+    start(|c, _| {
+        c.limits.publish_rate_per_s = 1;
+        c.limits.publish_burst = burst;
+        c.limits.rate_limit_strikes = strikes;
+    })
+    .await
+}
+
 #[tokio::test]
 async fn publish_rate_limit_then_4008_after_strikes_in_a_row() {
-    let gw = start(|c, _| {
-        c.limits.publish_rate_per_s = 1;
-        c.limits.publish_burst = 2;
-        c.limits.rate_limit_strikes = 3;
-    })
-    .await;
+    let gw = with_budget(2, 3).await;
     let mut alice = Client::join(&gw, "alice", &["member"]).await;
     let publish = json!({"op": "publish", "channel": "chat:x", "data": 1});
     alice.ok(publish.clone()).await;
@@ -987,9 +993,50 @@ async fn publish_rate_limit_then_4008_after_strikes_in_a_row() {
     alice.ok(publish.clone()).await;
     alice.error(publish.clone(), "rate_limited").await;
     alice.error(publish.clone(), "rate_limited").await;
-    alice.assert_quiet("still open after two strikes").await;
-    // The third strike in a row closes the connection.
-    alice.send(&publish).await;
+    // Still open after two strikes (asked of the metrics: any request of
+    // alice's would spend her budget).
+    assert_eq!(gw.metric("wsgate_sessions_open").await, 1);
+    // The third strike in a row closes the connection; a `ping` counts as
+    // a request like any other.
+    alice.send(&json!({"op": "ping", "id": 99})).await;
+    assert_eq!(expect_close(&mut alice.ws).await, 4008);
+}
+
+/// Every op spends the connection's request budget, WebSocket pings too
+/// (a pong answering our heartbeat does not): none is a free way to make
+/// the gateway work.
+#[tokio::test]
+async fn every_op_and_client_ping_spends_the_request_budget() {
+    let gw = with_budget(3, 100).await;
+    let ops = [
+        json!({"op": "subscribe", "channel": "chat:a"}),
+        json!({"op": "unsubscribe", "channel": "chat:a"}),
+        json!({"op": "history", "channel": "chat:a"}),
+        json!({"op": "presence", "channel": "chat:a"}),
+        json!({"op": "ping"}),
+        json!({"op": "refresh", "token": "x"}),
+    ];
+    for op in ops {
+        let mut alice = Client::join(&gw, "alice", &["member"]).await;
+        for _ in 0..3 {
+            let reply = alice.call(op.clone()).await;
+            assert_ne!(
+                reply["code"], "rate_limited",
+                "{op} within the burst: {reply}"
+            );
+        }
+        let reply = alice.call(op.clone()).await;
+        assert_eq!(
+            reply["code"], "rate_limited",
+            "{op} past the burst: {reply}"
+        );
+    }
+    // WebSocket pings: the fourth is over the budget, then strikes close.
+    let gw = with_budget(3, 3).await;
+    let mut alice = Client::join(&gw, "alice", &["member"]).await;
+    for _ in 0..6 {
+        let _ = alice.ws.send(Message::Ping(Default::default())).await;
+    }
     assert_eq!(expect_close(&mut alice.ws).await, 4008);
 }
 

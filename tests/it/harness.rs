@@ -143,6 +143,12 @@ pub fn base_config(dir: &std::path::Path) -> Config {
     config.admission.address_new_connections_per_s = 0;
     config.admission.max_connections_per_address = 0;
     config.admission.address_failed_auths_per_min = 0;
+    // Tests read /metrics on the main listener unless they set up an
+    // admin one (off by default; tested in metrics.rs).
+    config.server.public_metrics = true;
+    // Every test client is 127.0.0.1: the log rate is tested on its own.
+    config.log.client_lines_per_s = 0;
+    config.log.client_lines_max_per_s = 0;
     config
 }
 
@@ -532,6 +538,16 @@ pub fn raw_jwt(header: &str, claims: &str, signature: &[u8]) -> String {
 }
 
 /// HMAC-SHA256 over `header.claims` with `key`, giving a complete JWT.
+/// A well-formed token for `mallory`, signed with a key the gateway does
+/// not have: a forgery that fails at the signature check.
+pub fn forged_token() -> String {
+    hs256_jwt(
+        r#"{"alg":"HS256","typ":"JWT"}"#,
+        &format!(r#"{{"sub":"mallory","exp":{}}}"#, now() + 600),
+        b"not the gateway's secret, but long enough for hs256",
+    )
+}
+
 pub fn hs256_jwt(header: &str, claims: &str, key: &[u8]) -> String {
     use base64::Engine as _;
     let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);

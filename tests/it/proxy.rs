@@ -242,3 +242,33 @@ async fn forwarded_for_is_believed_only_from_trusted_proxies() {
     let (status, _c) = connect("127.0.0.2", "198.51.100.1").await;
     assert_eq!(status, 101, "another client through the same proxy");
 }
+
+/// The bypass the security review found: through a trusted proxy, a
+/// forwarding header whose nearest entry does not parse used to leave the
+/// request with no address at all, so forged tokens were never stopped by
+/// the failed-authentication gate (45 tries, all 401). Now such a request
+/// is counted against the proxy's own address.
+#[tokio::test]
+async fn an_unbelievable_forwarding_header_counts_against_the_proxy() {
+    let gw = start(|c, _| {
+        c.server.forwarded_header = ForwardedHeader::XForwardedFor;
+        c.server.trusted_proxies = vec!["127.0.0.3/32".into()];
+        c.admission.address_failed_auths_per_min = 30;
+    })
+    .await;
+    let forged = crate::harness::forged_token();
+    let mut statuses = Vec::new();
+    for _ in 0..45 {
+        let head = gw.upgrade_head(
+            "/ws",
+            &[&crate::harness::bearer(&forged), "X-Forwarded-For: x"],
+        );
+        statuses.push(
+            gw.raw_from("127.0.0.3".parse().unwrap(), &head)
+                .await
+                .status,
+        );
+    }
+    assert!(statuses[..30].iter().all(|s| *s == 401), "{statuses:?}");
+    assert!(statuses[30..].iter().all(|s| *s == 429), "{statuses:?}");
+}

@@ -147,6 +147,70 @@ async fn unknown_path_is_404() {
     assert_eq!(res.status, 404);
 }
 
+/// An upgrade asked of a route that serves pages (`/`, `/healthz`) is
+/// refused and the connection closed, not answered as a plain GET that
+/// keeps the connection alive.
+#[tokio::test]
+async fn upgrades_to_other_routes_are_refused_and_closed() {
+    let gw = gateway().await;
+    let token = gw.token("alice", &[]);
+    for path in ["/", "/healthz", "/wsgate.js"] {
+        // `raw` reads until the server closes: a kept-alive answer would
+        // time out here.
+        let res = gw.raw(&gw.upgrade_head(path, &[&bearer(&token)])).await;
+        res.assert_refused(404);
+    }
+}
+
+/// A validly signed token whose time claims overflow time arithmetic is
+/// refused like any bad claim, before the `101`; the gateway lives on.
+#[tokio::test]
+async fn time_claims_past_any_clock_are_401() {
+    let gw = gateway().await;
+    let secret = gw.secret();
+    for claims in [
+        r#"{"sub":"a","exp":9223372036854775808}"#.to_owned(),
+        r#"{"sub":"a","exp":18446744073709551615}"#.to_owned(),
+        r#"{"sub":"a","exp":1e300}"#.to_owned(),
+        format!(r#"{{"sub":"a","exp":{},"iat":1e300}}"#, now() + 600),
+        format!(r#"{{"sub":"a","exp":{},"nbf":-1}}"#, now() + 600),
+    ] {
+        let token = hs256_jwt(r#"{"alg":"HS256","typ":"JWT"}"#, &claims, &secret);
+        assert_invalid_token(&gw, &token, &claims).await;
+    }
+    let token = gw.token("alice", &[]);
+    gw.connect(&token).await.expect("still serving");
+}
+
+/// `/metrics` is served on the public listener only when the operator
+/// turns it on (the admin listener serves it otherwise).
+#[tokio::test]
+async fn metrics_are_not_public_by_default() {
+    let gw = start(|c, _| c.server.public_metrics = false).await;
+    assert_eq!(gw.get("/metrics").await.status, 404);
+    let gw = start(|c, _| c.server.public_metrics = true).await;
+    assert_eq!(gw.get("/metrics").await.status, 200);
+}
+
+/// Refusals are logged at the default level, a flood held back per
+/// address (`[log] client_lines_*`), and the held lines counted.
+#[tokio::test]
+async fn refusal_lines_are_rate_limited_per_address() {
+    let gw = start(|c, _| {
+        c.log.client_lines_per_s = 1;
+        c.log.client_lines_burst = 2;
+        c.log.client_lines_max_per_s = 100;
+    })
+    .await;
+    for _ in 0..6 {
+        gw.raw(&gw.upgrade_head("/ws", &[]))
+            .await
+            .assert_refused(401);
+    }
+    let held = crate::harness::metric(&gw.metrics().await, "wsgate_log_lines_held_total");
+    assert!((3..=4).contains(&held), "held {held}");
+}
+
 // ---- Origin (403) --------------------------------------------------------
 
 #[tokio::test]
@@ -342,6 +406,11 @@ async fn header_carrier_gets_welcome_and_pong() {
     let (mut ws, res) = gw.connect(&token).await.expect("upgrade");
     assert_eq!(res.status(), 101);
     assert!(res.headers().get("sec-websocket-protocol").is_none());
+    // The answer to a request that carried a token is never cached.
+    assert_eq!(
+        res.headers().get("cache-control").map(|v| v.as_bytes()),
+        Some(&b"no-store"[..])
+    );
     let welcome = read_json(&mut ws).await;
     assert_eq!(welcome["op"], "welcome");
     assert_eq!(welcome["user"], "alice");
