@@ -47,7 +47,7 @@ pub const AUTH_FAILURES: [&str; 14] = [
 ];
 
 /// Labels of `wsgate_sessions_closed_total{reason}` (see `CloseReason`).
-pub const CLOSE_REASONS: [&str; 14] = [
+pub const CLOSE_REASONS: [&str; 15] = [
     "client_closed",
     "shutdown",
     "token_expired",
@@ -62,6 +62,7 @@ pub const CLOSE_REASONS: [&str; 14] = [
     "too_big",
     "io",
     "disconnected",
+    "message_timeout",
 ];
 
 /// Labels of `wsgate_close_codes_total{code}` (see `CloseCode`).
@@ -261,7 +262,7 @@ pub struct Metrics {
     pub sessions_open: AtomicI64,
     pub upgrades: LabeledCounter<16>,
     pub auth_failures: LabeledCounter<14>,
-    pub sessions_closed: LabeledCounter<14>,
+    pub sessions_closed: LabeledCounter<15>,
     /// Close frames the gateway sent, by code.
     pub close_codes: LabeledCounter<11>,
     /// Live subscriptions over all sessions.

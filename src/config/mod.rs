@@ -252,6 +252,14 @@ pub struct WebSocketConfig {
     pub write_timeout_ms: u64,
     /// Frames queued for one connection before it is closed with 4008.
     pub outbox_frames: usize,
+    /// Bytes queued for one connection before it is closed with 4008, so
+    /// a slow reader of large messages pins this much at most (not
+    /// `outbox_frames` × `max_message_bytes`). At least `max_message_bytes`.
+    pub outbox_bytes: usize,
+    /// Deadline for one inbound message to arrive whole, from its first
+    /// byte, in milliseconds: a client that trickles a large frame or a
+    /// fragmented message (answering pings meanwhile) is closed with 1008.
+    pub message_timeout_ms: u64,
 }
 
 impl Default for WebSocketConfig {
@@ -264,6 +272,8 @@ impl Default for WebSocketConfig {
             heartbeat_grace_ms: 10_000,
             write_timeout_ms: 10_000,
             outbox_frames: 1024,
+            outbox_bytes: 4 * 1024 * 1024,
+            message_timeout_ms: 10_000,
         }
     }
 }

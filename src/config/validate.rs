@@ -115,6 +115,12 @@ impl Config {
         if w.outbox_frames == 0 {
             return bad("websocket.outbox_frames must be at least 1".into());
         }
+        if w.outbox_bytes < w.max_message_bytes {
+            return bad("websocket.outbox_bytes must be at least max_message_bytes".into());
+        }
+        if w.message_timeout_ms == 0 {
+            return bad("websocket.message_timeout_ms must be above 0".into());
+        }
         let l = &self.limits;
         if l.max_subscriptions == 0 || l.max_connections_per_user == 0 {
             return bad(

@@ -25,7 +25,7 @@
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -51,13 +51,66 @@ pub struct Subscriber {
     pub outbox: mpsc::Sender<Utf8Bytes>,
     /// Cancelled when the outbox was found full.
     pub slow: CancellationToken,
+    /// The outbox's bound in bytes, and the bytes in it now (the session
+    /// that drains it takes away what it takes out).
+    pub bytes: Arc<OutboxBytes>,
+}
+
+/// What an outbox holds in bytes, against its bound
+/// (`websocket.outbox_bytes`): frames alone would let a slow reader of
+/// large messages pin `outbox_frames` × `max_message_bytes`.
+#[derive(Debug)]
+pub struct OutboxBytes {
+    queued: AtomicUsize,
+    pub max: usize,
+}
+
+impl OutboxBytes {
+    pub fn new(max: usize) -> Self {
+        Self {
+            queued: AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    /// Counts `n` bytes in, unless that would pass the bound.
+    fn add(&self, n: usize) -> bool {
+        let before = self.queued.fetch_add(n, Ordering::Relaxed);
+        if before.saturating_add(n) > self.max {
+            self.queued.fetch_sub(n, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// Counts `n` bytes out (drained by the session).
+    pub fn taken(&self, n: usize) {
+        self.queued.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
 }
 
 impl Subscriber {
-    /// Queues one frame; a full outbox cuts the subscriber off (its `slow`
-    /// token fires). Returns whether the frame was queued.
+    /// Queues one frame if the outbox has room for it, in frames and in
+    /// bytes.
+    fn try_queue(&self, frame: Utf8Bytes) -> Result<(), TrySendError<Utf8Bytes>> {
+        let n = frame.len();
+        if !self.bytes.add(n) {
+            return Err(TrySendError::Full(frame));
+        }
+        self.outbox
+            .try_send(frame)
+            .inspect_err(|_| self.bytes.taken(n))
+    }
+
+    /// Queues one frame; a full outbox (frames or bytes) cuts the
+    /// subscriber off (its `slow` token fires). Returns whether the frame
+    /// was queued.
     pub fn send(&self, frame: Utf8Bytes) -> bool {
-        match self.outbox.try_send(frame) {
+        match self.try_queue(frame) {
             Ok(()) => true,
             Err(TrySendError::Full(_)) => {
                 self.slow.cancel();
@@ -65,6 +118,13 @@ impl Subscriber {
             }
             Err(TrySendError::Closed(_)) => false,
         }
+    }
+
+    /// Whether `frames` fit in this outbox at once beside a reply: what a
+    /// resume may replay without cutting its own client off.
+    fn fits<'a>(&self, frames: impl IntoIterator<Item = &'a Utf8Bytes>) -> bool {
+        let total: usize = frames.into_iter().map(|f| f.len()).sum();
+        total.saturating_add(self.bytes.queued()) <= self.bytes.max / 2
     }
 }
 
@@ -102,6 +162,8 @@ struct Pending {
     /// position, so a message read from the broker before its own
     /// publication arrived here is not sent twice.
     floor: Option<(Box<str>, u64)>,
+    /// Bytes in `buffer`.
+    buffered: usize,
 }
 
 impl Channel {
@@ -241,6 +303,7 @@ impl Hub {
             subscriber,
             buffer: buffer.then(Vec::new),
             floor: None,
+            buffered: 0,
         });
         if first { Joined::First } else { Joined::Again }
     }
@@ -269,7 +332,17 @@ impl Hub {
         let ring = entry.history.as_deref();
         let replay = since.map(|since| match ring {
             None => Err(Unrecovered::NoHistory),
-            Some(ring) => ring.missed(since, entry.seq, self.rules.max_replay),
+            Some(ring) => ring
+                .missed(since, entry.seq, self.rules.max_replay)
+                // More bytes than its outbox holds would cut it off.
+                .and_then(|frames| {
+                    let frames: Vec<&Utf8Bytes> = frames.collect();
+                    if subscriber.fits(frames.iter().copied()) {
+                        Ok(frames)
+                    } else {
+                        Err(Unrecovered::TooMany)
+                    }
+                }),
         });
         let resumed = replay
             .as_ref()
@@ -318,12 +391,19 @@ impl Hub {
         let Pending {
             subscriber, buffer, ..
         } = entry.pending.swap_remove(at);
+        // A replay of more bytes than its outbox holds would cut it off.
+        let fits = subscriber.fits(&read.frames);
+        let outcome = match read.outcome {
+            Some(Ok(())) if !fits => Some(Err(Unrecovered::TooMany)),
+            other => other,
+        };
+        let replayed: &[Utf8Bytes] = if fits { &read.frames } else { &[] };
         if let Some(id) = id {
-            let outcome = read.outcome.map(|r| r.map_err(Unrecovered::as_str));
+            let outcome = outcome.map(|r| r.map_err(Unrecovered::as_str));
             let ok = PositionOk::new(id, Some((&read.epoch, read.seq)), outcome).encode();
             subscriber.send(Utf8Bytes::from(ok));
         }
-        for frame in &read.frames {
+        for frame in replayed {
             subscriber.send(frame.clone());
         }
         let behind = entry
@@ -338,6 +418,7 @@ impl Hub {
                 subscriber,
                 buffer: Some(Vec::new()),
                 floor: Some((read.epoch.as_str().into(), read.seq)),
+                buffered: 0,
             });
             return true;
         }
@@ -679,10 +760,10 @@ fn push(entry: &mut Channel, notice: Option<&Utf8Bytes>, frame: &Utf8Bytes, out:
     let cut = &mut entry.cut;
     entry.subscribers.retain(|s| {
         let sent = match notice {
-            Some(n) => s.outbox.try_send(n.clone()),
+            Some(n) => s.try_queue(n.clone()),
             None => Ok(()),
         }
-        .and_then(|()| s.outbox.try_send(frame.clone()));
+        .and_then(|()| s.try_queue(frame.clone()));
         match sent {
             Ok(()) => {
                 out.delivered += 1;
@@ -708,12 +789,15 @@ fn buffer(entry: &mut Channel, epoch: &str, seq: u64, frame: &Utf8Bytes) {
         let Some(buffer) = &mut p.buffer else {
             return true;
         };
-        if buffer.len() >= p.subscriber.outbox.max_capacity() {
+        // Bounded as its outbox is, in frames and in bytes.
+        let bytes = p.buffered + frame.len();
+        if buffer.len() >= p.subscriber.outbox.max_capacity() || bytes > p.subscriber.bytes.max {
             p.subscriber.slow.cancel();
             cut.push(p.subscriber.session);
             return false;
         }
         buffer.push((epoch.into(), seq, frame.clone()));
+        p.buffered = bytes;
         true
     });
 }
@@ -736,6 +820,7 @@ fn release(entry: &mut Channel, epoch: &str, seq: u64) {
             subscriber,
             buffer,
             floor,
+            ..
         } = entry.pending.swap_remove(at);
         if let Some((floor_epoch, floor_seq)) = floor {
             for (e, s, frame) in buffer.unwrap_or_default() {

@@ -15,6 +15,7 @@ fn sub(session: u64, depth: usize) -> (Subscriber, mpsc::Receiver<Utf8Bytes>) {
             session,
             outbox: tx,
             slow: CancellationToken::new(),
+            bytes: Arc::new(OutboxBytes::new(usize::MAX)),
         },
         rx,
     )

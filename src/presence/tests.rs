@@ -22,6 +22,7 @@ fn watcher(session: u64) -> (Subscriber, mpsc::Receiver<Utf8Bytes>) {
         session,
         outbox: tx,
         slow: CancellationToken::new(),
+        bytes: Arc::new(crate::hub::OutboxBytes::new(usize::MAX)),
     };
     (sub, rx)
 }
@@ -164,6 +165,7 @@ fn a_full_watcher_is_cut_off_and_dropped() {
         session: 1,
         outbox: tx,
         slow: CancellationToken::new(),
+        bytes: Arc::new(crate::hub::OutboxBytes::new(usize::MAX)),
     };
     p.watch(&lobby, &slow);
     p.enter(&lobby, "a");

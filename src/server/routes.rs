@@ -90,8 +90,12 @@ async fn upgrade_ws(
         forwarded_slot,
         ..
     } = accepted;
+    let progress = session::Progress::new(std::time::Duration::from_millis(
+        gateway.config.websocket.message_timeout_ms,
+    ));
     let ctx = SessionContext {
         client,
+        progress: Some(std::sync::Arc::clone(&progress)),
         number: user_slot.session,
         id: session::new_session_id(),
         identity,
@@ -115,7 +119,7 @@ async fn upgrade_ws(
                 }
             };
             debug!("session open");
-            let io = TokioIo::new(upgraded);
+            let io = session::Timed::new(TokioIo::new(upgraded), progress);
             let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(limits)).await;
             session::run(ws, &gateway, ctx, stop, hurry).await;
         }

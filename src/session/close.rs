@@ -9,6 +9,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::timeout;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Error as WsError;
+use tokio_tungstenite::tungstenite::error::CapacityError;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
 
@@ -46,6 +47,8 @@ pub enum CloseReason {
     Io,
     /// Ended by the HTTP API (`disconnect` or `revoke`).
     Disconnected,
+    /// A message did not arrive whole within `message_timeout_ms`.
+    MessageTimeout,
 }
 
 impl CloseReason {
@@ -61,7 +64,7 @@ impl CloseReason {
             Self::ProtocolError => Some(CloseCode::ProtocolError),
             Self::Binary => Some(CloseCode::Unsupported),
             Self::InvalidUtf8 => Some(CloseCode::InvalidPayload),
-            Self::BadFrames => Some(CloseCode::PolicyViolation),
+            Self::BadFrames | Self::MessageTimeout => Some(CloseCode::PolicyViolation),
             Self::TooBig => Some(CloseCode::TooBig),
         }
     }
@@ -69,6 +72,7 @@ impl CloseReason {
     pub fn label(self) -> &'static str {
         match self {
             Self::ClientClosed => "client_closed",
+            Self::MessageTimeout => "message_timeout",
             Self::Shutdown => "shutdown",
             Self::TokenExpired => "token_expired",
             Self::HeartbeatTimeout => "heartbeat_timeout",
@@ -97,6 +101,7 @@ impl CloseReason {
             Self::BadFrames => "too many malformed frames",
             Self::TooBig => "message too big",
             Self::Disconnected => "disconnected by the server",
+            Self::MessageTimeout => "message not completed in time",
             _ => "",
         }
     }
@@ -137,6 +142,17 @@ pub(super) fn read_error(e: &WsError) -> CloseReason {
     // Never log the error's text: tungstenite may quote frame bytes in it.
     match e {
         WsError::ConnectionClosed | WsError::AlreadyClosed => CloseReason::ClientClosed,
+        // A 64-bit length with its most significant bit set breaks RFC 6455
+        // §5.2 (1002), but tungstenite compares the declared length with
+        // `max_frame_size` before anything else and reports it as too long
+        // (1009). The declared length is in `size` (whole on 64-bit targets;
+        // cut to 32 bits elsewhere, where such a frame still gets 1009), and
+        // no real message comes near 2^63 bytes, so that bit means the header.
+        WsError::Capacity(CapacityError::MessageTooLong { size, .. })
+            if (*size as u64) & (1 << 63) != 0 =>
+        {
+            CloseReason::ProtocolError
+        }
         WsError::Capacity(_) => CloseReason::TooBig,
         WsError::Utf8(_) => CloseReason::InvalidUtf8,
         WsError::Protocol(_) => CloseReason::ProtocolError,

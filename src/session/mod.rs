@@ -23,13 +23,15 @@ use tracing::{debug, info};
 use crate::auth::mint::unix_now;
 use crate::config::Config;
 use crate::gateway::{Control, Gateway, Subscriptions};
-use crate::hub::Subscriber;
+use crate::hub::{OutboxBytes, Subscriber};
 use crate::identity::Identity;
 use crate::policy::PolicySet;
 use crate::protocol::ServerFrame;
 use crate::rate::{Bucket, Rate};
 pub use close::CloseReason;
 use close::{close, read_error};
+mod deadline;
+pub use deadline::{Progress, Timed};
 
 /// Queued frames written per socket flush.
 const WRITE_BATCH: usize = 64;
@@ -41,6 +43,9 @@ const WRITE_BUFFER: usize = 16 * 1024;
 pub struct SessionContext {
     /// The client's address (for the log rate).
     pub client: std::net::IpAddr,
+    /// What the socket has read, for the message deadline (`None`: no
+    /// deadline, as in unit tests over in-memory streams).
+    pub progress: Option<Arc<Progress>>,
     /// Process-unique number (the hub's key).
     pub number: u64,
     /// Random id shown to the client and in logs.
@@ -74,8 +79,9 @@ struct Session<'a> {
     /// Created with the outbox on the first reply or subscription, so an
     /// idle connection carries neither.
     subscriber: Option<Subscriber>,
-    /// The outbox receiver just created, for the loop to take over.
-    new_outbox: Option<mpsc::Receiver<Utf8Bytes>>,
+    /// The outbox receiver just created, with its byte count, for the
+    /// loop to take over.
+    new_outbox: Option<(mpsc::Receiver<Utf8Bytes>, Arc<OutboxBytes>)>,
     /// Fired by the hub when this session's outbox is full.
     slow: CancellationToken,
     /// The publish rate limit and this session's bucket.
@@ -174,10 +180,27 @@ async fn recv_batch(
     outbox: Option<&mut mpsc::Receiver<Utf8Bytes>>,
     batch: &mut Vec<Utf8Bytes>,
 ) -> usize {
-    match outbox {
-        Some(rx) => rx.recv_many(batch, WRITE_BATCH).await,
-        None => std::future::pending().await,
+    let Some(rx) = outbox else {
+        return std::future::pending().await;
+    };
+    let Some(first) = rx.recv().await else {
+        return 0;
+    };
+    // Up to WRITE_BATCH frames, but no more bytes than a write buffer's
+    // worth past the first: frames taken out of the outbox no longer count
+    // against its byte bound, so a batch of large ones must stay small.
+    let mut bytes = first.len();
+    batch.push(first);
+    while batch.len() < WRITE_BATCH && bytes < WRITE_BUFFER {
+        match rx.try_recv() {
+            Ok(frame) => {
+                bytes += frame.len();
+                batch.push(frame);
+            }
+            Err(_) => break,
+        }
     }
+    batch.len()
 }
 
 /// Completes at the next policy swap, handing the receiver back to re-arm.
@@ -210,6 +233,7 @@ impl Session<'_> {
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let slow = self.slow.clone();
         let mut outbox: Option<mpsc::Receiver<Utf8Bytes>> = None;
+        let mut outbox_bytes: Option<Arc<OutboxBytes>> = None;
         // These live across iterations: re-creating them per frame would
         // register and unregister a waiter each time, and the policy one is
         // shared by every session.
@@ -233,8 +257,9 @@ impl Session<'_> {
         let mut batch = Vec::new();
 
         loop {
-            if let Some(rx) = self.new_outbox.take() {
+            if let Some((rx, bytes)) = self.new_outbox.take() {
                 outbox = Some(rx);
+                outbox_bytes = Some(bytes);
             }
             tokio::select! {
                 () = &mut shutdown_signal, if !draining => {
@@ -284,6 +309,9 @@ impl Session<'_> {
                 n = recv_batch(outbox.as_mut(), &mut batch) => {
                     // The sender lives in `self`, so the outbox never closes here.
                     if n > 0 {
+                        if let Some(bytes) = &outbox_bytes {
+                            bytes.taken(batch.iter().map(|f| f.len()).sum());
+                        }
                         let frames = batch.drain(..).map(Message::Text);
                         if let Err(reason) = send_all(ws, frames, write_timeout, &slow).await {
                             return reason;
@@ -294,23 +322,36 @@ impl Session<'_> {
                     last_seen = Instant::now();
                     let text = match inbound {
                         None => return CloseReason::ClientClosed,
+                        Some(Err(_)) if self.ctx.progress.as_ref().is_some_and(|p| p.expired()) => {
+                            return CloseReason::MessageTimeout;
+                        }
                         Some(Err(e)) => return read_error(&e),
-                        Some(Ok(Message::Text(text))) => text,
+                        Some(Ok(Message::Text(text))) => {
+                            if let Some(p) = &self.ctx.progress {
+                                p.message();
+                            }
+                            text
+                        }
                         Some(Ok(Message::Binary(_))) => return CloseReason::Binary,
                         Some(Ok(Message::Close(_))) => return CloseReason::ClientClosed,
                         // Pings are answered by tungstenite; all count as
                         // liveness, and each spends the request budget, so
                         // a ping flood is no free way to make us write.
-                        Some(Ok(Message::Pong(_))) if self.ping_outstanding => {
-                            self.ping_outstanding = false;
-                            continue;
-                        }
-                        Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {
-                            if let Err(reason) = self.spend(None) {
+                        Some(Ok(Message::Ping(payload))) => {
+                            if let Err(reason) = self.control_frame(payload.len(), false) {
                                 return reason;
                             }
                             continue;
                         }
+                        Some(Ok(Message::Pong(payload))) => {
+                            // The pong answering our heartbeat is free.
+                            let answer = std::mem::take(&mut self.ping_outstanding);
+                            if let Err(reason) = self.control_frame(payload.len(), answer) {
+                                return reason;
+                            }
+                            continue;
+                        }
+                        Some(Ok(Message::Frame(_))) => continue,
                     };
                     if let Some(reason) = self.handle(&text).await {
                         return reason;
@@ -325,6 +366,20 @@ impl Session<'_> {
                 }
             }
         }
+    }
+}
+
+impl Session<'_> {
+    /// A ping or pong from the client (`payload` bytes): accounted for the
+    /// message deadline, and, unless `free`, paid from the request budget.
+    fn control_frame(&mut self, payload: usize, free: bool) -> Result<(), CloseReason> {
+        if let Some(p) = &self.ctx.progress {
+            p.control(payload);
+        }
+        if free {
+            return Ok(());
+        }
+        self.spend(None).map(|_| ())
     }
 }
 

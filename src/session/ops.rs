@@ -3,6 +3,7 @@
 //! to the gateway core. Replies go through the session's own outbox, so
 //! they keep their place among the messages it receives.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::value::RawValue;
@@ -14,7 +15,7 @@ use super::close::CloseReason;
 use super::{Session, expiry_instant};
 use crate::channel::ChannelName;
 use crate::gateway::{Caller, CoreError, SubscribeOptions};
-use crate::hub::Subscriber;
+use crate::hub::{OutboxBytes, Subscriber};
 use crate::protocol::{self, ClientFrame, ErrorCode, PositionOk, PresenceOk, ServerFrame};
 
 /// Consecutive frames that are not JSON objects before closing with 1008.
@@ -36,14 +37,17 @@ impl Session<'_> {
     /// This session as a hub subscriber, creating the outbox on first use.
     fn subscriber(&mut self) -> &Subscriber {
         let (new_outbox, slow) = (&mut self.new_outbox, &self.slow);
-        let (number, depth) = (self.ctx.number, self.gateway.config.websocket.outbox_frames);
+        let ws = &self.gateway.config.websocket;
+        let (number, depth, max_bytes) = (self.ctx.number, ws.outbox_frames, ws.outbox_bytes);
         self.subscriber.get_or_insert_with(|| {
             let (outbox, rx) = mpsc::channel(depth);
-            *new_outbox = Some(rx);
+            let bytes = Arc::new(OutboxBytes::new(max_bytes));
+            *new_outbox = Some((rx, Arc::clone(&bytes)));
             Subscriber {
                 session: number,
                 outbox,
                 slow: slow.clone(),
+                bytes,
             }
         })
     }
@@ -214,8 +218,21 @@ impl Session<'_> {
         match self.gateway.history(self.caller(), channel, limit).await {
             Ok((position, frames)) => {
                 if let Some(id) = id {
+                    // The newest messages that fit in half the outbox: one
+                    // reply must not cut its own client off.
+                    let room = self.gateway.config.websocket.outbox_bytes / 2;
+                    let mut used = 0;
+                    let keep = frames
+                        .iter()
+                        .rev()
+                        .take_while(|f| {
+                            used += f.len();
+                            used <= room
+                        })
+                        .count();
+                    let shown = &frames[frames.len() - keep..];
                     let ok = PositionOk::new(id, Some((&position.epoch, position.seq)), None)
-                        .with_messages(channel, frames.iter().map(Utf8Bytes::as_str));
+                        .with_messages(channel, shown.iter().map(Utf8Bytes::as_str));
                     self.reply_text(ok);
                 }
             }

@@ -104,6 +104,7 @@ impl Running {
         let (_, control) = tokio::sync::mpsc::channel(1);
         let ctx = SessionContext {
             client: std::net::IpAddr::from([127, 0, 0, 1]),
+            progress: None,
             number,
             id: format!("test-{number}"),
             identity,

@@ -189,3 +189,168 @@ async fn the_admin_listener_keeps_the_same_header_limit() {
     assert!(out.starts_with("HTTP/1.1 431"), "{out}");
     assert!(admin_get(admin, "/healthz").await.0.contains(" 200 "));
 }
+
+/// The server frames in `bytes` (unmasked): (opcode, payload) each.
+fn server_frames(mut bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut out = Vec::new();
+    while bytes.len() >= 2 {
+        let opcode = bytes[0] & 0x0f;
+        let (len, head) = match bytes[1] & 0x7f {
+            126 if bytes.len() >= 4 => (usize::from(u16::from_be_bytes([bytes[2], bytes[3]])), 4),
+            127 if bytes.len() >= 10 => {
+                let mut n = [0u8; 8];
+                n.copy_from_slice(&bytes[2..10]);
+                (
+                    usize::try_from(u64::from_be_bytes(n)).unwrap_or(usize::MAX),
+                    10,
+                )
+            }
+            n if n < 126 => (usize::from(n), 2),
+            _ => break,
+        };
+        let Some(payload) = bytes.get(head..head + len) else {
+            break;
+        };
+        out.push((opcode, payload.to_vec()));
+        bytes = &bytes[head + len..];
+    }
+    out
+}
+
+/// The close code of the server's close frame, if it sent one.
+fn close_code_in(bytes: &[u8]) -> Option<u16> {
+    server_frames(bytes)
+        .into_iter()
+        .find(|(op, _)| *op == 0x8)
+        .and_then(|(_, p)| p.get(..2).map(|c| u16::from_be_bytes([c[0], c[1]])))
+}
+
+/// A client that starts a message and trickles it (a large frame, or a
+/// fragmented message one continuation at a time), answering pings all
+/// along, is closed with 1008 once the message has been in progress past
+/// `websocket.message_timeout_ms`.
+#[tokio::test]
+async fn a_trickled_message_is_closed_at_its_deadline() {
+    let deadline = Duration::from_millis(1_000);
+    let gw = start(|c, _| {
+        c.websocket.message_timeout_ms = deadline.as_millis() as u64;
+        c.websocket.heartbeat_ms = 300;
+        c.limits.publish_rate_per_s = 1_000;
+        c.limits.publish_burst = 1_000;
+    })
+    .await;
+    let token = gw.token("alice", &["member"]);
+    // Zero masks: the payload goes as written.
+    let big_frame_head = [0x81u8, 0x80 | 126, 0x10, 0x00, 0, 0, 0, 0]; // 4096 bytes
+    let fragment_start = [0x01u8, 0x80 | 1, 0, 0, 0, 0, b'{']; // text, FIN=0
+    let continuation = [0x00u8, 0x80 | 1, 0, 0, 0, 0, b' ']; // FIN=0
+    let pong = [0x8au8, 0x80, 0, 0, 0, 0];
+    for (start, trickle) in [
+        (&big_frame_head[..], &b" "[..]),
+        (&fragment_start[..], &continuation[..]),
+    ] {
+        let mut tls = gw.upgrade_by_hand(&[&bearer(&token)]).await;
+        tls.write_all(start).await.unwrap();
+        tls.flush().await.unwrap();
+        let started = Instant::now();
+        let mut got = Vec::new();
+        loop {
+            assert!(started.elapsed() < deadline * 4, "never closed");
+            // Trickle, and answer pings (as a pong each), every 100 ms.
+            let wrote = async {
+                tls.write_all(trickle).await?;
+                tls.write_all(&pong).await?;
+                tls.flush().await
+            };
+            if wrote.await.is_err() {
+                break;
+            }
+            let mut buf = [0u8; 4096];
+            match tokio::time::timeout(Duration::from_millis(100), tls.read(&mut buf)).await {
+                Ok(Ok(0) | Err(_)) => break,
+                Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+                Err(_) => {}
+            }
+        }
+        let took = started.elapsed();
+        let _ = tokio::time::timeout(WAIT, tls.read_to_end(&mut got)).await;
+        assert_eq!(close_code_in(&got), Some(1008), "{:?}", server_frames(&got));
+        assert!(
+            took >= deadline && took < deadline * 3,
+            "closed {took:?} after the message began (deadline {deadline:?})"
+        );
+    }
+    assert_eq!(
+        crate::harness::metric(
+            &gw.metrics().await,
+            "wsgate_sessions_closed_total{reason=\"message_timeout\"}"
+        ),
+        2
+    );
+}
+
+/// The outbox is bounded in bytes too: a slow reader subscribed to large
+/// messages is cut off (4008) once `websocket.outbox_bytes` are queued for
+/// it, long before `outbox_frames` of them would be.
+#[tokio::test]
+async fn a_slow_reader_of_large_messages_is_cut_off_by_bytes() {
+    let gw = start(|c, _| {
+        c.websocket.outbox_frames = 1024;
+        c.websocket.outbox_bytes = 256 * 1024;
+        c.websocket.write_timeout_ms = 500;
+        c.limits.publish_rate_per_s = 100_000;
+        c.limits.publish_burst = 100_000;
+    })
+    .await;
+    // A reader whose socket takes little (no receive-buffer autotuning up
+    // to tens of MiB on loopback) and who never reads after subscribing.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(16 * 1024).unwrap();
+    let tcp = socket.connect(gw.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut slow = tokio_rustls::TlsConnector::from(gw.client.clone())
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let token = gw.token("slow", &["member"]);
+    let head = format!("{}\n", gw.upgrade_head("/ws", &[&bearer(&token)])).replace('\n', "\r\n");
+    slow.write_all(head.as_bytes()).await.unwrap();
+    slow.write_all(&crate::harness::masked_text_frame(
+        r#"{"op":"subscribe","id":1,"channel":"chat:big"}"#,
+    ))
+    .await
+    .unwrap();
+    slow.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut publisher = crate::harness::Client::join(&gw, "pub", &["member"]).await;
+    let data = serde_json::json!("x".repeat(60 * 1024));
+    // 1024 frames of 60 KiB would be 60 MiB; the byte bound is 256 KiB
+    // plus what the kernel's socket buffers hold. `slow` never reads.
+    let mut published = 0;
+    while published < 400 {
+        publisher.publish("chat:big", data.clone()).await;
+        published += 1;
+        // Cut off: its subscription ends at once (its close frame then
+        // waits for the write deadline on a full socket).
+        if published % 10 == 0
+            && crate::harness::metric(&gw.metrics().await, "wsgate_subscriptions") == 0
+        {
+            break;
+        }
+    }
+    assert!(
+        published < 400,
+        "never cut off after {published} messages of 60 KiB"
+    );
+    crate::harness::eventually(WAIT, "the slow reader's close counted", async || {
+        let text = gw.metrics().await;
+        (crate::harness::metric(
+            &text,
+            "wsgate_sessions_closed_total{reason=\"slow_reader\"}",
+        ) == 1)
+            .then_some(())
+    })
+    .await;
+    println!("outbox bytes: the slow reader was cut off after {published} messages of 60 KiB");
+    drop(slow);
+}
