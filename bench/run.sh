@@ -165,6 +165,8 @@ publish_rate_per_s = 10000000
 publish_burst = 10000000
 max_connections_per_user = 100000
 max_subscriptions = 64
+# One benchmark user publishes as fast as deliveries complete.
+user_publish_rate_per_s = 0
 
 # The load generator is a handful of 127.0.0.x addresses opening thousands
 # of connections per second: per-address admission limits are for the

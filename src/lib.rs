@@ -60,6 +60,8 @@ pub mod auth;
 mod broker;
 pub mod channel;
 pub mod config;
+#[cfg(test)]
+mod fuzz_tests;
 mod gateway;
 mod history;
 mod hub;

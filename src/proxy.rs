@@ -129,12 +129,12 @@ impl ProxyError {
     }
 }
 
-const V2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
+pub(crate) const V2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
 /// The longest v1 header, CRLF included (the spec's figure).
-const V1_MAX: usize = 107;
+pub(crate) const V1_MAX: usize = 107;
 /// Longest v2 address block and TLVs we read; HAProxy's TLVs (ALPN, SNI,
 /// SSL details) fit easily.
-const V2_MAX_LEN: usize = 4096;
+pub(crate) const V2_MAX_LEN: usize = 4096;
 
 /// Reads exactly one PROXY header (v1 or v2) from `io`, leaving the bytes
 /// after it (the TLS ClientHello) unread. Returns the source address it
@@ -177,7 +177,7 @@ async fn read_v1<R: AsyncRead + Unpin>(io: &mut R) -> Result<Option<SocketAddr>,
     parse_v1(text)
 }
 
-fn parse_v1(text: &str) -> Result<Option<SocketAddr>, ProxyError> {
+pub(crate) fn parse_v1(text: &str) -> Result<Option<SocketAddr>, ProxyError> {
     let mut parts = text.split(' ');
     if parts.next() != Some("PROXY") {
         return Err(ProxyError::Malformed);
@@ -216,7 +216,11 @@ async fn read_v2<R: AsyncRead + Unpin>(io: &mut R) -> Result<Option<SocketAddr>,
     parse_v2(head[12] & 0x0f, head[13], &body)
 }
 
-fn parse_v2(command: u8, family: u8, body: &[u8]) -> Result<Option<SocketAddr>, ProxyError> {
+pub(crate) fn parse_v2(
+    command: u8,
+    family: u8,
+    body: &[u8],
+) -> Result<Option<SocketAddr>, ProxyError> {
     match command {
         0 => return Ok(None), // LOCAL: the proxy's own connection
         1 => {}
@@ -245,7 +249,7 @@ fn parse_v2(command: u8, family: u8, body: &[u8]) -> Result<Option<SocketAddr>, 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn ip(s: &str) -> IpAddr {
@@ -309,7 +313,7 @@ mod tests {
     /// longest run of parsable trusted hops from the right; the entry
     /// before it is the client if it parses, else the first stripped hop
     /// (or nothing), else, with all stripped, the leftmost.
-    fn reference(hops: &[Option<IpAddr>], trusted: &Trusted) -> Option<IpAddr> {
+    pub(crate) fn reference(hops: &[Option<IpAddr>], trusted: &Trusted) -> Option<IpAddr> {
         let stripped = hops
             .iter()
             .rev()

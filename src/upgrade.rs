@@ -492,7 +492,10 @@ fn check_origin(headers: &HeaderMap, policy: &UpgradePolicy) -> Result<(), Refus
 
 /// Finds the token in exactly one carrier. Returns it and whether
 /// `wsgate.v1` was offered (to echo it).
-fn extract_token<B>(req: &Request<B>, policy: &UpgradePolicy) -> Result<(String, bool), Refusal> {
+pub(crate) fn extract_token<B>(
+    req: &Request<B>,
+    policy: &UpgradePolicy,
+) -> Result<(String, bool), Refusal> {
     let headers = req.headers();
     let mut found: Vec<Cow<'_, str>> = Vec::with_capacity(1);
 
@@ -566,7 +569,7 @@ fn extract_token<B>(req: &Request<B>, policy: &UpgradePolicy) -> Result<(String,
 
 /// Decodes `%XX` escapes (and `+` as space, as forms do). Bytes that are
 /// not valid UTF-8 afterwards become U+FFFD, which no JWT contains.
-fn percent_decode(text: &str) -> Cow<'_, str> {
+pub(crate) fn percent_decode(text: &str) -> Cow<'_, str> {
     if !text.contains(['%', '+']) {
         return Cow::Borrowed(text);
     }
@@ -577,6 +580,8 @@ fn percent_decode(text: &str) -> Cow<'_, str> {
         let escaped = match bytes[i] {
             b'%' => bytes
                 .get(i + 1..i + 3)
+                // Two hex digits: `from_str_radix` alone would take `+a`.
+                .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
                 .and_then(|h| std::str::from_utf8(h).ok())
                 .and_then(|h| u8::from_str_radix(h, 16).ok()),
             _ => None,
@@ -610,5 +615,6 @@ mod tests {
         assert_eq!(percent_decode("a%2"), "a%2");
         assert_eq!(percent_decode("%zz"), "%zz");
         assert_eq!(percent_decode("a+b"), "a b");
+        assert_eq!(percent_decode("%+a"), "% a", "a sign is not a hex digit");
     }
 }

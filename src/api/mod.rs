@@ -525,13 +525,17 @@ fn json_error(e: &serde_json::Error) -> String {
 
 /// `%XX` decoding (no `+` for space: channel names may hold `+`); `None`
 /// when the result is not UTF-8 or an escape is broken.
-fn percent_decode(text: &str) -> Option<String> {
+pub(crate) fn percent_decode(text: &str) -> Option<String> {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%' {
-            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            // Two hex digits: `from_str_radix` alone would take `+a`.
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .filter(|h| h.iter().all(u8::is_ascii_hexdigit))?;
+            let hex = std::str::from_utf8(hex).ok()?;
             out.push(u8::from_str_radix(hex, 16).ok()?);
             i += 3;
         } else {
@@ -587,5 +591,6 @@ mod tests {
         assert_eq!(percent_decode("a+b").as_deref(), Some("a+b"));
         assert_eq!(percent_decode("%zz"), None);
         assert_eq!(percent_decode("%ff"), None, "not UTF-8");
+        assert_eq!(percent_decode("%+a"), None, "a sign is not a hex digit");
     }
 }

@@ -74,6 +74,41 @@ impl fmt::Debug for KeySet {
     }
 }
 
+/// The parse error that stops a JWK set past [`MAX_JWKS_KEYS`] keys.
+const TOO_MANY_KEYS: &str = "more than MAX_JWKS_KEYS keys";
+
+/// The `keys` array, refused as soon as it holds one key too many, and
+/// kept as slices of the document: a set of many tiny entries near the
+/// size limit never becomes a large tree in memory.
+fn at_most_max_keys<'de, D>(d: D) -> Result<Vec<&'de serde_json::value::RawValue>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    struct Keys;
+    impl<'de> serde::de::Visitor<'de> for Keys {
+        type Value = Vec<&'de serde_json::value::RawValue>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an array of JWKs")
+        }
+
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut keys = Vec::new();
+            while let Some(key) = seq.next_element()? {
+                if keys.len() == MAX_JWKS_KEYS {
+                    return Err(serde::de::Error::custom(TOO_MANY_KEYS));
+                }
+                keys.push(key);
+            }
+            Ok(keys)
+        }
+    }
+    d.deserialize_seq(Keys)
+}
+
 impl KeySet {
     /// The one key of a PEM or HMAC configuration.
     pub fn single(key: DecodingKey, algorithms: &[Algorithm]) -> Self {
@@ -122,23 +157,27 @@ impl KeySet {
             });
         }
         #[derive(serde::Deserialize)]
-        struct Document {
-            keys: Vec<serde_json::Value>,
+        struct Document<'a> {
+            #[serde(borrow, deserialize_with = "at_most_max_keys")]
+            keys: Vec<&'a serde_json::value::RawValue>,
         }
-        let doc: Document = serde_json::from_slice(bytes).map_err(|e| KeyError::Parse {
-            origin: origin.to_owned(),
-            message: e.to_string(),
+        let doc: Document<'_> = serde_json::from_slice(bytes).map_err(|e| {
+            if e.to_string().starts_with(TOO_MANY_KEYS) {
+                KeyError::TooManyKeys {
+                    origin: origin.to_owned(),
+                }
+            } else {
+                KeyError::Parse {
+                    origin: origin.to_owned(),
+                    message: e.to_string(),
+                }
+            }
         })?;
-        if doc.keys.len() > MAX_JWKS_KEYS {
-            return Err(KeyError::TooManyKeys {
-                origin: origin.to_owned(),
-            });
-        }
         let mut usable: Vec<(Option<String>, VerifyKey)> = Vec::with_capacity(doc.keys.len());
         for (index, value) in doc.keys.into_iter().enumerate() {
             // Each key is parsed on its own, so one key of a kind we do not
             // know (or with an odd field) does not void the whole set.
-            let jwk = match serde_json::from_value::<Jwk>(value) {
+            let jwk = match serde_json::from_str::<Jwk>(value.get()) {
                 Ok(jwk) => jwk,
                 Err(e) => {
                     warn!(origin, index, error = %e, "JWK skipped: not a JWK");
@@ -318,12 +357,12 @@ pub(crate) mod tests {
         (jwk, pair.serialize_pem())
     }
 
-    fn ed_jwk(kid: &str) -> serde_json::Value {
+    pub(crate) fn ed_jwk(kid: &str) -> serde_json::Value {
         let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
         json!({"kty": "OKP", "crv": "Ed25519", "kid": kid, "x": b64(pair.public_key_raw())})
     }
 
-    fn rsa_jwk(kid: &str, bits: usize) -> serde_json::Value {
+    pub(crate) fn rsa_jwk(kid: &str, bits: usize) -> serde_json::Value {
         // A modulus of the right size is all parsing looks at.
         let mut n = vec![0xc5u8; bits / 8];
         n[0] = 0x80;

@@ -18,7 +18,7 @@
 //! still has local subscribers is subscribed again and its subscribers are
 //! told that they may have missed messages (an `error` naming the channel).
 
-mod redis;
+pub(crate) mod redis;
 mod scripts;
 
 use std::sync::Arc;

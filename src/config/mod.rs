@@ -284,14 +284,21 @@ impl Default for WebSocketConfig {
 pub struct LimitsConfig {
     /// Channels one connection may subscribe to at once.
     pub max_subscriptions: usize,
-    /// Sustained publications per second per connection (token bucket rate).
+    /// Sustained requests per second per connection (token bucket rate):
+    /// every request, and client ping/pong frames.
     pub publish_rate_per_s: u32,
-    /// Publications a connection may send in a burst (token bucket size).
+    /// Requests a connection may send in a burst (token bucket size).
     pub publish_burst: u32,
-    /// Rate-limited publications in a row before the connection closes with 4008.
+    /// Requests over the budget in a row before the connection closes with 4008.
     pub rate_limit_strikes: u32,
     /// Open connections per user (`sub`); past it the upgrade gets 429.
     pub max_connections_per_user: usize,
+    /// Publications per second per user over all their connections, so
+    /// many connections cannot multiply what one user writes into
+    /// history and Redis; 0: no such limit.
+    pub user_publish_rate_per_s: u32,
+    /// Publications one user may send in a burst.
+    pub user_publish_burst: u32,
 }
 
 impl Default for LimitsConfig {
@@ -302,6 +309,8 @@ impl Default for LimitsConfig {
             publish_burst: 100,
             rate_limit_strikes: 20,
             max_connections_per_user: 32,
+            user_publish_rate_per_s: 200,
+            user_publish_burst: 400,
         }
     }
 }

@@ -36,6 +36,7 @@ use crate::metrics::Metrics;
 use crate::policy::{Action, PolicySet, PolicyStore};
 use crate::presence::{Listing, Presence, PresenceRules};
 use crate::protocol::{ErrorCode, ServerFrame};
+use crate::rate::{Bucket, Rate};
 
 /// Why the core refused a request. Each has a stable wire code apart
 /// from its text.
@@ -192,6 +193,10 @@ pub struct Gateway {
     users: Mutex<HashMap<String, Vec<SessionLine>>>,
     /// Idempotency keys of API publications, on a single gateway.
     keys: LocalKeys,
+    /// Each user's publication budget over all their sessions
+    /// (`limits.user_publish_rate_per_s`), forgotten once refilled.
+    user_budgets: Mutex<HashMap<String, Bucket>>,
+    user_rate: Option<Rate>,
     /// Revoked users and when (unix s): their tokens issued before are
     /// refused, for `api.revocation_ttl_s`.
     revoked: Mutex<HashMap<String, u64>>,
@@ -234,6 +239,10 @@ impl Gateway {
             Arc::clone(&metrics),
         )?;
         let local = broker.is_local();
+        let user_rate = Rate::new(
+            f64::from(config.limits.user_publish_rate_per_s),
+            config.limits.user_publish_burst,
+        );
         let gateway = Self {
             admission: Arc::new(Admission::new(&config.admission)),
             log_gate: crate::loggate::LogGate::new(&config.log, Arc::clone(&metrics)),
@@ -246,6 +255,8 @@ impl Gateway {
             broker,
             history,
             users: Mutex::default(),
+            user_budgets: Mutex::default(),
+            user_rate,
             revoked: Mutex::default(),
             revocations_loaded: AtomicBool::new(local),
             keys: LocalKeys::default(),
@@ -713,6 +724,33 @@ impl Gateway {
         let now = Instant::now();
         self.hub.sweep(now);
         self.log_gate.sweep(now);
+        if let Some(rate) = self.user_rate {
+            // A bucket that has refilled holds nothing worth keeping.
+            self.user_budgets
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .retain(|_, bucket| !bucket.is_full(rate, now));
+        }
+    }
+
+    /// Takes one publication from `user`'s budget over all their
+    /// sessions; false when it is spent.
+    pub fn spend_user_publish(&self, user: &str) -> bool {
+        let Some(rate) = self.user_rate else {
+            return true;
+        };
+        let now = Instant::now();
+        let mut budgets = self
+            .user_budgets
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(bucket) = budgets.get_mut(user) {
+            return bucket.take(rate, now).is_ok();
+        }
+        let mut bucket = Bucket::full(rate, now);
+        let ok = bucket.take(rate, now).is_ok();
+        budgets.insert(user.to_owned(), bucket);
+        ok
     }
 
     /// Publishes `data` on `channel` as `caller`. `accepted` runs once the

@@ -254,6 +254,16 @@ impl Session<'_> {
     }
 
     async fn publish(&mut self, id: Option<u64>, channel: &ChannelName, data: &RawValue) {
+        // Over all of the user's sessions, so many connections do not
+        // multiply what one user writes into history and Redis.
+        if !self.gateway.spend_user_publish(&self.ctx.identity.user) {
+            return self.error(
+                id,
+                ErrorCode::RateLimited,
+                "user publish rate exceeded",
+                Some(channel),
+            );
+        }
         // The ok is encoded up front: the core has it queued the moment
         // the publication is certain, which may be before its own echo.
         // Fire-and-forget publishing (no id) never creates an outbox.

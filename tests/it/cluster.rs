@@ -18,16 +18,37 @@ use crate::harness::{
 pub(crate) struct RedisServer {
     pub port: u16,
     child: Option<Child>,
+    /// Extra `redis-server` arguments (`--maxmemory`, …).
+    args: Vec<String>,
 }
 
 impl RedisServer {
     pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// Starts with extra `redis-server` arguments.
+    pub async fn start_with(args: &[&str]) -> Self {
         let mut server = Self {
             port: free_port(),
             child: None,
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
         };
         server.restart().await;
         server
+    }
+
+    /// One `INFO` field of the server, as a number.
+    pub fn info(&self, field: &str) -> u64 {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "INFO"])
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{field}:")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no INFO field {field}"))
     }
 
     /// Starts (again) on the same port; returns once it accepts connections.
@@ -35,6 +56,7 @@ impl RedisServer {
         let child = Command::new(require_tool("redis-server"))
             .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

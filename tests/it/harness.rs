@@ -146,6 +146,9 @@ pub fn base_config(dir: &std::path::Path) -> Config {
     // Tests read /metrics on the main listener unless they set up an
     // admin one (off by default; tested in metrics.rs).
     config.server.public_metrics = true;
+    // Tests publish in bursts as a few users: the per-user budget is
+    // tested on its own (storage.rs).
+    config.limits.user_publish_rate_per_s = 0;
     // Every test client is 127.0.0.1: the log rate is tested on its own.
     config.log.client_lines_per_s = 0;
     config.log.client_lines_max_per_s = 0;
@@ -331,6 +334,19 @@ impl Endpoint {
     pub fn ws_url(&self) -> String {
         format!("wss://localhost:{}/ws", self.addr.port())
     }
+
+    /// `/metrics` over TLS from the loopback address `source`, so a scrape
+    /// can stay off the addresses a test limits.
+    pub async fn metrics_from(&self, source: IpAddr) -> String {
+        let res = self
+            .raw_from(
+                source,
+                "GET /metrics HTTP/1.1\nHost: localhost\nConnection: close\n",
+            )
+            .await;
+        assert_eq!(res.status, 200, "/metrics: {res:?}");
+        res.body
+    }
 }
 
 impl Gateway {
@@ -346,19 +362,6 @@ impl Gateway {
             }
             None => self.metrics_from(LOCAL).await,
         }
-    }
-
-    /// `/metrics` over TLS from the loopback address `source`, so a scrape
-    /// can stay off the addresses a test limits.
-    pub async fn metrics_from(&self, source: IpAddr) -> String {
-        let res = self
-            .raw_from(
-                source,
-                "GET /metrics HTTP/1.1\nHost: localhost\nConnection: close\n",
-            )
-            .await;
-        assert_eq!(res.status, 200, "/metrics: {res:?}");
-        res.body
     }
 
     /// The value of the sample `series` on [`Gateway::metrics`].

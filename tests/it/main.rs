@@ -22,4 +22,5 @@ mod presence;
 mod process;
 mod proxy;
 mod reload;
+mod storage;
 mod upgrade;

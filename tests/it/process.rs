@@ -79,6 +79,19 @@ impl Proc {
         }
     }
 
+    /// The process's resident set, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let pid = self.child.id().expect("running");
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            })
+            .expect("VmRSS")
+    }
+
     pub fn signal(&self, name: &str) {
         let pid = self.child.id().expect("running").to_string();
         let status = std::process::Command::new("kill")

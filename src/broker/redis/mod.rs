@@ -17,7 +17,7 @@ use futures_util::future::{BoxFuture, Shared};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 mod manage;
-mod presence;
+pub(crate) mod presence;
 
 use super::BrokerError;
 use super::scripts::{NEW_EPOCH, PUBLISH_SCRIPT, READ_SCRIPT};
@@ -99,12 +99,14 @@ fn epoch_key(prefix: &str, channel: &ChannelName) -> String {
 
 /// The read script's answer: epoch, seq, outcome, then seq and payload
 /// pairs, oldest first, turned into `message` frames.
-fn parse_read(channel: &ChannelName, value: &redis::Value) -> Option<Read> {
+pub(crate) fn parse_read(channel: &ChannelName, value: &redis::Value) -> Option<Read> {
     let redis::Value::Array(items) = value else {
         return None;
     };
-    let text = |v: &redis::Value| -> Option<String> { redis::from_redis_value(v.clone()).ok() };
-    let number = |v: &redis::Value| -> Option<u64> { redis::from_redis_value(v.clone()).ok() };
+    // By reference: a clone would copy a whole subtree (an array where a
+    // string belongs) only to refuse it.
+    let text = |v: &redis::Value| -> Option<String> { redis::from_redis_value_ref(v).ok() };
+    let number = |v: &redis::Value| -> Option<u64> { redis::from_redis_value_ref(v).ok() };
     let epoch = text(items.first()?)?;
     let seq = number(items.get(1)?)?;
     let outcome = match text(items.get(2)?)?.as_str() {
@@ -149,12 +151,12 @@ fn topic(prefix: &str, channel: &ChannelName) -> String {
 }
 
 /// `"<from length> <from><data>"`: the user id may hold any character.
-fn payload(from: &str, data: &RawValue) -> String {
+pub(crate) fn payload(from: &str, data: &RawValue) -> String {
     format!("{} {from}{}", from.len(), data.get())
 }
 
 /// Splits `"<seq> <from length> <from><data>"`.
-fn parse_message(bytes: &[u8]) -> Option<(u64, &str, &str, &str)> {
+pub(crate) fn parse_message(bytes: &[u8]) -> Option<(u64, &str, &str, &str)> {
     let text = std::str::from_utf8(bytes).ok()?;
     let (seq, rest) = text.split_once(' ')?;
     let (epoch, rest) = rest.split_once(' ')?;
@@ -163,7 +165,7 @@ fn parse_message(bytes: &[u8]) -> Option<(u64, &str, &str, &str)> {
 }
 
 /// Splits a stored payload, `"<from length> <from><data>"`.
-fn parse_payload(text: &str) -> Option<(&str, &str)> {
+pub(crate) fn parse_payload(text: &str) -> Option<(&str, &str)> {
     let (len, rest) = text.split_once(' ')?;
     let len: usize = len.parse().ok()?;
     Some((rest.get(..len)?, rest.get(len..)?))

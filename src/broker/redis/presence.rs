@@ -61,7 +61,7 @@ fn sweep_key(prefix: &str, channel: &ChannelName) -> String {
 
 /// A join or leave on a channel's topic: `"J <user>"` or `"L <user>"`
 /// (a message starts with its `seq`, a number).
-pub(super) fn parse_event(bytes: &[u8]) -> Option<(Event, &str)> {
+pub(crate) fn parse_event(bytes: &[u8]) -> Option<(Event, &str)> {
     let text = std::str::from_utf8(bytes).ok()?;
     let (kind, user) = text.split_once(' ')?;
     match kind {
