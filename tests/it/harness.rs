@@ -1069,3 +1069,29 @@ pub async fn admin_get(addr: SocketAddr, path: &str) -> (String, String) {
         body.to_owned(),
     )
 }
+
+/// A client that subscribes to `channel` and never reads again, with a
+/// receive buffer of `rcvbuf` bytes (no autotuning), too small for the
+/// kernel to hide that for long.
+pub async fn slow_reader(
+    gw: &Endpoint,
+    user: &str,
+    channel: &str,
+    rcvbuf: u32,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(rcvbuf).unwrap();
+    let tcp = socket.connect(gw.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(gw.client.clone())
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let token = gw.token(user, &["member"]);
+    let head = format!("{}\n", gw.upgrade_head("/ws", &[&bearer(&token)])).replace('\n', "\r\n");
+    tls.write_all(head.as_bytes()).await.unwrap();
+    let subscribe = json!({"op": "subscribe", "id": 1, "channel": channel}).to_string();
+    tls.write_all(&masked_text_frame(&subscribe)).await.unwrap();
+    tls.flush().await.unwrap();
+    tls
+}

@@ -304,23 +304,7 @@ async fn a_slow_reader_of_large_messages_is_cut_off_by_bytes() {
     .await;
     // A reader whose socket takes little (no receive-buffer autotuning up
     // to tens of MiB on loopback) and who never reads after subscribing.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(16 * 1024).unwrap();
-    let tcp = socket.connect(gw.addr).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let mut slow = tokio_rustls::TlsConnector::from(gw.client.clone())
-        .connect(name, tcp)
-        .await
-        .unwrap();
-    let token = gw.token("slow", &["member"]);
-    let head = format!("{}\n", gw.upgrade_head("/ws", &[&bearer(&token)])).replace('\n', "\r\n");
-    slow.write_all(head.as_bytes()).await.unwrap();
-    slow.write_all(&crate::harness::masked_text_frame(
-        r#"{"op":"subscribe","id":1,"channel":"chat:big"}"#,
-    ))
-    .await
-    .unwrap();
-    slow.flush().await.unwrap();
+    let slow = crate::harness::slow_reader(&gw, "slow", "chat:big", 16 * 1024).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut publisher = crate::harness::Client::join(&gw, "pub", &["member"]).await;
     let data = serde_json::json!("x".repeat(60 * 1024));

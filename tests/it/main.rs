@@ -9,6 +9,7 @@ mod channels;
 mod cluster;
 mod deploy;
 mod doctor;
+mod faults;
 mod frames;
 mod haproxy;
 mod harness;

@@ -31,10 +31,27 @@ impl std::ops::Deref for Proc {
 
 impl Proc {
     pub async fn spawn(tweak: impl FnOnce(&mut Config, &std::path::Path)) -> Self {
+        Self::spawn_under(&[], tweak).await
+    }
+
+    /// As [`Proc::spawn`], run through `wrapper` (e.g. `prlimit --nofile=64 --`).
+    pub async fn spawn_under(
+        wrapper: &[&str],
+        tweak: impl FnOnce(&mut Config, &std::path::Path),
+    ) -> Self {
         let (dir, config) = harness::test_config(tweak);
         let file = dir.path().join("wsgate.toml");
         std::fs::write(&file, toml::to_string(&config).expect("config as TOML")).unwrap();
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_wsgate"))
+        let bin = env!("CARGO_BIN_EXE_wsgate");
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = tokio::process::Command::new(program);
+                c.args(args).arg(bin);
+                c
+            }
+            None => tokio::process::Command::new(bin),
+        };
+        let mut child = command
             .arg("serve")
             .arg("--config")
             .arg(&file)
@@ -77,6 +94,21 @@ impl Proc {
             child,
             logs,
         }
+    }
+
+    /// The process's directory: its certificates (`ca.pem`), secret, policies.
+    pub fn dir_path(&self) -> &std::path::Path {
+        self._dir.path()
+    }
+
+    /// CPU time the process has used (user + system), in clock ticks.
+    pub fn cpu_ticks(&self) -> u64 {
+        let pid = self.child.id().expect("running");
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+        // The fields after the command name, which may hold spaces.
+        let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        fields[11].parse::<u64>().unwrap_or(0) + fields[12].parse::<u64>().unwrap_or(0)
     }
 
     /// The process's resident set, in KiB.
