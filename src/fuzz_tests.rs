@@ -31,7 +31,9 @@
 //!   `fuzz_redis_read_reply_bytes`,
 //!   `fuzz_redis_reads_of_large_trees_allocate_in_proportion`,
 //!   `fuzz_redis_messages_round_trip_any_user_and_data`,
-//!   `fuzz_redis_pubsub_messages`.
+//!   `fuzz_redis_pubsub_messages`;
+//! - the WebSocket frames a client sends, through tungstenite with the
+//!   session's limits: `fuzz_websocket_frames_with_our_limits`.
 //!
 //! Every test draws its inputs from [`crate::testing::Rng`] with a fixed
 //! seed, so a failure reproduces (its message shows the input), and runs a
@@ -2002,4 +2004,113 @@ fn fuzz_jwk_set_amplification_is_bounded_by_the_size_limit() {
             );
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// WebSocket frames.
+
+/// A client frame, masked with a zero key (the payload as written).
+fn masked(first: u8, payload: &[u8]) -> Vec<u8> {
+    let mut out = vec![first];
+    match payload.len() {
+        n if n < 126 => out.push(0x80 | n as u8),
+        n if n <= 0xffff => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&[0, 0, 0, 0]);
+    out.extend_from_slice(payload);
+    out
+}
+
+/// The bytes a client sends after the upgrade, read by tungstenite with
+/// the session's own limits (`session::ws_limits`): mutated valid frames
+/// (text, fragments, pings, closes, long lengths) and random bytes never
+/// panic, and no allocation follows a claimed length past the frame limit.
+#[test]
+fn fuzz_websocket_frames_with_our_limits() {
+    use futures_util::StreamExt as _;
+    use tokio::io::AsyncWriteExt as _;
+    use tokio_tungstenite::WebSocketStream;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+
+    let config = Config::default();
+    let limits = crate::session::ws_limits(&config);
+    let seeds: Vec<Vec<u8>> = vec![
+        masked(0x81, br#"{"op":"ping","id":1}"#),
+        [masked(0x01, b"{\"op\":"), masked(0x80, b"\"ping\"}")].concat(),
+        masked(0x89, b"hi"),
+        masked(0x88, &[0x03, 0xe8, b'b', b'y', b'e']),
+        masked(0x81, &[b'x'; 300]),
+        vec![0x82, 0xff, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+    ];
+    let dictionary: [&[u8]; 12] = [
+        &[0x81],
+        &[0x01],
+        &[0x80],
+        &[0x88],
+        &[0x89],
+        &[0x8a],
+        &[0x7e, 0xff, 0xff],
+        &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff],
+        &[0x80, 0, 0, 0, 0],
+        &[0xc3, 0x28],
+        &[0x03, 0xed],
+        &[0xfe],
+    ];
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // What the stream allocates whatever it reads: its read and write
+    // buffers, and at most one frame up to the frame limit.
+    let fixed = config.websocket.max_frame_bytes + 64 * 1024;
+    let mut rng = Rng::new(0xf7a3e5);
+    let mut decoded = 0;
+    for _ in 0..iterations(2_000) {
+        let bytes = if rng.one_in(8) {
+            rng.bytes(256)
+        } else {
+            let seed = &seeds[rng.below(seeds.len())];
+            rng.mutate(seed, &dictionary)
+        };
+        let (messages, largest) = largest_allocation(|| {
+            runtime.block_on(async {
+                let (mut client, server) = tokio::io::duplex(4 * 1024);
+                let mut ws =
+                    WebSocketStream::from_raw_socket(server, Role::Server, Some(limits)).await;
+                let feed = async {
+                    let _ = client.write_all(&bytes).await;
+                    let _ = client.shutdown().await;
+                    client
+                };
+                let read = async {
+                    let mut n = 0;
+                    while let Some(Ok(_)) = ws.next().await {
+                        n += 1;
+                    }
+                    n
+                };
+                let (client, n) = tokio::join!(feed, read);
+                drop(client);
+                n
+            })
+        });
+        assert!(
+            largest <= fixed + 4 * bytes.len(),
+            "one allocation of {largest} bytes for {} bytes ({messages} messages): {bytes:?}",
+            bytes.len()
+        );
+        decoded += messages;
+    }
+    // The mutations leave many frames whole: the reader was exercised.
+    assert!(
+        decoded > iterations(2_000) / 10,
+        "only {decoded} messages decoded"
+    );
 }
