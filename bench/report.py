@@ -568,6 +568,43 @@ def render_md(runs, mach, rows, quick, svg_name, notes=None):
     add("")
     add(f"![ratios against the targets]({svg_name})")
     add("")
+    floors = [(label, get(runs, scen, "kernel")) for label, scen in (
+        ("plain TCP", "floor-tcp"), ("rustls records", "floor-tls"))]
+    if any(f for _, f in floors):
+        add("## The kernel floor")
+        add("")
+        add(
+            "`wsgate bench floor`: one writer pinned to CPU 0 (where the servers run) writes one "
+            f"{fmt(res(floors[0][1] or floors[1][1], 'size'), ' B', 0)} message to each of "
+            f"{fmt(res(floors[0][1] or floors[1][1], 'connections'), nd=0)} loopback connections in turn, "
+            "as plain TCP or as one rustls record each (no WebSocket, no JSON, no hub); a reader on "
+            "CPU 1 drains them. This is what the machine's kernel (and TLS) cost alone; beside it, "
+            "wsgate's fan-out to the same number of subscribers from the same run, as a ratio."
+        )
+        add("")
+        table = []
+        for label, f in floors:
+            if not f:
+                continue
+            table.append((label, fmt(res(f, "writes_per_s"), "/s", 0),
+                          fmt(res(f, "cpu_us_per_write"), " µs", 2),
+                          fmt(res(f, "round_ms_p50"), " ms", 2), fmt(res(f, "round_ms_p99"), " ms", 2)))
+        add(md_table(("floor", "writes/s", "CPU per write", "round p50", "round p99"), table))
+        add("")
+        tls_floor = floors[1][1] or floors[0][1]
+        ratios = []
+        for w in (100, 1):
+            fan = get(runs, f"fanout-w{w}", W)
+            if not fan or not tls_floor:
+                continue
+            ratios.append((f"window {w}: deliveries/s ÷ floor writes/s",
+                           fmt(ratio(res(fan, "deliveries_per_s"), res(tls_floor, "writes_per_s")), "×", 2)))
+            p99 = res(fan, "latency_us", "p99")
+            ratios.append((f"window {w}: delivery p99 ÷ floor round p99",
+                           fmt(ratio(None if p99 is None else p99 / 1000, res(tls_floor, "round_ms_p99")), "×", 2)))
+        if ratios:
+            add(md_table(("wsgate against the rustls floor", "ratio"), ratios))
+            add("")
     # The single-node figure from the same run as the cluster one: a
     # cluster-only run records it as cluster-base-wN.
     cluster = [

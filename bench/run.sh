@@ -20,8 +20,10 @@
 #   BENCH_SOAK=0  (seconds: hold wsgate's 10,000 idle connections that long
 #                  instead of BENCH_HOLD, e.g. 600 for the 10-minute
 #                  heartbeat soak, which then adds 9 minutes to the run)
-#   BENCH_ONLY="idle idle-big fanout-w100 fanout-w1 connect resume api-c1 api-c16 api-rate cluster-w100 cluster-w1 cluster-resume presence cluster-presence"
-#              (a subset; presence: BENCH_IDLE_N connections subscribed
+#   BENCH_ONLY="floor idle idle-big fanout-w100 fanout-w1 connect resume api-c1 api-c16 api-rate cluster-w100 cluster-w1 cluster-resume presence cluster-presence"
+#              (a subset; floor: `wsgate bench floor`, the kernel's
+#              own cost of writing to BENCH_SUBSCRIBERS connections in
+#              turn, plain and TLS, no server; presence: BENCH_IDLE_N connections subscribed
 #              to one channel without presence, then with it (its
 #              members), wsgate only; cluster-presence: the same members
 #              on replica B of two on a private redis-server, held
@@ -66,7 +68,7 @@ SIZE=${BENCH_SIZE:-100}
 DURATION=${BENCH_DURATION:-$d_dur}
 WARMUP=${BENCH_WARMUP:-$d_warm}
 CONNECT_N=${BENCH_CONNECT_N:-$d_conn}
-ONLY=${BENCH_ONLY:-"idle idle-big fanout-w100 fanout-w1 connect resume api-c1 api-c16 api-rate cluster-w100 cluster-w1 cluster-resume presence cluster-presence"}
+ONLY=${BENCH_ONLY:-"floor idle idle-big fanout-w100 fanout-w1 connect resume api-c1 api-c16 api-rate cluster-w100 cluster-w1 cluster-resume presence cluster-presence"}
 SERVERS=${BENCH_SERVERS:-"wsgate node"}
 WS_PORT=${BENCH_PORT:-9443}
 NODE_PORT=$((WS_PORT + 1))
@@ -315,6 +317,29 @@ run_bench() {
 }
 
 want() { [[ " $ONLY " == *" $1 "* ]]; }
+
+# ---------------------------------------------------------------- the floor
+# The kernel's own cost of a fan-out on this machine, before any server:
+# plain TCP and rustls records, the writer where the servers run.
+run_floor() { # scenario tls-flag...
+  local scenario=$1 out=$WORK/logs/$1.out samples=$WORK/logs/$1.samples rc=0
+  shift
+  local args=(floor --connections "$SUBS" --size "$SIZE" --duration "$DURATION" --warmup "$WARMUP" --reader-cpu "$CLIENT_CPU" "$@")
+  log "$scenario: taskset -c $SERVER_CPU wsgate bench ${args[*]}"
+  taskset -c "$SERVER_CPU" "$BIN" bench "${args[@]}" >"$out" 2>"$WORK/logs/$scenario.err" || rc=$?
+  : >"$samples"
+  ((rc == 0)) || { FAILED=$((FAILED + 1)); log "$scenario: exited with $rc"; }
+  python3 "$ROOT/bench/report.py" record \
+    --scenario "$scenario" --server kernel --cert none --exit "$rc" \
+    --server-command "(none: the floor is the kernel's)" \
+    --bench-command "taskset -c $SERVER_CPU $BIN bench ${args[*]}" \
+    --stdout "$out" --samples "$samples" --work "$WORK" --root "$ROOT" >>"$RESULTS"
+  tail -n 1 "$out" >&2 || true
+}
+if want floor; then
+  run_floor floor-tcp
+  run_floor floor-tls --tls
+fi
 
 # ---------------------------------------------------------------- scenarios
 started=$SECONDS

@@ -44,6 +44,24 @@ async fn every_bench_mode_runs_against_a_gateway() {
     assert!(idle.rss_after_kib.is_some());
     assert_eq!(gw.metric("wsgate_presence_members").await, 20);
 
+    // The kernel floor, plain and with rustls records: no gateway at all.
+    for tls in [false, true] {
+        let floor = bench::floor(
+            20,
+            100,
+            Duration::from_millis(300),
+            Duration::from_millis(100),
+            tls,
+            std::path::Path::new(env!("CARGO_BIN_EXE_wsgate")),
+            None,
+        )
+        .await
+        .unwrap();
+        assert!(floor.writes > 0 && floor.writes_per_s > 0.0, "{floor:?}");
+        assert_eq!(floor.writes, floor.rounds * 20, "{floor:?}");
+        assert!(floor.round_ms_p50 > 0.0, "{floor:?}");
+    }
+
     let fan = bench::fanout(
         &target,
         None,

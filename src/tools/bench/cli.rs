@@ -159,6 +159,39 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 50)]
         concurrency: usize,
     },
+    /// The kernel floor of a fan-out: one small write to each of N loopback
+    /// connections in turn (plain TCP, or rustls records with `--tls`), no
+    /// gateway; writes/s, CPU per write and round time.
+    Floor {
+        #[arg(long, default_value_t = 1000)]
+        connections: usize,
+        /// Bytes per write.
+        #[arg(long, default_value_t = 100)]
+        size: usize,
+        /// Measured seconds.
+        #[arg(long, default_value_t = 5)]
+        duration: u64,
+        /// Unmeasured seconds first.
+        #[arg(long, default_value_t = 1)]
+        warmup: u64,
+        /// Each write a rustls record (a certificate made on the spot).
+        #[arg(long)]
+        tls: bool,
+        /// Pin the reader process to this CPU (`taskset`), as the load
+        /// generator is in bench/run.sh.
+        #[arg(long)]
+        reader_cpu: Option<usize>,
+    },
+    /// The reading side of `floor` (started by it).
+    #[command(hide = true)]
+    FloorReader {
+        #[arg(long)]
+        addr: std::net::SocketAddr,
+        #[arg(long)]
+        connections: usize,
+        #[arg(long)]
+        ca: Option<PathBuf>,
+    },
 }
 
 impl BenchTarget {
@@ -332,6 +365,34 @@ pub fn run(command: BenchCommand) -> Result<(), BoxError> {
             } => {
                 let target = target(&t, connections).await?;
                 serde_json::to_string(&super::connect(&target, connections, concurrency).await)?
+            }
+            BenchCommand::Floor {
+                connections,
+                size,
+                duration,
+                warmup,
+                tls,
+                reader_cpu,
+            } => {
+                let report = super::floor(
+                    connections,
+                    size,
+                    Duration::from_secs(duration),
+                    Duration::from_secs(warmup),
+                    tls,
+                    &std::env::current_exe()?,
+                    reader_cpu,
+                )
+                .await?;
+                serde_json::to_string(&report)?
+            }
+            BenchCommand::FloorReader {
+                addr,
+                connections,
+                ca,
+            } => {
+                super::floor_reader(addr, connections, ca.as_deref()).await?;
+                return Ok(());
             }
         };
         println!("{line}");

@@ -8,7 +8,9 @@
 //!   latency from an HDR histogram;
 //! - `connect`: authenticated connections per second, TLS and JWT included;
 //! - `resume`: a reconnect storm resuming from history (resume.rs);
-//! - `api`: HTTP API publishes to WebSocket subscribers (api.rs).
+//! - `api`: HTTP API publishes to WebSocket subscribers (api.rs);
+//! - `floor`: the kernel's own cost of a fan-out on this machine, plain
+//!   TCP or rustls records with no gateway at all (floor.rs).
 //!
 //! Client sockets are spread over source addresses 127.0.0.1..N when one
 //! address's port range is not enough. Progress goes to stderr; the result
@@ -16,9 +18,11 @@
 
 mod api;
 pub mod cli;
+mod floor;
 mod resume;
 
 pub use api::{ApiReport, ApiTarget, api};
+pub use floor::{FloorReport, floor, floor_reader};
 pub use resume::{ResumeReport, resume};
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
