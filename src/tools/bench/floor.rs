@@ -20,6 +20,16 @@ use tokio::task::JoinSet;
 
 use super::BenchError;
 
+/// A child process killed when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// The result of `bench floor`.
 #[derive(Debug, Serialize)]
 pub struct FloorReport {
@@ -132,22 +142,25 @@ pub async fn floor(
         .map_err(|e| setup(&e))?;
     let addr = listener.local_addr().map_err(|e| setup(&e))?;
     let server_tls = if tls { Some(tls_server()?) } else { None };
+    // std's process: tokio's needs a feature the binary does not build.
     let mut reader = match reader_cpu {
         Some(cpu) => {
-            let mut c = tokio::process::Command::new("taskset");
+            let mut c = std::process::Command::new("taskset");
             c.arg("-c").arg(cpu.to_string()).arg(exe);
             c
         }
-        None => tokio::process::Command::new(exe),
+        None => std::process::Command::new(exe),
     };
     reader
         .args(["bench", "floor-reader", "--addr", &addr.to_string()])
         .args(["--connections", &connections.to_string()])
-        .kill_on_drop(true);
+        .stdout(std::process::Stdio::null());
     if let Some((_, pem)) = &server_tls {
         reader.arg("--ca").arg(pem);
     }
-    let mut child = reader.spawn().map_err(|e| setup(&e))?;
+    let child = reader.spawn().map_err(|e| setup(&e))?;
+    // Killed however this ends, so no reader outlives its writer.
+    let mut child = KillOnDrop(child);
     let message = vec![b'x'; size.max(1)];
     let mut tcp = Vec::with_capacity(connections);
     for _ in 0..connections {
@@ -170,7 +183,8 @@ pub async fn floor(
             run_timed(&mut conns, &message, warmup, duration).await?
         }
     };
-    let _ = child.kill().await;
+    let _ = child.0.kill();
+    let _ = child.0.wait();
     if let Some(pem) = &pem_file {
         let _ = std::fs::remove_file(pem);
     }
