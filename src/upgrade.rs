@@ -252,7 +252,7 @@ pub struct Accepted {
     /// One of the user's connection slots (it numbers the session).
     pub user_slot: UserSlot,
     /// The session's end of its control channel.
-    pub control: tokio::sync::mpsc::Receiver<crate::gateway::Control>,
+    pub control: Arc<crate::gateway::slots::Mailbox>,
     /// The client's place in its address's count, when a trusted proxy
     /// named it (the connection's own guard counts the proxy).
     pub forwarded_slot: Option<AddressGuard>,

@@ -21,7 +21,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use serde_json::value::RawValue;
-use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::admission::Admission;
@@ -94,7 +93,7 @@ impl Caller<'_> {
 }
 
 /// A session's number and the line the core reaches it by.
-type SessionLine = (u64, mpsc::Sender<Control>);
+type SessionLine = (u64, Arc<slots::Mailbox>);
 
 /// A management request of the HTTP API, done on every replica.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -272,7 +271,7 @@ impl Gateway {
         users.get(user).map_or(0, |sessions| {
             sessions
                 .iter()
-                .filter(|(_, tx)| tx.try_send(control.clone()).is_ok())
+                .filter(|(_, mailbox)| mailbox.post(control.clone()))
                 .count()
         })
     }

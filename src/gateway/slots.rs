@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 
-use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::{Control, Gateway};
 use crate::admission::AddressGuard;
@@ -52,6 +52,48 @@ impl Drop for ConnSlot {
 /// Control messages a session takes from the core (sent by the HTTP API).
 const CONTROL_DEPTH: usize = 4;
 
+/// The line through which the core reaches one session: a few control
+/// messages and a wake-up. Every session holds one for its whole life
+/// and almost never receives anything, so it is a small queue beside a
+/// `Notify` (about 100 bytes), not a channel (whose first block of slots
+/// cost 0.9 KiB a session).
+#[derive(Debug, Default)]
+pub struct Mailbox {
+    queue: std::sync::Mutex<std::collections::VecDeque<Control>>,
+    ready: tokio::sync::Notify,
+}
+
+impl Mailbox {
+    /// Queues `control`; false when the session has not taken the last
+    /// few yet.
+    pub fn post(&self, control: Control) -> bool {
+        let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        if queue.len() >= CONTROL_DEPTH {
+            return false;
+        }
+        queue.push_back(control);
+        drop(queue);
+        // A permit is kept when the session is not waiting: no lost wake-up.
+        self.ready.notify_one();
+        true
+    }
+
+    /// The next control message, waiting for one.
+    pub async fn recv(&self) -> Control {
+        loop {
+            if let Some(control) = self
+                .queue
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .pop_front()
+            {
+                return control;
+            }
+            self.ready.notified().await;
+        }
+    }
+}
+
 /// One of a user's connection slots (`limits.max_connections_per_user`),
 /// through which the core reaches the session: to disconnect it, or end
 /// one of its subscriptions.
@@ -67,7 +109,7 @@ impl UserSlot {
     /// Takes a slot for `user` and numbers its session; `None` when they
     /// hold them all. The receiver is the session's end of its control
     /// channel.
-    pub fn take(gateway: &Arc<Gateway>, user: &str) -> Option<(Self, mpsc::Receiver<Control>)> {
+    pub fn take(gateway: &Arc<Gateway>, user: &str) -> Option<(Self, Arc<Mailbox>)> {
         let max = gateway.config.limits.max_connections_per_user;
         let mut users = gateway.users.lock().unwrap_or_else(PoisonError::into_inner);
         let sessions = users.entry(user.to_owned()).or_default();
@@ -75,15 +117,15 @@ impl UserSlot {
             return None;
         }
         let session = gateway.next_session();
-        let (tx, rx) = mpsc::channel(CONTROL_DEPTH);
-        sessions.push((session, tx));
+        let mailbox = Arc::new(Mailbox::default());
+        sessions.push((session, Arc::clone(&mailbox)));
         Some((
             Self {
                 gateway: Arc::clone(gateway),
                 user: user.to_owned(),
                 session,
             },
-            rx,
+            mailbox,
         ))
     }
 }
@@ -101,5 +143,34 @@ impl Drop for UserSlot {
                 users.remove(&self.user);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_mailbox_keeps_a_few_and_wakes_its_session() {
+        let mailbox = Arc::new(Mailbox::default());
+        // Posted before anyone waits: the wake-up is kept.
+        assert!(mailbox.post(Control::Disconnect));
+        assert!(matches!(mailbox.recv().await, Control::Disconnect));
+        for _ in 0..CONTROL_DEPTH {
+            assert!(mailbox.post(Control::Disconnect));
+        }
+        assert!(!mailbox.post(Control::Disconnect), "full");
+        for _ in 0..CONTROL_DEPTH {
+            mailbox.recv().await;
+        }
+        // Waiting first, then posted from another task.
+        let waiter = tokio::spawn({
+            let mailbox = Arc::clone(&mailbox);
+            async move { mailbox.recv().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(mailbox.post(Control::Disconnect));
+        let got = tokio::time::timeout(std::time::Duration::from_secs(5), waiter).await;
+        assert!(matches!(got, Ok(Ok(Control::Disconnect))));
     }
 }

@@ -99,7 +99,7 @@ async fn upgrade_ws(
         number: user_slot.session,
         id: session::new_session_id(),
         identity,
-        control,
+        control: Some(control),
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
     let span = info_span!("session", session = %ctx.id, user = %ctx.identity.user, %client);

@@ -22,6 +22,7 @@ use tracing::{debug, info};
 
 use crate::auth::mint::unix_now;
 use crate::config::Config;
+use crate::gateway::slots::Mailbox;
 use crate::gateway::{Control, Gateway, Subscriptions};
 use crate::hub::{OutboxBytes, Subscriber};
 use crate::identity::Identity;
@@ -53,7 +54,8 @@ pub struct SessionContext {
     pub identity: Identity,
     /// What the core asks of this session (the HTTP API's disconnect,
     /// revoke and unsubscribe).
-    pub control: mpsc::Receiver<Control>,
+    /// Taken out by [`run`], which polls it beside the socket.
+    pub control: Option<Arc<Mailbox>>,
 }
 
 /// The tungstenite limits for one connection, from `[websocket]`.
@@ -107,9 +109,10 @@ pub async fn run<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    // Polled beside the socket in the loop, so not kept in `Session`.
-    let (_, mut control) = mpsc::channel(1);
-    std::mem::swap(&mut control, &mut ctx.control);
+    // Polled beside the socket in the loop, so not kept in `Session`
+    // (taken, not swapped for a placeholder channel: that was 0.9 KiB a
+    // session).
+    let control = ctx.control.take();
     let cfg = &gateway.config;
     let write_timeout = Duration::from_millis(cfg.websocket.write_timeout_ms);
     // Subscribe to policy swaps before reading the set, so a swap in
@@ -203,6 +206,14 @@ async fn recv_batch(
     batch.len()
 }
 
+/// The next request of the core; pending for ever without a channel.
+async fn next_control(control: &Option<Arc<Mailbox>>) -> Option<Control> {
+    match control {
+        Some(mailbox) => Some(mailbox.recv().await),
+        None => std::future::pending().await,
+    }
+}
+
 /// Completes at the next policy swap, handing the receiver back to re-arm.
 async fn policy_change(mut changes: watch::Receiver<u64>) -> watch::Receiver<u64> {
     if changes.changed().await.is_err() {
@@ -217,7 +228,7 @@ impl Session<'_> {
         &mut self,
         ws: &mut WebSocketStream<S>,
         policy_changes: watch::Receiver<u64>,
-        mut control: mpsc::Receiver<Control>,
+        control: Option<Arc<Mailbox>>,
         shutdown: &CancellationToken,
         hurry: &CancellationToken,
     ) -> CloseReason
@@ -275,7 +286,7 @@ impl Session<'_> {
                 }
                 () = &mut hurry_signal => return CloseReason::Shutdown,
                 // The sender lives in the user's slot, as long as the session.
-                Some(command) = control.recv() => match command {
+                Some(command) = next_control(&control) => match command {
                     Control::Disconnect => return CloseReason::Disconnected,
                     Control::Unsubscribe(channel) => self.ended_by_server(&channel),
                 },

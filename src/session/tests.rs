@@ -101,14 +101,14 @@ impl Running {
         let server = WebSocketStream::from_raw_socket(server_io, Role::Server, Some(limits)).await;
         let mut client = WebSocketStream::from_raw_socket(client_io, Role::Client, None).await;
         // Nothing sends control messages in these tests.
-        let (_, control) = tokio::sync::mpsc::channel(1);
+        let control = Arc::new(crate::gateway::slots::Mailbox::default());
         let ctx = SessionContext {
             client: std::net::IpAddr::from([127, 0, 0, 1]),
             progress: None,
             number,
             id: format!("test-{number}"),
             identity,
-            control,
+            control: Some(control),
         };
         let (shutdown, hurry) = (CancellationToken::new(), CancellationToken::new());
         let started = Instant::now();
