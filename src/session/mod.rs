@@ -364,7 +364,10 @@ impl Session<'_> {
                         }
                         Some(Ok(Message::Frame(_))) => continue,
                     };
-                    if let Some(reason) = self.handle(&text).await {
+                    // Boxed: a request's future (a subscribe waiting on the
+                    // broker, say) would otherwise size the task every idle
+                    // session holds; one allocation per request is cheaper.
+                    if let Some(reason) = Box::pin(self.handle(&text)).await {
                         return reason;
                     }
                     if let Some(at) = self.new_expiry.take() {
