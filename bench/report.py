@@ -605,6 +605,29 @@ def render_md(runs, mach, rows, quick, svg_name, notes=None):
         if ratios:
             add(md_table(("wsgate against the rustls floor", "ratio"), ratios))
             add("")
+    shakes = [(label, get(runs, scen, W)) for label, scen in (
+        ("RSA-2048, full", "connect-rsa"), ("RSA-2048, resumed", "connect-resumed-rsa"),
+        ("ECDSA P-256, full", "connect-ecdsa"), ("ECDSA P-256, resumed", "connect-resumed-ecdsa"))]
+    if any(r for _, r in shakes):
+        add("## Handshake CPU")
+        add("")
+        add(
+            "`wsgate bench connect --server-pid` (with `--resume` for resumed TLS sessions): the "
+            "gateway's CPU (user + system, from `/proc`) per authenticated connection: TLS handshake, "
+            "upgrade, JWT check and `welcome`. On this machine the load generator is the limit on "
+            "connects/s, so the CPU per connection is the figure that says what one core can take."
+        )
+        add("")
+        table = []
+        for label, r in shakes:
+            if not r:
+                continue
+            cpu = res(r, "server_cpu_us_per_connect")
+            table.append((label, fmt(res(r, "connects_per_s"), "/s", 0), fmt(cpu, " µs", 0),
+                          fmt(None if not cpu else 1e6 / cpu, "/s", 0)))
+        add(md_table(("certificate, handshake", "connects/s", "gateway CPU per connect",
+                      "one core's worth"), table))
+        add("")
     # The single-node figure from the same run as the cluster one: a
     # cluster-only run records it as cluster-base-wN.
     cluster = [

@@ -296,6 +296,8 @@ run_bench() {
   shift
   local args=("$mode" --url "$url" --ca "$(ca_file "$cert")" --secret "$WORK/hmac.secret" "${plain[@]}" "$@")
   if [[ $mode == idle || $mode == resume ]]; then args+=(--server-pid "$SPID"); fi
+  # The server's CPU per handshake (the peer's too: it is its process).
+  if [[ $mode == connect ]]; then args+=(--server-pid "$SPID"); fi
   local tag=$scenario-$server-$cert out err samples rc=0
   out=$WORK/logs/$tag.out err=$WORK/logs/$tag.err samples=$WORK/logs/$tag.samples
   log "$scenario: $server ($cert): wsgate bench ${args[*]}"
@@ -371,6 +373,10 @@ for cert in rsa ecdsa; do
       run_bench "connect-$cert" "$server" "$cert" connect --connections "$CONNECT_N" --concurrency 50
     fi
   done
+  # Resumed TLS sessions (abbreviated handshakes), wsgate's CPU per connect.
+  if [[ " $SERVERS " == *" wsgate "* ]] && want connect; then
+    run_bench "connect-resumed-$cert" wsgate "$cert" connect --connections "$CONNECT_N" --concurrency 50 --resume
+  fi
   # History and resume are wsgate's: the peer has nothing to compare.
   if [[ $server == wsgate ]] && want resume; then
     run_bench resume wsgate ecdsa resume --connections "$RESUME_N" --concurrency 200 \

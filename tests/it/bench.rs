@@ -112,9 +112,18 @@ async fn every_bench_mode_runs_against_a_gateway() {
         }
     }
 
-    let conn = bench::connect(&target, 20, 4).await;
+    // The gateway runs in this process: its CPU is this process's.
+    let pid = Some(std::process::id());
+    let conn = bench::connect(&target, 20, 4, pid).await;
     assert_eq!((conn.ok, conn.failed), (20, 0), "{conn:?}");
     assert!(conn.connects_per_s > 0.0);
+    assert!(
+        conn.server_cpu_us_per_connect.is_some_and(|us| us > 0.0),
+        "{conn:?}"
+    );
+    // Resumed TLS sessions connect too.
+    let resumed = bench::connect(&target.clone().resuming(), 20, 4, None).await;
+    assert_eq!((resumed.ok, resumed.failed), (20, 0), "{resumed:?}");
 
     // A bad token: every connection fails, and the report says so.
     let bad = Target::new(
@@ -127,6 +136,6 @@ async fn every_bench_mode_runs_against_a_gateway() {
     )
     .await
     .unwrap();
-    let refused = bench::connect(&bad, 3, 3).await;
+    let refused = bench::connect(&bad, 3, 3, None).await;
     assert_eq!((refused.ok, refused.failed), (0, 3));
 }

@@ -158,6 +158,12 @@ pub enum BenchCommand {
         connections: usize,
         #[arg(long, default_value_t = 50)]
         concurrency: usize,
+        /// Resume TLS sessions (abbreviated handshakes after the first).
+        #[arg(long)]
+        resume: bool,
+        /// The server's pid, to report its CPU per connection.
+        #[arg(long)]
+        server_pid: Option<u32>,
     },
     /// The kernel floor of a fan-out: one small write to each of N loopback
     /// connections in turn (plain TCP, or rustls records with `--tls`), no
@@ -362,9 +368,15 @@ pub fn run(command: BenchCommand) -> Result<(), BoxError> {
                 target: t,
                 connections,
                 concurrency,
+                resume,
+                server_pid,
             } => {
-                let target = target(&t, connections).await?;
-                serde_json::to_string(&super::connect(&target, connections, concurrency).await)?
+                let mut target = target(&t, connections).await?;
+                if resume {
+                    target = target.resuming();
+                }
+                let report = super::connect(&target, connections, concurrency, server_pid).await;
+                serde_json::to_string(&report)?
             }
             BenchCommand::Floor {
                 connections,

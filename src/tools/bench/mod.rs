@@ -81,6 +81,17 @@ pub struct Target {
 }
 
 impl Target {
+    /// The same target, its TLS sessions resumed from one in-memory cache
+    /// (an abbreviated handshake after the first), as a returning client's
+    /// would be.
+    #[must_use]
+    pub fn resuming(mut self) -> Self {
+        let mut tls = (*self.tls).clone();
+        tls.resumption = rustls::client::Resumption::in_memory_sessions(1024);
+        self.tls = Arc::new(tls);
+        self
+    }
+
     /// Resolves `url` (`wss://host:port/path`), trusting the CA file `ca`.
     ///
     /// # Errors
@@ -759,10 +770,20 @@ pub struct ConnectReport {
     pub elapsed_s: f64,
     pub connects_per_s: f64,
     pub latency_ms: Percentiles,
+    /// With `--server-pid`: the server's CPU (user + system) per
+    /// successful connection: TLS handshake, upgrade, JWT and welcome.
+    pub server_cpu_us_per_connect: Option<f64>,
 }
 
-/// Opens and closes `connections` authenticated connections.
-pub async fn connect(target: &Target, connections: usize, concurrency: usize) -> ConnectReport {
+/// Opens and closes `connections` authenticated connections; with
+/// `server_pid`, also the server's CPU per connection.
+pub async fn connect(
+    target: &Target,
+    connections: usize,
+    concurrency: usize,
+    server_pid: Option<u32>,
+) -> ConnectReport {
+    let cpu_before = server_pid.and_then(resume::cpu_s);
     let started = Instant::now();
     let permits = Arc::new(Semaphore::new(concurrency.max(1)));
     let mut set = JoinSet::new();
@@ -806,7 +827,12 @@ pub async fn connect(target: &Target, connections: usize, concurrency: usize) ->
     }
     let elapsed = started.elapsed().as_secs_f64();
     let us = Percentiles::of(&hist);
+    let cpu = match (cpu_before, server_pid.and_then(resume::cpu_s)) {
+        (Some(a), Some(b)) if ok > 0 => Some((b - a) * 1e6 / ok as f64),
+        _ => None,
+    };
     ConnectReport {
+        server_cpu_us_per_connect: cpu,
         mode: "connect",
         connections,
         ok,

@@ -42,7 +42,7 @@ pub struct ResumeReport {
 }
 
 /// CPU seconds (user + system) process `pid` has used.
-fn cpu_s(pid: u32) -> Option<f64> {
+pub(super) fn cpu_s(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name, which may hold spaces: `) S ppid …`.
     let rest = stat.rsplit_once(')')?.1;
