@@ -3,10 +3,11 @@
 
 Plain Python 3, no packages. Three subcommands, used by bench/run.sh:
 
-  report.py machine
+  report.py machine [--config F] [--work DIR] [--nats BIN --nats-config F]
       prints this machine (CPUs, CPU model, memory, kernel, OS, rustc,
-      node, the git commit, the date) as one JSON object
-  report.py record --scenario S --server wsgate|node --cert ecdsa|rsa
+      node, nats-server, the git commit, the date) as one JSON object,
+      with the configs the run uses (the nats token left out)
+  report.py record --scenario S --server wsgate|node|nats --cert ecdsa|rsa
                    --exit RC --server-command C --bench-command C
                    --stdout FILE [--samples FILE] [--work DIR] [--root DIR]
       prints one results line: the run's metadata and the last JSON line
@@ -16,9 +17,10 @@ Plain Python 3, no packages. Three subcommands, used by bench/run.sh:
   report.py render --results results.jsonl --machine machine.json
                    --md docs/benchmarks.md --svg docs/benchmarks.svg [--quick 0|1]
                    [--notes bench/notes.md]
-      writes the report: the machine, the commands, both servers' figures,
-      the ratios wsgate/peer against the targets of the performance issue,
-      and a bar chart of the ratios; the notes file, when it exists, is
+      writes the report: the machine, the commands, the three servers'
+      figures, the ratios wsgate/peer for each peer, the targets of the
+      performance issue (against the Node peer), and a bar chart of the
+      ratios; the notes file, when it exists, is
       included verbatim (what does not hold, by how much, what the profile
       shows, what was tried).
 """
@@ -33,8 +35,11 @@ import statistics
 import subprocess
 import sys
 
-SERVERS = ("wsgate", "node")
+SERVERS = ("wsgate", "node", "nats")
+# The performance issue's targets are against the Node peer; nats-server is
+# shown beside it, with its own ratios and no targets.
 PEER = "node"
+NATS = "nats"
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 # Soak: growth of the RSS while idle connections are held counts as noise
@@ -97,6 +102,7 @@ def machine():
         "os": os_name,
         "rustc": _run("rustc", "--version"),
         "node": _run("node", "--version"),
+        "nats": None,
         "commit": commit,
         "open_files": nofile,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -267,11 +273,14 @@ def ratio(a, b):
 
 
 class Row:
-    """One figure: both servers' values, the ratio wsgate/peer, the target."""
+    """One figure: the three servers' values, the ratios wsgate/peer, the
+    target (against the Node peer)."""
 
-    def __init__(self, figure, w, p, unit, nd=None, target=None, goal=None, check=None, better="higher", chart=None):
-        self.figure, self.w, self.p, self.unit, self.nd = figure, w, p, unit, nd
+    def __init__(self, figure, w, p, unit, nd=None, target=None, goal=None, check=None, better="higher", chart=None,
+                 n=None):
+        self.figure, self.w, self.p, self.n, self.unit, self.nd = figure, w, p, n, unit, nd
         self.ratio = ratio(w, p)
+        self.ratio_n = ratio(w, n)
         self.target = target  # text
         self.goal = goal  # (what, op, bound): what "ratio" or "wsgate", op "<=" or ">="
         self.check = check  # callable(row) -> True/False/None, when there is no goal
@@ -300,11 +309,17 @@ class Row:
             return None
         return x / bound if self.goal[1] == "<=" else bound / x
 
-    def advantage(self):
-        """How many times better wsgate is (higher is better), for the chart."""
-        if self.ratio is None or self.ratio == 0:
+    def advantage(self, r=None):
+        """How many times better wsgate is than the Node peer (or, given
+        `r`, that ratio), higher is better, for the chart."""
+        r = self.ratio if r is None else r
+        if r is None or r == 0:
             return None
-        return self.ratio if self.better == "higher" else 1 / self.ratio
+        return r if self.better == "higher" else 1 / r
+
+    def advantage_n(self):
+        """How many times better wsgate is than nats-server."""
+        return self.advantage(self.ratio_n) if self.ratio_n is not None else None
 
 
 def verdict(v):
@@ -312,17 +327,27 @@ def verdict(v):
 
 
 def build_rows(runs):
-    W, P = "wsgate", PEER
+    W, P, N = "wsgate", PEER, NATS
     rows = []
 
-    def both(scenario, *path):
-        return res(get(runs, scenario, W), *path), res(get(runs, scenario, P), *path)
+    def trio(scenario, *path):
+        return tuple(res(get(runs, scenario, srv), *path) for srv in (W, P, N))
+
+    def any_of(scenario, *path):
+        for srv in (W, P, N):
+            x = res(get(runs, scenario, srv), *path)
+            if x is not None:
+                return x
+        return None
+
+    def ms(values):
+        return tuple(None if v is None else v / 1000 for v in values)
 
     # idle memory
     for scen, n_label in (("idle", "10,000"), ("idle-big", "18,000")):
-        w, p = both(scen, "rss_per_conn_kib")
-        n = res(get(runs, scen, W), "connections") or res(get(runs, scen, P), "connections")
-        label = f"RSS per idle wss connection at {fmt(n, nd=0) if n else n_label} connections"
+        w, p, n = trio(scen, "rss_per_conn_kib")
+        count = any_of(scen, "connections")
+        label = f"RSS per idle wss connection at {fmt(count, nd=0) if count else n_label} connections"
         rows.append(
             Row(
                 label,
@@ -333,14 +358,15 @@ def build_rows(runs):
                 target="≤ 1/5 of the peer's (ratio ≤ 0.20)",
                 goal=("ratio", "<=", 0.2),
                 better="lower",
-                chart=(f"idle RSS/conn, {fmt(n, nd=0) if n else n_label}", 5.0),
+                chart=(f"idle RSS/conn, {fmt(count, nd=0) if count else n_label}", 5.0),
+                n=n,
             )
         )
     # fan-out
     for scen, win in (("fanout-w100", "100"), ("fanout-w1", "1")):
-        w, p = both(scen, "deliveries_per_s")
-        subs = res(get(runs, scen, W), "subscribers") or res(get(runs, scen, P), "subscribers")
-        size = res(get(runs, scen, W), "size") or res(get(runs, scen, P), "size")
+        w, p, n = trio(scen, "deliveries_per_s")
+        subs = any_of(scen, "subscribers")
+        size = any_of(scen, "size")
         rows.append(
             Row(
                 f"fan-out 1 → {fmt(subs, nd=0)} subscribers, {fmt(size, nd=0)} B, window {win}: deliveries/s",
@@ -351,28 +377,30 @@ def build_rows(runs):
                 target="≥ 2.5× the peer",
                 goal=("ratio", ">=", 2.5),
                 chart=(f"fan-out w{win}, deliveries/s", 2.5),
+                n=n,
             )
         )
         for q in ("p50", "p99"):
-            w, p = both(scen, "latency_us", q)
+            w, p, n = ms(trio(scen, "latency_us", q))
             is_target = win == "1" and q == "p99"
             rows.append(
                 Row(
                     f"fan-out window {win}: {q} latency",
-                    None if w is None else w / 1000,
-                    None if p is None else p / 1000,
+                    w,
+                    p,
                     " ms",
                     2,
                     target="wsgate ≤ 5 ms" if is_target else None,
                     goal=("wsgate", "<=", 5.0) if is_target else None,
                     better="lower",
+                    n=n,
                 )
             )
     # connects
-    w, p = both("connect-rsa", "connects_per_s")
+    w, p, n = trio("connect-rsa", "connects_per_s")
     rows.append(
         Row(
-            "authenticated connects/s, RSA-2048 certificate (both)",
+            "authenticated connects/s, RSA-2048 certificate (every server)",
             w,
             p,
             "/s",
@@ -380,9 +408,10 @@ def build_rows(runs):
             target="≥ 2× the peer",
             goal=("ratio", ">=", 2.0),
             chart=("connects/s, RSA-2048", 2.0),
+            n=n,
         )
     )
-    w, p = both("connect-ecdsa", "connects_per_s")
+    w, p, n = trio("connect-ecdsa", "connects_per_s")
     rows.append(
         Row(
             "authenticated connects/s, ECDSA P-256 certificate",
@@ -393,14 +422,15 @@ def build_rows(runs):
             target=f"wsgate: several thousand (read as ≥ {ECDSA_CONNECTS_TARGET:,}/s)",
             goal=("wsgate", ">=", ECDSA_CONNECTS_TARGET),
             chart=("connects/s, ECDSA P-256", None),
+            n=n,
         )
     )
     for scen, label in (("connect-rsa", "RSA-2048"), ("connect-ecdsa", "ECDSA P-256")):
-        w, p = both(scen, "latency_ms", "p99")
-        rows.append(Row(f"connect p99 latency, {label}", w, p, " ms", 1, better="lower"))
+        w, p, n = trio(scen, "latency_ms", "p99")
+        rows.append(Row(f"connect p99 latency, {label}", w, p, " ms", 1, better="lower", n=n))
     # memory over the hold
-    gw, gp = hold_growth(get(runs, "idle", W)), hold_growth(get(runs, "idle", P))
-    hold = (gw or gp or (None, None, None))[2]
+    gw, gp, gn = (hold_growth(get(runs, "idle", srv)) for srv in (W, P, N))
+    hold = (gw or gp or gn or (None, None, None))[2]
 
     def soak_check(r):
         if gw is None:
@@ -420,6 +450,7 @@ def build_rows(runs):
             target=f"no growth beyond noise (≤ {NOISE_SHARE:.0%} of RSS or {NOISE_KIB} KiB) over {SOAK_TARGET_S // 60} min",
             check=soak_check,
             better="lower",
+            n=None if gn is None else gn[0],
         )
     )
     return rows
@@ -492,17 +523,34 @@ def render_md(runs, mach, rows, quick, svg_name, notes=None):
     W = "wsgate"
     lines = []
     add = lines.append
-    add("# Benchmarks: wsgate beside a hand-rolled Node `ws` server")
+    has_nats = any(r.get("server") == NATS for r in runs)
+    add("# Benchmarks: wsgate beside a hand-rolled Node `ws` server"
+        + (" and nats-server" if has_nats else ""))
     add("")
     add(
         "Generated by `bench/run.sh` (with `bench/report.py`); do not edit by hand. "
         "Each server runs pinned to CPU 0 and the load generator, `wsgate bench`, to CPU 1, "
-        "over loopback, one server at a time, wsgate and the peer alternately. "
-        "The peer is `bench/peers/node-ws`: Node's `https` + `ws` + `jsonwebtoken`, "
+        "over loopback, one server at a time, wsgate and the peers in turn. "
+        "The Node peer is `bench/peers/node-ws`: Node's `https` + `ws` + `jsonwebtoken`, "
         "checking an HS256 token at the upgrade and broadcasting every text message to every open client "
         "(no channels, policies or envelope, so it does less work per message than wsgate)."
     )
     add("")
+    if has_nats:
+        version = (mach.get("nats") or "nats-server (version not recorded)").replace("nats-server: ", "nats-server ")
+        add(
+            f"The second peer is {version} (Debian's package), its WebSocket listener with TLS "
+            "(`bench/peers/nats`): the load generator speaks the NATS protocol over the same `wss://` "
+            "connection (`wsgate bench --nats`: `CONNECT`, `SUB`, `PUB`, `MSG`, one subject for the channel). "
+            "**It checks less than the others at connect:** nats-server has no HS256 JWT check, so every "
+            "client sends one shared token (the run's HMAC secret as text) as `auth_token` in `CONNECT`, "
+            "which the server compares in constant time after the upgrade; there is no JWT to parse, no "
+            "signature, no expiry and no identity per client. Like the Node peer it has no policies or "
+            "envelope; unlike it, it routes by subject and does not send a publisher its own messages. "
+            "The targets below are against the Node peer, as the performance issue sets them; nats-server "
+            "has its own columns and ratios, with no targets."
+        )
+        add("")
     if quick:
         add(
             "> **Smoke run (`BENCH_QUICK=1`)**: small numbers and short durations; "
@@ -524,6 +572,7 @@ def render_md(runs, mach, rows, quick, svg_name, notes=None):
                 ("OS", mach.get("os") or "n/a"),
                 ("rustc", mach.get("rustc") or "n/a"),
                 ("node", mach.get("node") or "n/a"),
+                ("nats-server", (mach.get("nats") or "n/a").replace("nats-server: ", "")),
                 ("open files per process", mach.get("open_files") or "n/a"),
                 ("wsgate commit", mach.get("commit") or "n/a"),
             ],
@@ -534,22 +583,27 @@ def render_md(runs, mach, rows, quick, svg_name, notes=None):
     add("")
     add(
         "Ratios are wsgate ÷ peer. For memory and latency lower is better; "
-        "for deliveries and connects higher is better."
+        "for deliveries and connects higher is better. The targets are against the Node peer."
     )
     add("")
     table = []
     for r in rows:
-        table.append(
-            (
-                r.figure,
-                fmt(r.w, r.unit, r.nd),
-                fmt(r.p, r.unit, r.nd),
-                fmt(r.ratio, "×", 2) if r.ratio is not None else "n/a",
-                r.target or "—",
-                verdict(r.holds()) + (f" ({r.shortfall():.2f}× short)" if r.shortfall() else ""),
-            )
-        )
-    add(md_table(("figure", "wsgate", "Node ws peer", "wsgate / peer", "target", "holds"), table))
+        cells = [r.figure, fmt(r.w, r.unit, r.nd), fmt(r.p, r.unit, r.nd)]
+        if has_nats:
+            cells.append(fmt(r.n, r.unit, r.nd))
+        cells.append(fmt(r.ratio, "×", 2))
+        if has_nats:
+            cells.append(fmt(r.ratio_n, "×", 2))
+        cells += [r.target or "—", verdict(r.holds()) + (f" ({r.shortfall():.2f}× short)" if r.shortfall() else "")]
+        table.append(cells)
+    header = ["figure", "wsgate", "Node ws peer"]
+    if has_nats:
+        header.append("nats-server")
+    header.append("wsgate / Node")
+    if has_nats:
+        header.append("wsgate / nats")
+    header += ["target (vs. Node)", "holds"]
+    add(md_table(header, table))
     add("")
     soak = [r for r in rows if r.figure.startswith("RSS growth")]
     if soak and soak[0].holds() is None:
@@ -562,8 +616,9 @@ def render_md(runs, mach, rows, quick, svg_name, notes=None):
         add("")
     add(
         "“× short”: how many times better wsgate's figure must get to meet the target. "
-        "The chart shows how many times better than the peer wsgate is, beside the target "
-        "(memory as peer ÷ wsgate, rates as wsgate ÷ peer)."
+        "The chart shows how many times better than the Node peer wsgate is, beside the target"
+        + (", and than nats-server" if has_nats else "")
+        + " (memory as peer ÷ wsgate, rates as wsgate ÷ peer)."
     )
     add("")
     add(f"![ratios against the targets]({svg_name})")
@@ -608,9 +663,13 @@ def render_md(runs, mach, rows, quick, svg_name, notes=None):
     shakes = [(label, get(runs, scen, W)) for label, scen in (
         ("RSA-2048, full", "connect-rsa"), ("RSA-2048, resumed", "connect-resumed-rsa"),
         ("ECDSA P-256, full", "connect-ecdsa"), ("ECDSA P-256, resumed", "connect-resumed-ecdsa"))]
-    if any(r for _, r in shakes):
+    peers = [srv for srv in (PEER, NATS) if any(
+        res(get(runs, scen, srv), "server_cpu_us_per_connect") is not None
+        for scen in ("connect-rsa", "connect-ecdsa"))]
+    if any(r for _, r in shakes) or peers:
         add("## Handshake CPU")
         add("")
+    if any(r for _, r in shakes):
         add(
             "`wsgate bench connect --server-pid` (with `--resume` for resumed TLS sessions): the "
             "gateway's CPU (user + system, from `/proc`) per authenticated connection: TLS handshake, "
@@ -627,6 +686,22 @@ def render_md(runs, mach, rows, quick, svg_name, notes=None):
                           fmt(None if not cpu else 1e6 / cpu, "/s", 0)))
         add(md_table(("certificate, handshake", "connects/s", "gateway CPU per connect",
                       "one core's worth"), table))
+        add("")
+    if peers:
+        add(
+            "The server's CPU per connect (full handshakes) beside the peers': the Node peer's covers its TLS "
+            "handshake, upgrade and JWT check; nats-server's its TLS handshake, upgrade, `INFO` and the "
+            "`CONNECT` with its shared token (no JWT) up to the `PONG`."
+        )
+        add("")
+        table = []
+        for label, scen in (("RSA-2048", "connect-rsa"), ("ECDSA P-256", "connect-ecdsa")):
+            cpus = [res(get(runs, scen, srv), "server_cpu_us_per_connect") for srv in (W, *peers)]
+            if all(c is None for c in cpus):
+                continue
+            table.append([label] + [fmt(c, " µs", 0) for c in cpus])
+        names = {PEER: "Node ws peer", NATS: "nats-server"}
+        add(md_table(["certificate", "wsgate"] + [names[p] for p in peers], table))
         add("")
     # The single-node figure from the same run as the cluster one: a
     # cluster-only run records it as cluster-base-wN.
@@ -763,7 +838,7 @@ def render_md(runs, mach, rows, quick, svg_name, notes=None):
     add("")
     add(
         "`$WORK` is the temporary directory of the run. Setup: `cargo build --release`; "
-        "`npm ci` in `bench/peers/node-ws` (when missing); `ulimit -n` raised to the hard limit; "
+        "`npm ci` in `bench/peers/node-ws` (when missing); `apt-get install nats-server` (when missing); `ulimit -n` raised to the hard limit; "
         "`wsgate certs --out $WORK/certs` (ECDSA P-256 and its CA); "
         "`openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=localhost "
         "-addext subjectAltName=DNS:localhost,IP:127.0.0.1 -addext basicConstraints=critical,CA:FALSE "
@@ -777,6 +852,17 @@ def render_md(runs, mach, rows, quick, svg_name, notes=None):
         # The file the run used, as `bench/run.sh` wrote it.
         add("```toml")
         add(mach["config"].rstrip("\n"))
+        add("```")
+        add("")
+    if mach.get("nats_config"):
+        add(
+            "nats-server's `$WORK/nats-ecdsa.conf` (and `$WORK/nats-rsa.conf`, the same but for `rsa.pem` / "
+            "`rsa.key`), written from `bench/peers/nats/nats.conf`; `$TOKEN` stands for the token, the text "
+            "of `$WORK/hmac.secret`:"
+        )
+        add("")
+        add("```")
+        add(mach["nats_config"].rstrip("\n"))
         add("```")
         add("")
     add("Each run: the server command, then the load generator (`$SERVER_PID` is the server's pid); "
@@ -798,19 +884,22 @@ def esc(s):
 
 def render_svg(rows, quick):
     """A grouped bar chart: per figure, how many times better wsgate is than
-    the peer (measured) beside the target, on one linear axis."""
-    groups = [(r.chart[0], r.advantage(), r.chart[1]) for r in rows if r.chart]
-    width, height = 760, 420
+    the Node peer (measured) beside the target, and than nats-server when
+    the run has it, on one linear axis."""
+    groups = [(r.chart[0], r.advantage(), r.chart[1], r.advantage_n()) for r in rows if r.chart]
+    has_nats = any(vn is not None for *_, vn in groups)
+    width, height = (900 if has_nats else 760), 420
     left, right, top, bottom = 70, 20, 70, 90
     plot_w, plot_h = width - left - right, height - top - bottom
-    top_value = max([1.0] + [v for _, v, t in groups for v in (v, t) if v is not None])
+    top_value = max([1.0] + [v for _, *vs in groups for v in vs if v is not None])
     scale_max = _nice_ceiling(top_value * 1.15)
     y = lambda v: top + plot_h - plot_h * min(v, scale_max) / scale_max
     out = []
     a = out.append
     a(f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">')
     a(f'<rect width="{width}" height="{height}" fill="#fff"/>')
-    title = "wsgate vs. the Node ws peer: times better (measured) and the target"
+    title = "wsgate vs. the Node ws peer" + (" and nats-server" if has_nats else "") + \
+        ": times better (measured) and the target"
     if quick:
         title += " — smoke run"
     a(f'<text x="{width / 2}" y="22" text-anchor="middle" font-size="15" font-weight="bold">{esc(title)}</text>')
@@ -829,14 +918,17 @@ def render_svg(rows, quick):
     a(f'<line x1="{left}" y1="{top + plot_h}" x2="{width - right}" y2="{top + plot_h}" stroke="#333"/>')
     n = max(1, len(groups))
     gw = plot_w / n
-    bw = min(38, gw / 3)
-    for i, (label, value, target) in enumerate(groups):
+    bw = min(38, gw / (4 if has_nats else 3))
+    for i, (label, value, target, value_n) in enumerate(groups):
         x0 = left + i * gw + gw / 2
         bars = [(value, "#2f6db5", "measured"), (target, "#b9b9b9", "target")]
+        if has_nats:
+            bars.append((value_n, "#8e5ea2", "nats"))
+        first = x0 - (len(bars) * bw + (len(bars) - 1) * 4) / 2
         for j, (val, color, _) in enumerate(bars):
-            bx = x0 - bw - 2 + j * (bw + 4)
+            bx = first + j * (bw + 4)
             if val is None:
-                text = "n/a" if j == 0 else "(table)"
+                text = "(table)" if j == 1 else "n/a"
                 a(f'<text x="{bx + bw / 2:.1f}" y="{top + plot_h - 6}" text-anchor="middle" fill="#777" font-size="11">{text}</text>')
                 continue
             by = y(val)
@@ -850,8 +942,11 @@ def render_svg(rows, quick):
             a(f'<text x="{x0:.1f}" y="{top + plot_h + 16 + 14 * k}" text-anchor="middle">{esc(ln)}</text>')
     # legend
     lx, ly = left, height - 22
-    for color, text in (("#2f8f4e", "measured, target holds"), ("#c0392b", "measured, target missed"),
-                        ("#2f6db5", "measured (no target)"), ("#b9b9b9", "target")):
+    legend = [("#2f8f4e", "vs. Node, target holds"), ("#c0392b", "vs. Node, target missed"),
+              ("#2f6db5", "vs. Node, no target"), ("#b9b9b9", "target")]
+    if has_nats:
+        legend.append(("#8e5ea2", "vs. nats-server"))
+    for color, text in legend:
         a(f'<rect x="{lx}" y="{ly - 10}" width="12" height="12" fill="{color}"/>')
         a(f'<text x="{lx + 16}" y="{ly}">{esc(text)}</text>')
         lx += 30 + 7 * len(text)
@@ -897,8 +992,9 @@ def render(a):
         f.write(render_svg(rows, quick))
     # A short summary on stdout.
     for r in rows:
-        print(f"{r.figure}: wsgate {fmt(r.w, r.unit, r.nd)}, peer {fmt(r.p, r.unit, r.nd)}, "
-              f"ratio {fmt(r.ratio, '×', 2)}" + (f", target {r.target}: {verdict(r.holds()).strip('*')}" if r.target else "")
+        print(f"{r.figure}: wsgate {fmt(r.w, r.unit, r.nd)}, node {fmt(r.p, r.unit, r.nd)}, "
+              f"nats {fmt(r.n, r.unit, r.nd)}, wsgate/node {fmt(r.ratio, '×', 2)}, wsgate/nats {fmt(r.ratio_n, '×', 2)}"
+              + (f", target {r.target}: {verdict(r.holds()).strip('*')}" if r.target else "")
               + (f" ({r.shortfall():.2f}× short)" if r.shortfall() else ""))
 
 
@@ -908,6 +1004,8 @@ def main(argv=None):
     mac = sub.add_parser("machine")
     mac.add_argument("--config", help="the wsgate config the run uses, shown in the report")
     mac.add_argument("--work", help="the run's work directory, shown as $WORK")
+    mac.add_argument("--nats", help="the nats-server binary, for its version")
+    mac.add_argument("--nats-config", help="the nats-server config the run uses, shown without its token")
     rec = sub.add_parser("record")
     rec.add_argument("--scenario", required=True)
     rec.add_argument("--server", required=True)
@@ -934,6 +1032,15 @@ def main(argv=None):
             if a.work:
                 text = text.replace(a.work, "$WORK")
             mach["config"] = "".join(l for l in text.splitlines(True) if not l.startswith("#"))
+        if a.nats:
+            mach["nats"] = _run(a.nats, "--version")
+        if a.nats_config:
+            text = _read(a.nats_config)
+            if a.work:
+                text = text.replace(a.work, "$WORK")
+            text = re.sub(r'(?m)^(\s*token:\s*).*$', r'\1"$TOKEN"', text)
+            kept = [l for l in text.splitlines(True) if not l.lstrip().startswith("#")]
+            mach["nats_config"] = re.sub(r"\n{3,}", "\n\n", "".join(kept)).strip("\n") + "\n"
         print(json.dumps(mach))
     elif a.cmd == "record":
         record(a)

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# wsgate beside the Node `ws` peer (bench/peers/node-ws), on this machine.
+# wsgate beside two peers, on this machine: the Node `ws` server
+# (bench/peers/node-ws) and nats-server's WebSocket listener
+# (bench/peers/nats).
 #
-# Builds wsgate (release), installs the peer (npm ci), makes certificates,
-# an HMAC secret, policies and a benchmark config in a temporary directory,
-# then runs each scenario against wsgate and then the peer: every server
-# pinned to CPU 0, `wsgate bench` pinned to CPU 1. Collects the JSON line
-# of every run into results.jsonl and writes the report with
-# bench/report.py: docs/benchmarks.md and docs/benchmarks.svg.
+# Builds wsgate (release), installs the peers (npm ci; apt nats-server when
+# missing), makes certificates, an HMAC secret, policies and the servers'
+# configs in a temporary directory, then runs each scenario against
+# wsgate, then each peer: every server pinned to CPU 0, `wsgate bench`
+# pinned to CPU 1. Collects the JSON line of every run into results.jsonl
+# and writes the report with bench/report.py: docs/benchmarks.md and
+# docs/benchmarks.svg.
 #
 #   bench/run.sh                  the full run (under 15 minutes)
 #   BENCH_QUICK=1 bench/run.sh    a ~2-minute smoke with small numbers; its
@@ -36,7 +39,9 @@
 #              api-rate: the same at BENCH_API_RATE over 16 connections)
 #   BENCH_API_RATE=100   BENCH_PRESENCE_HOLD=120/5
 #   BENCH_RESUME_N=10000/1000
-#   BENCH_SERVERS="wsgate node"   BENCH_PORT=9443 (wsgate; the peer uses +1)
+#   BENCH_SERVERS="wsgate node nats"
+#   BENCH_PORT=9443 (wsgate; the Node peer +1, nats' WebSocket +3 and its
+#                    client port +4, the HTTP API +5, all on 127.0.0.1)
 #   BENCH_DOCS=dir  where the report goes (default docs/, or the work dir
 #                   when BENCH_QUICK=1)   BENCH_KEEP=1  keep the work dir
 #
@@ -69,15 +74,26 @@ DURATION=${BENCH_DURATION:-$d_dur}
 WARMUP=${BENCH_WARMUP:-$d_warm}
 CONNECT_N=${BENCH_CONNECT_N:-$d_conn}
 ONLY=${BENCH_ONLY:-"floor idle idle-big fanout-w100 fanout-w1 connect resume api-c1 api-c16 api-rate cluster-w100 cluster-w1 cluster-resume presence cluster-presence"}
-SERVERS=${BENCH_SERVERS:-"wsgate node"}
+SERVERS=${BENCH_SERVERS:-"wsgate node nats"}
 WS_PORT=${BENCH_PORT:-9443}
 NODE_PORT=$((WS_PORT + 1))
+NATS_PORT=$((WS_PORT + 3))
+NATS_CLIENT_PORT=$((WS_PORT + 4))
 API_PORT=$((WS_PORT + 5))
 SERVER_CPU=0
 CLIENT_CPU=1
 
 log() { printf '\n[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { printf 'bench/run.sh: %s\n' "$*" >&2; exit 1; }
+
+for server in $SERVERS; do
+  case $server in wsgate | node | nats) ;; *) die "unknown server '$server' in BENCH_SERVERS (wsgate node nats)" ;; esac
+done
+has_server() { [[ " $SERVERS " == *" $1 "* ]]; }
+# The machine's own NATS listens on these; ours must never touch them.
+for port in "$NATS_PORT" "$NATS_CLIENT_PORT"; do
+  [[ $port != 4222 && $port != 8222 ]] || die "BENCH_PORT puts nats-server on $port, a system NATS port; choose another"
+done
 
 # ---------------------------------------------------------------- tools
 need_cmd() { command -v "$1" >/dev/null 2>&1; }
@@ -95,6 +111,14 @@ need_cmd python3 || apt_install python3
 need_cmd node || apt_install nodejs
 need_cmd npm || apt_install npm
 need_cmd redis-server || apt_install redis-server
+# Debian installs it in /usr/sbin, which a user's PATH may lack.
+NATS_BIN=
+if has_server nats; then
+  find_nats() { command -v nats-server || { [[ -x /usr/sbin/nats-server ]] && echo /usr/sbin/nats-server; } || true; }
+  NATS_BIN=$(find_nats)
+  [[ -n $NATS_BIN ]] || { apt_install nats-server; NATS_BIN=$(find_nats); }
+  [[ -n $NATS_BIN ]] || die "nats-server is missing"
+fi
 need_cmd cargo || die "cargo is missing: install a Rust toolchain (1.88 or newer)"
 [[ $(nproc) -ge 2 ]] || die "needs at least 2 CPUs (server on CPU $SERVER_CPU, load on CPU $CLIENT_CPU)"
 
@@ -194,7 +218,30 @@ EOF
     die "wsgate check-config failed: $(cat "$WORK/logs/check-config-$cert.log")"
 done
 
-python3 "$ROOT/bench/report.py" machine --config "$WORK/wsgate-ecdsa.toml" --work "$WORK" >"$WORK/machine.json"
+# nats-server's config per certificate, from bench/peers/nats/nats.conf.
+# The token is the secret's text; it goes into the file, never onto a
+# command line.
+NATS_PEER=$ROOT/bench/peers/nats
+if [[ -n $NATS_BIN ]]; then
+  IFS= read -r nats_token <"$WORK/hmac.secret"
+  for cert in ecdsa rsa; do
+    # Quoted replacements: bash 5.2 reads a bare & in one as the match.
+    conf=$(<"$NATS_PEER/nats.conf")
+    conf=${conf//@CLIENT_PORT@/"$NATS_CLIENT_PORT"}
+    conf=${conf//@WS_PORT@/"$NATS_PORT"}
+    conf=${conf//@CERT_FILE@/"$(cert_file $cert)"}
+    conf=${conf//@KEY_FILE@/"$(key_file $cert)"}
+    conf=${conf//@TOKEN@/"$nats_token"}
+    (umask 077 && printf '%s\n' "$conf" >"$WORK/nats-$cert.conf")
+    "$NATS_BIN" -c "$WORK/nats-$cert.conf" -t >"$WORK/logs/nats-check-$cert.log" 2>&1 ||
+      die "nats-server -t failed: $(cat "$WORK/logs/nats-check-$cert.log")"
+  done
+  unset nats_token conf
+fi
+
+machine_args=(--config "$WORK/wsgate-ecdsa.toml" --work "$WORK")
+[[ -z $NATS_BIN ]] || machine_args+=(--nats "$NATS_BIN" --nats-config "$WORK/nats-ecdsa.conf")
+python3 "$ROOT/bench/report.py" machine "${machine_args[@]}" >"$WORK/machine.json"
 
 # ---------------------------------------------------------------- servers
 SPID=
@@ -214,7 +261,11 @@ start_server() { # server cert
   logf=$WORK/logs/$1-$2-$(date +%s%N).log
   port=$WS_PORT
   [[ $server == node ]] && port=$NODE_PORT
+  [[ $server == nats ]] && port=$NATS_PORT
   ! listening "$port" || die "port $port is already in use; choose others with BENCH_PORT"
+  if [[ $server == nats ]] && listening "$NATS_CLIENT_PORT"; then
+    die "port $NATS_CLIENT_PORT is already in use; choose others with BENCH_PORT"
+  fi
   case $server in
     wsgate)
       SPORT=$WS_PORT
@@ -226,6 +277,11 @@ start_server() { # server cert
       SCMD="PORT=$NODE_PORT CERT=$(cert_file "$cert") KEY=$(key_file "$cert") SECRET_FILE=$WORK/hmac.secret taskset -c $SERVER_CPU node $PEER/server.mjs"
       PORT=$NODE_PORT HOST=127.0.0.1 CERT=$(cert_file "$cert") KEY=$(key_file "$cert") SECRET_FILE=$WORK/hmac.secret \
         taskset -c "$SERVER_CPU" node "$PEER/server.mjs" >"$logf" 2>&1 &
+      ;;
+    nats)
+      SPORT=$NATS_PORT
+      SCMD="taskset -c $SERVER_CPU $NATS_BIN -c $WORK/nats-$cert.conf"
+      taskset -c "$SERVER_CPU" "$NATS_BIN" -c "$WORK/nats-$cert.conf" >"$logf" 2>&1 &
       ;;
   esac
   SPID=$!
@@ -287,10 +343,17 @@ run_bench() {
   local scenario=$1 server=$2 cert=$3
   shift 3
   local url=wss://127.0.0.1:$WS_PORT/ws plain=()
-  if [[ $server == node ]]; then
-    url=wss://127.0.0.1:$NODE_PORT/ws
-    plain=(--plain)
-  fi
+  case $server in
+    node)
+      url=wss://127.0.0.1:$NODE_PORT/ws
+      plain=(--plain)
+      ;;
+    # The NATS protocol over the WebSocket; the secret's text is the token.
+    nats)
+      url=wss://127.0.0.1:$NATS_PORT/
+      plain=(--nats)
+      ;;
+  esac
   start_server "$server" "$cert"
   local mode=$1
   shift
@@ -374,15 +437,15 @@ for cert in rsa ecdsa; do
     fi
   done
   # Resumed TLS sessions (abbreviated handshakes), wsgate's CPU per connect.
-  if [[ " $SERVERS " == *" wsgate "* ]] && want connect; then
+  if has_server wsgate && want connect; then
     run_bench "connect-resumed-$cert" wsgate "$cert" connect --connections "$CONNECT_N" --concurrency 50 --resume
   fi
-  # History and resume are wsgate's: the peer has nothing to compare.
-  if [[ $server == wsgate ]] && want resume; then
-    run_bench resume wsgate ecdsa resume --connections "$RESUME_N" --concurrency 200 \
-      --missed 10 --sources "$IDLE_SOURCES"
-  fi
 done
+# History and resume are wsgate's: the peers have nothing to compare.
+if has_server wsgate && want resume; then
+  run_bench resume wsgate ecdsa resume --connections "$RESUME_N" --concurrency 200 \
+    --missed 10 --sources "$IDLE_SOURCES"
+fi
 
 # Publishing through the HTTP API (wsgate's own: the peer has none), on 1
 # and 16 keep-alive connections as fast as the answers come, and at a fixed

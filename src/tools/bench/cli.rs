@@ -27,8 +27,13 @@ pub struct BenchTarget {
     #[arg(long, default_value = "header", value_parser = ["header", "subprotocol"])]
     pub carrier: String,
     /// The server is a plain broadcast server (no welcome, no channels).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "nats")]
     pub plain: bool,
+    /// The server is nats-server's WebSocket listener: the NATS protocol,
+    /// `--channel` as the subject, and `--token` (or the text of the
+    /// `--secret` file) as CONNECT's `auth_token`.
+    #[arg(long)]
+    pub nats: bool,
     /// Spread client sockets over 127.0.0.1..N (0: one per 25,000 connections).
     #[arg(long, default_value_t = 0)]
     pub sources: usize,
@@ -210,6 +215,7 @@ impl BenchTarget {
             token: self.token.clone(),
             carrier: self.carrier.clone(),
             plain: self.plain,
+            nats: self.nats,
             sources: self.sources,
         }
     }
@@ -231,9 +237,17 @@ pub fn run(command: BenchCommand) -> Result<(), BoxError> {
             } else {
                 t.sources
             };
-            let (url, ca, header, plain) =
-                (t.url.clone(), t.ca.clone(), t.carrier == "header", t.plain);
-            async move { Target::new(&url, &ca, auth?, header, plain, sources).await }
+            let (url, ca, header, plain, nats) = (
+                t.url.clone(),
+                t.ca.clone(),
+                t.carrier == "header",
+                t.plain,
+                t.nats,
+            );
+            async move {
+                let target = Target::new(&url, &ca, auth?, header, plain, sources).await?;
+                if nats { target.nats() } else { Ok(target) }
+            }
         };
         let line = match command {
             BenchCommand::Idle {
@@ -246,6 +260,9 @@ pub fn run(command: BenchCommand) -> Result<(), BoxError> {
                 presence,
                 redis_url,
             } => {
+                if let (true, Some(channel)) = (t.nats, &subscribe) {
+                    super::nats::Subject::new(channel)?;
+                }
                 let target = target(&t, connections).await?;
                 let options = super::IdleOptions {
                     channel: subscribe,

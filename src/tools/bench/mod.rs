@@ -12,6 +12,10 @@
 //! - `floor`: the kernel's own cost of a fan-out on this machine, plain
 //!   TCP or rustls records with no gateway at all (floor.rs).
 //!
+//! The same modes drive wsgate, a plain broadcast server (`--plain`, the
+//! Node peer) and nats-server's WebSocket listener (`--nats`: the NATS
+//! client protocol over the same `wss://` connection, nats.rs).
+//!
 //! Client sockets are spread over source addresses 127.0.0.1..N when one
 //! address's port range is not enough. Progress goes to stderr; the result
 //! is one JSON line.
@@ -19,6 +23,7 @@
 mod api;
 pub mod cli;
 mod floor;
+mod nats;
 mod resume;
 
 pub use api::{ApiReport, ApiTarget, api};
@@ -26,6 +31,7 @@ pub use floor::{FloorReport, floor, floor_reader};
 pub use resume::{ResumeReport, resume};
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -66,6 +72,19 @@ pub enum Auth {
     Secret(Vec<u8>),
 }
 
+/// What the server at a target speaks.
+#[derive(Clone)]
+enum Peer {
+    /// wsgate: a token at the upgrade, a `welcome`, channels, JSON frames.
+    Wsgate,
+    /// A plain broadcast server: a token at the upgrade, then every text
+    /// message goes to every client; no `welcome`, no channels.
+    Plain,
+    /// nats-server: a plain upgrade, then the NATS protocol, its token in
+    /// `CONNECT`.
+    Nats(nats::Hello),
+}
+
 /// Where and how to connect.
 #[derive(Clone)]
 pub struct Target {
@@ -75,9 +94,15 @@ pub struct Target {
     tls: Arc<ClientConfig>,
     auth: Auth,
     header_carrier: bool,
-    /// A plain broadcast server: no `welcome`, no channels.
-    pub plain: bool,
+    peer: Peer,
     sources: Vec<IpAddr>,
+}
+
+/// An open client: its WebSocket and, for NATS, what it has read past the
+/// handshake.
+struct Client {
+    ws: Ws,
+    nats: nats::Reader,
 }
 
 impl Target {
@@ -90,6 +115,23 @@ impl Target {
         tls.resumption = rustls::client::Resumption::in_memory_sessions(1024);
         self.tls = Arc::new(tls);
         self
+    }
+
+    /// The same target speaking NATS to nats-server's WebSocket listener:
+    /// no token at the upgrade; `CONNECT` carries the `--token`, or the
+    /// text of the `--secret` file (the server's `authorization.token`).
+    ///
+    /// # Errors
+    /// The secret is not UTF-8 text.
+    pub fn nats(mut self) -> Result<Self, BenchError> {
+        let token = match &self.auth {
+            Auth::Token(token) => token.clone(),
+            Auth::Secret(secret) => String::from_utf8(secret.clone()).map_err(|_| {
+                BenchError::Setup("the secret is not UTF-8 text, so not a NATS token".into())
+            })?,
+        };
+        self.peer = Peer::Nats(nats::Hello::new(&token)?);
+        Ok(self)
     }
 
     /// Resolves `url` (`wss://host:port/path`), trusting the CA file `ca`.
@@ -138,7 +180,7 @@ impl Target {
             tls,
             auth,
             header_carrier,
-            plain,
+            peer: if plain { Peer::Plain } else { Peer::Wsgate },
             sources,
         })
     }
@@ -150,12 +192,22 @@ impl Target {
         }
     }
 
-    /// Opens client `i`: TCP from its source address, TLS, the upgrade with
-    /// a token, and (for wsgate) the `welcome` frame.
+    /// Opens client `i` as `Target::open` does, for callers that only
+    /// write to it or read JSON frames.
     ///
     /// # Errors
     /// Any step failing.
     pub async fn connect(&self, i: usize) -> Result<Ws, BenchError> {
+        self.open(i).await.map(|client| client.ws)
+    }
+
+    /// Opens client `i`: TCP from its source address, TLS, the upgrade
+    /// with a token (wsgate, plain) and then wsgate's `welcome`, or NATS's
+    /// handshake (`INFO`, `CONNECT` with the token, `PING`, `PONG`).
+    ///
+    /// # Errors
+    /// Any step failing.
+    async fn open(&self, i: usize) -> Result<Client, BenchError> {
         let err = |e: &dyn std::fmt::Display| BenchError::Connect(e.to_string());
         let socket = TcpSocket::new_v4().map_err(|e| err(&e))?;
         if let Some(src) = self.sources.get(i % self.sources.len().max(1)) {
@@ -173,27 +225,34 @@ impl Target {
             .as_str()
             .into_client_request()
             .map_err(|e| err(&e))?;
-        let token = self.token(i)?;
-        let (name, value) = if self.header_carrier {
-            (http::header::AUTHORIZATION, format!("Bearer {token}"))
-        } else {
-            (
-                http::header::SEC_WEBSOCKET_PROTOCOL,
-                format!("wsgate.v1, bearer.{token}"),
-            )
-        };
-        req.headers_mut()
-            .insert(name, value.parse().map_err(|e| err(&e))?);
+        // nats-server offers no subprotocol (one asked for fails the
+        // upgrade) and reads its token from CONNECT.
+        if !matches!(self.peer, Peer::Nats(_)) {
+            let token = self.token(i)?;
+            let (name, value) = if self.header_carrier {
+                (http::header::AUTHORIZATION, format!("Bearer {token}"))
+            } else {
+                (
+                    http::header::SEC_WEBSOCKET_PROTOCOL,
+                    format!("wsgate.v1, bearer.{token}"),
+                )
+            };
+            req.headers_mut()
+                .insert(name, value.parse().map_err(|e| err(&e))?);
+        }
         let (mut ws, _) = tokio_tungstenite::client_async(req, tls)
             .await
             .map_err(|e| err(&e))?;
-        if !self.plain {
-            match ws.next().await {
+        let mut reader = nats::Reader::default();
+        match &self.peer {
+            Peer::Wsgate => match ws.next().await {
                 Some(Ok(Message::Text(t))) if t.starts_with(r#"{"op":"welcome""#) => {}
                 other => return Err(BenchError::Connect(format!("no welcome: {other:?}"))),
-            }
+            },
+            Peer::Plain => {}
+            Peer::Nats(hello) => nats::handshake(&mut ws, &mut reader, hello).await?,
         }
-        Ok(ws)
+        Ok(Client { ws, nats: reader })
     }
 }
 
@@ -273,7 +332,7 @@ async fn open_many(
     n: usize,
     concurrency: usize,
     what: &str,
-) -> (Vec<(usize, Ws)>, usize) {
+) -> (Vec<(usize, Client)>, usize) {
     let permits = Arc::new(Semaphore::new(concurrency.max(1)));
     let mut set = JoinSet::new();
     let mut open = Vec::with_capacity(n);
@@ -281,7 +340,7 @@ async fn open_many(
     let mut last = Instant::now();
     let mut first_error = None;
     let mut take =
-        |joined: Result<(usize, Result<Ws, BenchError>), _>, open: &mut Vec<_>| match joined {
+        |joined: Result<(usize, Result<Client, BenchError>), _>, open: &mut Vec<_>| match joined {
             Ok((i, Ok(ws))) => open.push((i, ws)),
             Ok((_, Err(e))) => {
                 failed += 1;
@@ -299,7 +358,7 @@ async fn open_many(
             let i = spawned;
             set.spawn(async move {
                 let _permit = permit;
-                (i, target.connect(i).await)
+                (i, target.open(i).await)
             });
             spawned += 1;
             while let Some(joined) = set.try_join_next() {
@@ -394,23 +453,45 @@ pub async fn idle(
     let before = server_pid.and_then(rss_kib);
     let (open, failed) = open_many(target, connections, concurrency, "idle").await;
     let opened = open.len();
-    let subscribe = options.channel.as_ref().map(|channel| {
-        serde_json::json!({"op": "subscribe", "id": 1, "channel": channel, "presence": options.presence})
-            .to_string()
-    });
-    // Each connection reads (answering the server's pings) until told to stop.
+    let subscribe = match (&options.channel, &target.peer) {
+        (None, _) => None,
+        (Some(channel), Peer::Nats(_)) => match nats::Subject::new(channel) {
+            Ok(subject) => Some(subject.subscribe(1)),
+            Err(e) => {
+                eprintln!("idle: {e}: not subscribing");
+                None
+            }
+        },
+        (Some(channel), _) => Some(Message::text(
+            serde_json::json!({"op": "subscribe", "id": 1, "channel": channel, "presence": options.presence})
+                .to_string(),
+        )),
+    };
+    let speaks_nats = matches!(target.peer, Peer::Nats(_));
+    // Each connection reads (answering the server's pings, WebSocket or
+    // NATS) until told to stop.
     let stop = Arc::new(Notify::new());
     let mut readers = JoinSet::new();
-    for (_, mut ws) in open {
+    for (_, client) in open {
+        let Client {
+            mut ws,
+            nats: mut reader,
+        } = client;
         let stop = Arc::clone(&stop);
         let subscribe = subscribe.clone();
         readers.spawn(async move {
             if let Some(frame) = subscribe {
-                let _ = ws.send(Message::text(frame)).await;
+                let _ = ws.send(frame).await;
             }
             tokio::select! {
                 () = stop.notified() => {}
-                () = async { while let Some(Ok(_)) = ws.next().await {} } => {}
+                () = async {
+                    if speaks_nats {
+                        nats::hold(&mut ws, &mut reader).await;
+                    } else {
+                        while let Some(Ok(_)) = ws.next().await {}
+                    }
+                } => {}
             }
             let _ = ws.close(None).await;
         });
@@ -551,18 +632,41 @@ pub async fn fanout(
 
     let publisher = publisher.unwrap_or(target).connect(usize::MAX / 2).await?;
     let (mut sink, mut stream) = publisher.split();
-    // Drain whatever comes back to the publisher (echoes from plain peers).
-    let drain = tokio::spawn(async move { while let Some(Ok(_)) = stream.next().await {} });
+    let subject = match target.peer {
+        Peer::Nats(_) => Some(nats::Subject::new(channel)?),
+        _ => None,
+    };
+    // Drain whatever comes back to the publisher (echoes from plain peers);
+    // a NATS server's refusal comes as a -ERR, the only trace of it.
+    let speaks_nats = subject.is_some();
+    let drain = tokio::spawn(async move {
+        let mut reader = nats::Reader::default();
+        while let Some(Ok(msg)) = stream.next().await {
+            let Some(data) = nats::bytes_of(msg).filter(|_| speaks_nats) else {
+                continue;
+            };
+            let fed = reader.feed(&data, |op| {
+                if let nats::Op::Err(text) = op {
+                    eprintln!("fanout: publisher: -ERR {}", String::from_utf8_lossy(text));
+                }
+                ControlFlow::Continue(())
+            });
+            if let Err(e) = fed {
+                eprintln!("fanout: publisher: {e}");
+                break;
+            }
+        }
+    });
     let pad = "x".repeat(size.saturating_sub(40));
     let channel_json = serde_json::to_string(channel).unwrap_or_default();
     let frame = |k: u64| -> Message {
         let data = format!(r#"{{"t":{},"k":{k},"p":"{pad}"}}"#, micros_now());
-        if target.plain {
-            Message::text(data)
-        } else {
-            Message::text(format!(
+        match (&target.peer, &subject) {
+            (_, Some(subject)) => subject.publish(&data),
+            (Peer::Plain, None) => Message::text(data),
+            _ => Message::text(format!(
                 r#"{{"op":"publish","channel":{channel_json},"data":{data}}}"#
-            ))
+            )),
         }
     };
     let started = Instant::now();
@@ -657,7 +761,8 @@ struct Receivers {
     /// Subscribers connected.
     count: u32,
     acks: Arc<Acks>,
-    /// Connections and subscriptions that failed (and, later, publishes).
+    /// Connections and subscriptions that failed (and, later, publishes,
+    /// and NATS `-ERR`s and protocol errors at subscribers).
     errors: Arc<AtomicU64>,
     measuring: Arc<AtomicBool>,
     delivered: Arc<AtomicU64>,
@@ -693,61 +798,50 @@ async fn start_receivers(
     let delivered = Arc::new(AtomicU64::new(0));
     let mut tasks = JoinSet::new();
     let stop = CancellationToken::new();
-    let subscribe = format!(
+    let subscribe = Message::text(format!(
         r#"{{"op":"subscribe","id":1,"channel":{}}}"#,
         serde_json::to_string(channel).unwrap_or_default()
-    );
-    for (_, mut ws) in open {
-        if !target.plain {
-            if ws.send(Message::text(subscribe.clone())).await.is_err() {
-                errors.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            match ws.next().await {
-                Some(Ok(Message::Text(t))) if t.starts_with(r#"{"op":"ok""#) => {}
-                _ => {
-                    errors.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                }
-            }
+    ));
+    let subject = match target.peer {
+        Peer::Nats(_) => Some(nats::Subject::new(channel)?),
+        _ => None,
+    };
+    let speaks_nats = subject.is_some();
+    let mut first_error = None;
+    for (_, client) in open {
+        let Client {
+            mut ws,
+            nats: mut reader,
+        } = client;
+        let subscribed = match (&target.peer, &subject) {
+            (Peer::Plain, _) => Ok(()),
+            (_, Some(subject)) => nats::subscribe(&mut ws, &mut reader, subject, 1).await,
+            _ => wsgate_subscribe(&mut ws, subscribe.clone()).await,
+        };
+        if let Err(e) = subscribed {
+            errors.fetch_add(1, Ordering::Relaxed);
+            first_error.get_or_insert(e);
+            continue;
         }
-        let (acks, measuring, delivered) = (
-            Arc::clone(&acks),
-            Arc::clone(&measuring),
-            Arc::clone(&delivered),
-        );
-        let plain = target.plain;
-        let stop = stop.clone();
+        let mut receipts = Receipts {
+            acks: Arc::clone(&acks),
+            measuring: Arc::clone(&measuring),
+            delivered: Arc::clone(&delivered),
+            hist: histogram(),
+        };
+        let plain = matches!(target.peer, Peer::Plain);
+        let (stop, errors) = (stop.clone(), Arc::clone(&errors));
         tasks.spawn(async move {
-            let mut hist = histogram();
-            loop {
-                let msg = tokio::select! {
-                    () = stop.cancelled() => break,
-                    msg = ws.next() => msg,
-                };
-                let Some(Ok(Message::Text(text))) = msg else {
-                    if msg.is_none() || matches!(msg, Some(Err(_))) {
-                        break;
-                    }
-                    continue;
-                };
-                if !plain && !text.starts_with(r#"{"op":"message""#) {
-                    continue;
-                }
-                let (Some(t), Some(k)) = (field_u64(&text, r#""t":"#), field_u64(&text, r#""k":"#))
-                else {
-                    continue;
-                };
-                if acks.slot(k).fetch_add(1, Ordering::AcqRel) + 1 == acks.subscribers {
-                    acks.done.notify_one();
-                }
-                if measuring.load(Ordering::Relaxed) {
-                    delivered.fetch_add(1, Ordering::Relaxed);
-                    let _ = hist.record(micros_now().saturating_sub(t).max(1));
-                }
+            if speaks_nats {
+                receive_nats(ws, reader, &mut receipts, &stop, &errors).await;
+            } else {
+                receive_frames(ws, plain, &mut receipts, &stop).await;
             }
-            hist
+            receipts.hist
         });
+    }
+    if let Some(e) = first_error {
+        eprintln!("{what}: first subscribe failure: {e}");
     }
     Ok(Receivers {
         count,
@@ -758,6 +852,115 @@ async fn start_receivers(
         stop,
         tasks,
     })
+}
+
+/// Subscribes a wsgate client and waits for its `ok`.
+async fn wsgate_subscribe(ws: &mut Ws, frame: Message) -> Result<(), BenchError> {
+    ws.send(frame)
+        .await
+        .map_err(|e| BenchError::Connect(format!("subscribe: {e}")))?;
+    match ws.next().await {
+        Some(Ok(Message::Text(t))) if t.starts_with(r#"{"op":"ok""#) => Ok(()),
+        other => Err(BenchError::Connect(format!("subscribe: no ok: {other:?}"))),
+    }
+}
+
+/// What one subscriber counts and measures of its deliveries.
+struct Receipts {
+    acks: Arc<Acks>,
+    measuring: Arc<AtomicBool>,
+    delivered: Arc<AtomicU64>,
+    hist: Histogram<u64>,
+}
+
+impl Receipts {
+    /// One delivery of the publisher's `{"t":…,"k":…}` (alone or inside
+    /// wsgate's envelope).
+    fn take(&mut self, data: &str) {
+        let (Some(t), Some(k)) = (field_u64(data, r#""t":"#), field_u64(data, r#""k":"#)) else {
+            return;
+        };
+        if self.acks.slot(k).fetch_add(1, Ordering::AcqRel) + 1 == self.acks.subscribers {
+            self.acks.done.notify_one();
+        }
+        if self.measuring.load(Ordering::Relaxed) {
+            self.delivered.fetch_add(1, Ordering::Relaxed);
+            let _ = self.hist.record(micros_now().saturating_sub(t).max(1));
+        }
+    }
+}
+
+/// Reads wsgate's `message` frames (or, `plain`, every text message)
+/// until `stop` or the connection ends.
+async fn receive_frames(
+    mut ws: Ws,
+    plain: bool,
+    receipts: &mut Receipts,
+    stop: &CancellationToken,
+) {
+    loop {
+        let msg = tokio::select! {
+            () = stop.cancelled() => return,
+            msg = ws.next() => msg,
+        };
+        match msg {
+            Some(Ok(Message::Text(text))) => {
+                if plain || text.starts_with(r#"{"op":"message""#) {
+                    receipts.take(&text);
+                }
+            }
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => return,
+        }
+    }
+}
+
+/// Reads NATS `MSG`s until `stop` or the connection ends, answering the
+/// server's `PING`s; a `-ERR` or a protocol error counts in `errors`.
+async fn receive_nats(
+    mut ws: Ws,
+    mut reader: nats::Reader,
+    receipts: &mut Receipts,
+    stop: &CancellationToken,
+    errors: &AtomicU64,
+) {
+    loop {
+        let msg = tokio::select! {
+            () = stop.cancelled() => return,
+            msg = ws.next() => msg,
+        };
+        let data = match msg {
+            Some(Ok(msg)) => match nats::bytes_of(msg) {
+                Some(data) => data,
+                None => continue,
+            },
+            Some(Err(_)) | None => return,
+        };
+        let (mut pings, mut refusals) = (0, 0);
+        let fed = reader.feed(&data, |op| {
+            match op {
+                nats::Op::Msg { payload, .. } => {
+                    if let Ok(text) = std::str::from_utf8(payload) {
+                        receipts.take(text);
+                    }
+                }
+                nats::Op::Ping => pings += 1,
+                nats::Op::Err(_) => refusals += 1,
+                _ => {}
+            }
+            ControlFlow::Continue(())
+        });
+        if refusals > 0 {
+            errors.fetch_add(refusals, Ordering::Relaxed);
+        }
+        if fed.is_err() {
+            errors.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if pings > 0 && nats::pong(&mut ws, pings).await.is_err() {
+            return;
+        }
+    }
 }
 
 /// The result of `bench connect`.
@@ -795,11 +998,11 @@ pub async fn connect(
         set.spawn(async move {
             let _permit = permit;
             let t0 = Instant::now();
-            let ws = target.connect(i).await;
+            let client = target.open(i).await;
             let took = t0.elapsed();
-            match ws {
-                Ok(mut ws) => {
-                    let _ = ws.close(None).await;
+            match client {
+                Ok(mut client) => {
+                    let _ = client.ws.close(None).await;
                     Ok(took)
                 }
                 Err(e) => Err(e.to_string()),
