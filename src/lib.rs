@@ -29,13 +29,14 @@
 //! 6. **Session** — `session::run`: one task, one `select!` loop over
 //!    inbound frames (`protocol::decode`, then `session::ops`), the
 //!    outbox, the heartbeat tick, the token's expiry, policy reloads and
-//!    shutdown; it is the only writer to its socket and ends with exactly
-//!    one `session::CloseReason`.
+//!    shutdown; it ends with exactly one `session::CloseReason`. Its socket
+//!    and outbox are a `line::Line`, which a delivering task may write to
+//!    directly while nothing waits there.
 //! 7. **Core** — `gateway::Gateway` checks each `subscribe` and `publish`
 //!    against the caller's [`policy`] set and limits, and owns the
 //!    [`channel::ChannelName`] → subscribers table (`hub::Hub`, which
-//!    encodes a publication once and `try_send`s the bytes to bounded
-//!    outboxes) and the broker (`broker`, in process or Redis), which it
+//!    encodes a publication once and pushes the bytes to each subscriber's
+//!    line: its socket when idle, else its bounded outbox) and the broker (`broker`, in process or Redis), which it
 //!    asks to subscribe or release a channel when the hub reports the
 //!    first local subscriber or the last one gone.
 //! 8. **Heartbeats** — a WebSocket ping every `websocket.heartbeat_ms`
@@ -66,6 +67,7 @@ mod gateway;
 mod history;
 mod hub;
 pub mod identity;
+mod line;
 mod loggate;
 mod metrics;
 pub mod policy;

@@ -1,7 +1,9 @@
 //! Local fan-out: channel → subscribers, sharded by channel so publishers
 //! on different channels never contend. A publication is encoded once and
-//! the same bytes are `try_send`-ed to every subscriber's bounded outbox;
-//! the hub never awaits and holds a shard lock only for the push loop.
+//! the same bytes are pushed to every subscriber's [`Line`]: written
+//! straight to its socket when nothing waits there, else queued in its
+//! bounded outbox. The hub never awaits and holds a shard lock only for
+//! the push loop, which also keeps each channel's order on every socket.
 //! A subscriber whose outbox is full is cut off (its `slow` token fires,
 //! and its session closes with 4008); nobody else notices.
 //!
@@ -25,16 +27,16 @@
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 
 use crate::channel::ChannelName;
 use crate::history::{CHANNEL_OVERHEAD_BYTES, HistoryRules, Position, Read, Ring, Unrecovered};
+use crate::line::{Line, Pushed};
 use crate::metrics::Metrics;
 use crate::protocol::{ErrorCode, MessageTemplate, PositionOk, ServerFrame};
 
@@ -48,83 +50,35 @@ const SHARDS: usize = 32;
 pub struct Subscriber {
     /// Process-unique session number.
     pub session: u64,
-    pub outbox: mpsc::Sender<Utf8Bytes>,
+    /// The session's socket and queue, bounded in frames and in bytes
+    /// (`websocket.outbox_frames`, `websocket.outbox_bytes`).
+    pub line: Arc<Line>,
     /// Cancelled when the outbox was found full.
     pub slow: CancellationToken,
-    /// The outbox's bound in bytes, and the bytes in it now (the session
-    /// that drains it takes away what it takes out).
-    pub bytes: Arc<OutboxBytes>,
-}
-
-/// What an outbox holds in bytes, against its bound
-/// (`websocket.outbox_bytes`): frames alone would let a slow reader of
-/// large messages pin `outbox_frames` × `max_message_bytes`.
-#[derive(Debug)]
-pub struct OutboxBytes {
-    queued: AtomicUsize,
-    pub max: usize,
-}
-
-impl OutboxBytes {
-    pub fn new(max: usize) -> Self {
-        Self {
-            queued: AtomicUsize::new(0),
-            max,
-        }
-    }
-
-    /// Counts `n` bytes in, unless that would pass the bound.
-    fn add(&self, n: usize) -> bool {
-        let before = self.queued.fetch_add(n, Ordering::Relaxed);
-        if before.saturating_add(n) > self.max {
-            self.queued.fetch_sub(n, Ordering::Relaxed);
-            return false;
-        }
-        true
-    }
-
-    /// Counts `n` bytes out (drained by the session).
-    pub fn taken(&self, n: usize) {
-        self.queued.fetch_sub(n, Ordering::Relaxed);
-    }
-
-    pub fn queued(&self) -> usize {
-        self.queued.load(Ordering::Relaxed)
-    }
 }
 
 impl Subscriber {
-    /// Queues one frame if the outbox has room for it, in frames and in
-    /// bytes.
-    fn try_queue(&self, frame: Utf8Bytes) -> Result<(), TrySendError<Utf8Bytes>> {
-        let n = frame.len();
-        if !self.bytes.add(n) {
-            return Err(TrySendError::Full(frame));
-        }
-        self.outbox
-            .try_send(frame)
-            .inspect_err(|_| self.bytes.taken(n))
+    /// Delivers one frame; a full outbox (frames or bytes) cuts the
+    /// subscriber off (its `slow` token fires). Returns whether the frame
+    /// was delivered.
+    pub fn send(&self, frame: Utf8Bytes) -> bool {
+        matches!(self.deliver(&frame, true), Pushed::Written | Pushed::Queued)
     }
 
-    /// Queues one frame; a full outbox (frames or bytes) cuts the
-    /// subscriber off (its `slow` token fires). Returns whether the frame
-    /// was queued.
-    pub fn send(&self, frame: Utf8Bytes) -> bool {
-        match self.try_queue(frame) {
-            Ok(()) => true,
-            Err(TrySendError::Full(_)) => {
-                self.slow.cancel();
-                false
-            }
-            Err(TrySendError::Closed(_)) => false,
+    /// Delivers one frame (straight to the socket only if `direct` and
+    /// nothing waits there), firing `slow` when the outbox is full.
+    fn deliver(&self, frame: &Utf8Bytes, direct: bool) -> Pushed {
+        let pushed = self.line.push(frame, direct);
+        if pushed == Pushed::Full {
+            self.slow.cancel();
         }
+        pushed
     }
 
     /// Whether `frames` fit in this outbox at once beside a reply: what a
     /// resume may replay without cutting its own client off.
     fn fits<'a>(&self, frames: impl IntoIterator<Item = &'a Utf8Bytes>) -> bool {
-        let total: usize = frames.into_iter().map(|f| f.len()).sum();
-        total.saturating_add(self.bytes.queued()) <= self.bytes.max / 2
+        self.line.fits(frames.into_iter().map(|f| f.len()).sum())
     }
 }
 
@@ -147,6 +101,9 @@ struct Channel {
     /// what it was read from (`since`), shared by the subscribers that
     /// ask the same while nothing newer has been delivered here.
     read: Option<Box<(Option<Position>, Arc<Read>)>>,
+    /// Until when a publication is queued to the subscribers' outboxes
+    /// rather than written to their sockets: see [`push`].
+    busy_until: Option<Instant>,
 }
 
 /// A subscriber that has joined but is not delivered to yet.
@@ -756,28 +713,38 @@ impl Hub {
 /// `slow` token fires); a closed one belongs to a session that is ending.
 /// Either way it is delivered to no more and moves to `cut`, where it is
 /// counted until its session leaves.
+///
+/// A channel published to at a leisurely pace is written straight to each
+/// subscriber's socket by the publishing task: one TLS record and one
+/// write each, no session woken. Written that way, a burst would cost a
+/// record and a write per message per subscriber, so a publication that
+/// comes while the channel is busy (sooner after the last direct fan-out
+/// ended than that fan-out took) is queued instead, and each session
+/// writes what queued up meanwhile as one record and one write.
 fn push(entry: &mut Channel, notice: Option<&Utf8Bytes>, frame: &Utf8Bytes, out: &mut Published) {
+    let start = Instant::now();
+    let direct = entry.busy_until.is_none_or(|until| start >= until);
     let cut = &mut entry.cut;
     entry.subscribers.retain(|s| {
-        let sent = match notice {
-            Some(n) => s.try_queue(n.clone()),
-            None => Ok(()),
-        }
-        .and_then(|()| s.try_queue(frame.clone()));
-        match sent {
-            Ok(()) => {
+        let pushed = match notice.map(|n| s.deliver(n, direct)) {
+            None | Some(Pushed::Written | Pushed::Queued) => s.deliver(frame, direct),
+            Some(failed) => failed,
+        };
+        match pushed {
+            Pushed::Written | Pushed::Queued => {
                 out.delivered += 1;
                 return true;
             }
-            Err(TrySendError::Full(_)) => {
-                s.slow.cancel();
-                out.slow += 1;
-            }
-            Err(TrySendError::Closed(_)) => {}
+            Pushed::Full => out.slow += 1,
+            Pushed::Closed => {}
         }
         cut.push(s.session);
         false
     });
+    if direct {
+        let end = Instant::now();
+        entry.busy_until = Some(end + (end - start));
+    }
 }
 
 /// Keeps `frame` for every pending subscriber that waits for its
@@ -791,7 +758,7 @@ fn buffer(entry: &mut Channel, epoch: &str, seq: u64, frame: &Utf8Bytes) {
         };
         // Bounded as its outbox is, in frames and in bytes.
         let bytes = p.buffered + frame.len();
-        if buffer.len() >= p.subscriber.outbox.max_capacity() || bytes > p.subscriber.bytes.max {
+        if buffer.len() >= p.subscriber.line.max_frames() || bytes > p.subscriber.line.max_bytes() {
             p.subscriber.slow.cancel();
             cut.push(p.subscriber.session);
             return false;

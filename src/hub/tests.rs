@@ -8,16 +8,25 @@ fn hub() -> Hub {
     Hub::new(HistoryRules::default(), Arc::new(Metrics::default()))
 }
 
-fn sub(session: u64, depth: usize) -> (Subscriber, mpsc::Receiver<Utf8Bytes>) {
-    let (tx, rx) = mpsc::channel(depth);
+/// What a subscriber was delivered, read back from its (detached) line.
+pub(crate) struct Rx(Arc<Line>);
+
+impl Rx {
+    pub(crate) fn try_recv(&mut self) -> Result<Utf8Bytes, ()> {
+        self.0.try_pop().ok_or(())
+    }
+}
+
+/// A subscriber whose outbox holds `depth` frames, and its reading end.
+pub(crate) fn sub(session: u64, depth: usize) -> (Subscriber, Rx) {
+    let line = Line::detached(depth, usize::MAX);
     (
         Subscriber {
             session,
-            outbox: tx,
+            line: Arc::clone(&line),
             slow: CancellationToken::new(),
-            bytes: Arc::new(OutboxBytes::new(usize::MAX)),
         },
-        rx,
+        Rx(line),
     )
 }
 
@@ -313,4 +322,30 @@ fn one_waiting_for_its_floor_hears_of_a_gap_from_its_own_position() {
         (&"message".into(), &1.into())
     );
     assert_eq!(frames.len(), 3);
+}
+
+#[tokio::test]
+async fn a_leisurely_channel_is_written_directly_and_a_busy_one_queues() {
+    let hub = hub();
+    let ch = ChannelName::parse("chat:a").unwrap();
+    let (server, client) = tokio::io::duplex(1 << 16);
+    let line = Line::new(Box::new(server), 64, 1 << 20);
+    // As the session does once its welcome is out.
+    line.written();
+    let s = Subscriber {
+        session: 1,
+        line: Arc::clone(&line),
+        slow: CancellationToken::new(),
+    };
+    hub.join(&ch, s, false);
+    hub.activate(&ch, 1, None, None);
+    assert_eq!(hub.publish(&ch, &msg(&ch, 1)).delivered, 1);
+    assert_eq!(line.queued_bytes(), 0, "written straight to the socket");
+    // Busy: published again before the last direct fan-out's own length
+    // has passed since it ended.
+    hub.shard(&ch).get_mut(&ch).unwrap().busy_until =
+        Some(Instant::now() + std::time::Duration::from_secs(3600));
+    assert_eq!(hub.publish(&ch, &msg(&ch, 2)).delivered, 1);
+    assert!(line.queued_bytes() > 0, "queued for the session to batch");
+    drop(client);
 }

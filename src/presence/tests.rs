@@ -3,7 +3,7 @@
 //! replica whose joins and leaves Redis decides.
 
 use super::*;
-use tokio::sync::mpsc;
+use crate::line::Line;
 use tokio_util::sync::CancellationToken;
 
 fn rules(max_listed: usize, grace_ms: u64) -> PresenceRules {
@@ -16,23 +16,25 @@ fn rules(max_listed: usize, grace_ms: u64) -> PresenceRules {
     .unwrap()
 }
 
-fn watcher(session: u64) -> (Subscriber, mpsc::Receiver<Utf8Bytes>) {
-    let (tx, rx) = mpsc::channel(64);
-    let sub = Subscriber {
+/// A subscriber whose outbox holds `depth` frames.
+fn subscriber(session: u64, depth: usize) -> Subscriber {
+    Subscriber {
         session,
-        outbox: tx,
+        line: Line::detached(depth, usize::MAX),
         slow: CancellationToken::new(),
-        bytes: Arc::new(crate::hub::OutboxBytes::new(usize::MAX)),
-    };
-    (sub, rx)
+    }
 }
 
-fn frames(rx: &mut mpsc::Receiver<Utf8Bytes>) -> Vec<String> {
-    let mut out = Vec::new();
-    while let Ok(f) = rx.try_recv() {
-        out.push(f.as_str().to_owned());
-    }
-    out
+fn watcher(session: u64) -> (Subscriber, Arc<Line>) {
+    let sub = subscriber(session, 64);
+    let line = Arc::clone(&sub.line);
+    (sub, line)
+}
+
+fn frames(line: &mut Arc<Line>) -> Vec<String> {
+    std::iter::from_fn(|| line.try_pop())
+        .map(|f| f.as_str().to_owned())
+        .collect()
 }
 
 fn ch(name: &str) -> ChannelName {
@@ -160,13 +162,7 @@ fn a_replica_reports_changes_and_sends_only_what_redis_announces() {
 fn a_full_watcher_is_cut_off_and_dropped() {
     let p = Presence::new(rules(100, 0), true, Arc::new(Metrics::default()));
     let lobby = ch("chat:lobby");
-    let (tx, _rx) = mpsc::channel(1);
-    let slow = Subscriber {
-        session: 1,
-        outbox: tx,
-        slow: CancellationToken::new(),
-        bytes: Arc::new(crate::hub::OutboxBytes::new(usize::MAX)),
-    };
+    let slow = subscriber(1, 1);
     p.watch(&lobby, &slow);
     p.enter(&lobby, "a");
     p.enter(&lobby, "b");

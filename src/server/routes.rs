@@ -10,8 +10,6 @@ use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::protocol::Role;
 use tracing::{Instrument, debug, info, info_span};
 
 use super::{Shared, web};
@@ -103,7 +101,6 @@ async fn upgrade_ws(
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
     let span = info_span!("session", session = %ctx.id, user = %ctx.identity.user, %client);
-    let limits = session::ws_limits(&gateway.config);
     let stop = shared.shutdown.child_token();
     let hurry = shared.hurry.child_token();
     let gateway = Arc::clone(gateway);
@@ -120,8 +117,7 @@ async fn upgrade_ws(
             };
             debug!("session open");
             let io = session::Timed::new(TokioIo::new(upgraded), progress);
-            let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(limits)).await;
-            session::run(ws, &gateway, ctx, stop, hurry).await;
+            session::run(io, &gateway, ctx, stop, hurry).await;
         }
         .instrument(span),
     );

@@ -1,7 +1,9 @@
 //! One task per upgraded connection: a single `select!` loop over inbound
 //! frames, the outbox, the heartbeat, the token's expiry, policy changes,
-//! being cut off as a slow reader, and shutdown. The session is the only
-//! writer to its socket, and every session ends with exactly one
+//! being cut off as a slow reader, and shutdown. The session reads its
+//! socket and writes its own frames and what waits in its outbox; messages
+//! it is delivered while nothing waits go straight to the socket from the
+//! delivering task ([`crate::line`]). Every session ends with exactly one
 //! [`CloseReason`], which decides the close code and the log line.
 
 mod close;
@@ -13,9 +15,10 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior, sleep_until, timeout};
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
@@ -24,8 +27,9 @@ use crate::auth::mint::unix_now;
 use crate::config::Config;
 use crate::gateway::slots::Mailbox;
 use crate::gateway::{Control, Gateway, Subscriptions};
-use crate::hub::{OutboxBytes, Subscriber};
+use crate::hub::Subscriber;
 use crate::identity::Identity;
+use crate::line::{Io, Line, Socket};
 use crate::policy::PolicySet;
 use crate::protocol::ServerFrame;
 use crate::rate::{Bucket, Rate};
@@ -78,12 +82,11 @@ struct Session<'a> {
     ctx: SessionContext,
     policy: Arc<PolicySet>,
     subscriptions: Subscriptions,
-    /// Created with the outbox on the first reply or subscription, so an
-    /// idle connection carries neither.
+    /// The socket and the outbox, shared with whoever delivers to it.
+    line: Arc<Line>,
+    /// This session as the hub knows it, made on the first reply or
+    /// subscription.
     subscriber: Option<Subscriber>,
-    /// The outbox receiver just created, with its byte count, for the
-    /// loop to take over.
-    new_outbox: Option<(mpsc::Receiver<Utf8Bytes>, Arc<OutboxBytes>)>,
     /// Fired by the hub when this session's outbox is full.
     slow: CancellationToken,
     /// The publish rate limit and this session's bucket.
@@ -98,17 +101,23 @@ struct Session<'a> {
     new_expiry: Option<Instant>,
 }
 
-/// Runs the session to its end and returns why it ended.
+/// Runs the session over the upgraded `io` to its end and returns why it
+/// ended.
 pub async fn run<S>(
-    mut ws: WebSocketStream<S>,
+    io: S,
     gateway: &Gateway,
     mut ctx: SessionContext,
     shutdown: CancellationToken,
     hurry: CancellationToken,
 ) -> CloseReason
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: Io + 'static,
 {
+    let ws_cfg = &gateway.config.websocket;
+    let line = Line::new(Box::new(io), ws_cfg.outbox_frames, ws_cfg.outbox_bytes);
+    let socket = Socket(Arc::clone(&line));
+    let limits = ws_limits(&gateway.config);
+    let mut ws = WebSocketStream::from_raw_socket(socket, Role::Server, Some(limits)).await;
     // Polled beside the socket in the loop, so not kept in `Session`
     // (taken, not swapped for a placeholder channel: that was 0.9 KiB a
     // session).
@@ -128,8 +137,8 @@ where
         gateway,
         policy: gateway.policies.current(),
         subscriptions: Subscriptions::default(),
+        line,
         subscriber: None,
-        new_outbox: None,
         slow: CancellationToken::new(),
         rate,
         bucket: Bucket::full(rate, Instant::now().into_std()),
@@ -150,7 +159,7 @@ where
     let slow = session.slow.clone();
     let metrics = &gateway.metrics;
     metrics.sessions_open.fetch_add(1, Ordering::Relaxed);
-    let reason = match send_all(&mut ws, first, write_timeout, &slow).await {
+    let reason = match send_own(&mut ws, &session.line, first, write_timeout, &slow).await {
         Err(reason) => reason,
         Ok(()) => {
             session
@@ -158,6 +167,8 @@ where
                 .await
         }
     };
+    // Before the close frame, which nothing may follow.
+    session.line.close();
     gateway.unsubscribe_all(&mut session.subscriptions, session.ctx.number);
     close(&mut ws, reason, write_timeout, metrics).await;
     metrics.sessions_open.fetch_sub(1, Ordering::Relaxed);
@@ -178,32 +189,14 @@ where
     reason
 }
 
-/// The next batch from the outbox; pending until the outbox exists.
-async fn recv_batch(
-    outbox: Option<&mut mpsc::Receiver<Utf8Bytes>>,
-    batch: &mut Vec<Utf8Bytes>,
-) -> usize {
-    let Some(rx) = outbox else {
-        return std::future::pending().await;
-    };
-    let Some(first) = rx.recv().await else {
-        return 0;
-    };
+/// The next frames the session must write from its line (none when only
+/// a direct write's rest is owed); `Err` when the socket failed under a
+/// direct write.
+async fn next_batch(line: &Line, batch: &mut Vec<Utf8Bytes>) -> Result<(), ()> {
     // Up to WRITE_BATCH frames, but no more bytes than a write buffer's
     // worth past the first: frames taken out of the outbox no longer count
     // against its byte bound, so a batch of large ones must stay small.
-    let mut bytes = first.len();
-    batch.push(first);
-    while batch.len() < WRITE_BATCH && bytes < WRITE_BUFFER {
-        match rx.try_recv() {
-            Ok(frame) => {
-                bytes += frame.len();
-                batch.push(frame);
-            }
-            Err(_) => break,
-        }
-    }
-    batch.len()
+    std::future::poll_fn(|cx| line.poll_take(cx, batch, WRITE_BATCH, WRITE_BUFFER)).await
 }
 
 /// The next request of the core; pending for ever without a channel.
@@ -224,17 +217,14 @@ async fn policy_change(mut changes: watch::Receiver<u64>) -> watch::Receiver<u64
 }
 
 impl Session<'_> {
-    async fn event_loop<S>(
+    async fn event_loop(
         &mut self,
-        ws: &mut WebSocketStream<S>,
+        ws: &mut WebSocketStream<Socket>,
         policy_changes: watch::Receiver<u64>,
         control: Option<Arc<Mailbox>>,
         shutdown: &CancellationToken,
         hurry: &CancellationToken,
-    ) -> CloseReason
-    where
-        S: AsyncRead + AsyncWrite + Unpin,
-    {
+    ) -> CloseReason {
         let cfg = &self.gateway.config;
         let write_timeout = Duration::from_millis(cfg.websocket.write_timeout_ms);
         let heartbeat = Duration::from_millis(cfg.websocket.heartbeat_ms);
@@ -243,8 +233,7 @@ impl Session<'_> {
         let mut tick = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let slow = self.slow.clone();
-        let mut outbox: Option<mpsc::Receiver<Utf8Bytes>> = None;
-        let mut outbox_bytes: Option<Arc<OutboxBytes>> = None;
+        let line = Arc::clone(&self.line);
         // These live across iterations: re-creating them per frame would
         // register and unregister a waiter each time, and the policy one is
         // shared by every session.
@@ -268,10 +257,6 @@ impl Session<'_> {
         let mut batch = Vec::new();
 
         loop {
-            if let Some((rx, bytes)) = self.new_outbox.take() {
-                outbox = Some(rx);
-                outbox_bytes = Some(bytes);
-            }
             tokio::select! {
                 () = &mut shutdown_signal, if !draining => {
                     draining = true;
@@ -308,7 +293,7 @@ impl Session<'_> {
                 _ = tick.tick() => {
                     self.ping_outstanding = true;
                     let ping = std::iter::once(Message::Ping(Default::default()));
-                    if let Err(reason) = send_all(ws, ping, write_timeout, &slow).await {
+                    if let Err(reason) = send_own(ws, &line, ping, write_timeout, &slow).await {
                         return reason;
                     }
                 }
@@ -317,16 +302,16 @@ impl Session<'_> {
                     self.recheck_subscriptions("the policy no longer allows this subscription");
                     policy_changed = Box::pin(policy_change(changes));
                 }
-                n = recv_batch(outbox.as_mut(), &mut batch) => {
-                    // The sender lives in `self`, so the outbox never closes here.
-                    if n > 0 {
-                        if let Some(bytes) = &outbox_bytes {
-                            bytes.taken(batch.iter().map(|f| f.len()).sum());
-                        }
-                        let frames = batch.drain(..).map(Message::Text);
-                        if let Err(reason) = send_all(ws, frames, write_timeout, &slow).await {
-                            return reason;
-                        }
+                taken = next_batch(&line, &mut batch) => {
+                    if taken.is_err() {
+                        return CloseReason::Io;
+                    }
+                    // With no frames, this flushes what a direct write left.
+                    let frames = batch.drain(..).map(Message::Text);
+                    let sent = send_all(ws, frames, write_timeout, &slow).await;
+                    line.written();
+                    if let Err(reason) = sent {
+                        return reason;
                     }
                 }
                 inbound = ws.next() => {
@@ -395,6 +380,21 @@ impl Session<'_> {
         }
         self.spend(None).map(|_| ())
     }
+}
+
+/// Writes frames of the session's own (not from its outbox) with
+/// [`send_all`], holding direct writes off until they are out.
+async fn send_own(
+    ws: &mut WebSocketStream<Socket>,
+    line: &Line,
+    frames: impl Iterator<Item = Message>,
+    limit: Duration,
+    slow: &CancellationToken,
+) -> Result<(), CloseReason> {
+    line.writing();
+    let sent = send_all(ws, frames, limit, slow).await;
+    line.written();
+    sent
 }
 
 /// Feeds every frame, then flushes once: one TLS write for the batch. A

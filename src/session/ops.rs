@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::value::RawValue;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
@@ -15,7 +14,7 @@ use super::close::CloseReason;
 use super::{Session, expiry_instant};
 use crate::channel::ChannelName;
 use crate::gateway::{Caller, CoreError, SubscribeOptions};
-use crate::hub::{OutboxBytes, Subscriber};
+use crate::hub::Subscriber;
 use crate::protocol::{self, ClientFrame, ErrorCode, PositionOk, PresenceOk, ServerFrame};
 
 /// Consecutive frames that are not JSON objects before closing with 1008.
@@ -34,21 +33,13 @@ impl Session<'_> {
         self.subscriber().send(Utf8Bytes::from(text));
     }
 
-    /// This session as a hub subscriber, creating the outbox on first use.
+    /// This session as a hub subscriber.
     fn subscriber(&mut self) -> &Subscriber {
-        let (new_outbox, slow) = (&mut self.new_outbox, &self.slow);
-        let ws = &self.gateway.config.websocket;
-        let (number, depth, max_bytes) = (self.ctx.number, ws.outbox_frames, ws.outbox_bytes);
-        self.subscriber.get_or_insert_with(|| {
-            let (outbox, rx) = mpsc::channel(depth);
-            let bytes = Arc::new(OutboxBytes::new(max_bytes));
-            *new_outbox = Some((rx, Arc::clone(&bytes)));
-            Subscriber {
-                session: number,
-                outbox,
-                slow: slow.clone(),
-                bytes,
-            }
+        let (line, slow, number) = (&self.line, &self.slow, self.ctx.number);
+        self.subscriber.get_or_insert_with(|| Subscriber {
+            session: number,
+            line: Arc::clone(line),
+            slow: slow.clone(),
         })
     }
 

@@ -18,7 +18,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_util::sync::CancellationToken;
 
-use super::{CloseReason, SessionContext, drain_turn, run, ws_limits};
+use super::{CloseReason, SessionContext, drain_turn, run};
 use crate::auth::Verifier;
 use crate::auth::mint::unix_now;
 use crate::channel::ChannelName;
@@ -97,8 +97,6 @@ impl Running {
     /// Starts session `number` for `identity` and reads its welcome.
     async fn start(gateway: &Arc<Gateway>, number: u64, identity: Identity) -> Self {
         let (server_io, client_io) = tokio::io::duplex(64 * 1024);
-        let limits = ws_limits(&gateway.config);
-        let server = WebSocketStream::from_raw_socket(server_io, Role::Server, Some(limits)).await;
         let mut client = WebSocketStream::from_raw_socket(client_io, Role::Client, None).await;
         // Nothing sends control messages in these tests.
         let control = Arc::new(crate::gateway::slots::Mailbox::default());
@@ -114,7 +112,7 @@ impl Running {
         let started = Instant::now();
         let session = tokio::spawn({
             let (gateway, shutdown, hurry) = (Arc::clone(gateway), shutdown.clone(), hurry.clone());
-            async move { run(server, &gateway, ctx, shutdown, hurry).await }
+            async move { run(server_io, &gateway, ctx, shutdown, hurry).await }
         });
         match client.next().await {
             Some(Ok(Message::Text(text))) if text.starts_with(r#"{"op":"welcome""#) => {}
