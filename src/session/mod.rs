@@ -293,7 +293,10 @@ impl Session<'_> {
                 _ = tick.tick() => {
                     self.ping_outstanding = true;
                     let ping = std::iter::once(Message::Ping(Default::default()));
-                    if let Err(reason) = send_own(ws, &line, ping, write_timeout, &slow).await {
+                    // Boxed, as the batch's write below: an idle session's
+                    // task would otherwise be sized by these rare states.
+                    let sent = Box::pin(send_own(ws, &line, ping, write_timeout, &slow)).await;
+                    if let Err(reason) = sent {
                         return reason;
                     }
                 }
@@ -308,7 +311,7 @@ impl Session<'_> {
                     }
                     // With no frames, this flushes what a direct write left.
                     let frames = batch.drain(..).map(Message::Text);
-                    let sent = send_all(ws, frames, write_timeout, &slow).await;
+                    let sent = Box::pin(send_all(ws, frames, write_timeout, &slow)).await;
                     line.written();
                     if let Err(reason) = sent {
                         return reason;
