@@ -23,10 +23,12 @@
 #   BENCH_SOAK=0  (seconds: hold wsgate's 10,000 idle connections that long
 #                  instead of BENCH_HOLD, e.g. 600 for the 10-minute
 #                  heartbeat soak, which then adds 9 minutes to the run)
-#   BENCH_ONLY="floor idle idle-big fanout-w100 fanout-w1 connect resume api-c1 api-c16 api-rate cluster-w100 cluster-w1 cluster-resume presence cluster-presence"
+#   BENCH_ONLY="floor idle idle-big idle-sub idle-big-sub fanout-w100 fanout-w1 connect resume api-c1 api-c16 api-rate cluster-w100 cluster-w1 cluster-resume presence cluster-presence"
 #              (a subset; floor: `wsgate bench floor`, the kernel's
 #              own cost of writing to BENCH_SUBSCRIBERS connections in
-#              turn, plain and TLS, no server; presence: BENCH_IDLE_N connections subscribed
+#              turn, plain and TLS, no server; idle-sub, idle-big-sub:
+#              the idle runs with every connection subscribed to one
+#              channel (the Node peer's are by nature); presence: BENCH_IDLE_N connections subscribed
 #              to one channel without presence, then with it (its
 #              members), wsgate only; cluster-presence: the same members
 #              on replica B of two on a private redis-server, held
@@ -73,7 +75,7 @@ SIZE=${BENCH_SIZE:-100}
 DURATION=${BENCH_DURATION:-$d_dur}
 WARMUP=${BENCH_WARMUP:-$d_warm}
 CONNECT_N=${BENCH_CONNECT_N:-$d_conn}
-ONLY=${BENCH_ONLY:-"floor idle idle-big fanout-w100 fanout-w1 connect resume api-c1 api-c16 api-rate cluster-w100 cluster-w1 cluster-resume presence cluster-presence"}
+ONLY=${BENCH_ONLY:-"floor idle idle-big idle-sub idle-big-sub fanout-w100 fanout-w1 connect resume api-c1 api-c16 api-rate cluster-w100 cluster-w1 cluster-resume presence cluster-presence"}
 SERVERS=${BENCH_SERVERS:-"wsgate node nats"}
 WS_PORT=${BENCH_PORT:-9443}
 NODE_PORT=$((WS_PORT + 1))
@@ -358,7 +360,8 @@ run_bench() {
   local mode=$1
   shift
   local args=("$mode" --url "$url" --ca "$(ca_file "$cert")" --secret "$WORK/hmac.secret" "${plain[@]}" "$@")
-  if [[ $mode == idle || $mode == resume ]]; then args+=(--server-pid "$SPID"); fi
+  # The server's RSS (idle, resume) and CPU per delivery (fanout).
+  if [[ $mode == idle || $mode == resume || $mode == fanout ]]; then args+=(--server-pid "$SPID"); fi
   # The server's CPU per handshake (the peer's too: it is its process).
   if [[ $mode == connect ]]; then args+=(--server-pid "$SPID"); fi
   local tag=$scenario-$server-$cert out err samples rc=0
@@ -420,6 +423,18 @@ for server in $SERVERS; do
   if want idle-big; then
     run_bench idle-big "$server" ecdsa idle --connections "$IDLE_BIG_N" --concurrency 200 \
       --hold "$BIG_HOLD" --sources "$IDLE_SOURCES"
+  fi
+done
+# The same connections, each subscribed to one channel (nats: one subject;
+# the Node peer broadcasts to everyone, so its connections are already).
+for server in $SERVERS; do
+  if want idle-sub; then
+    run_bench idle-sub "$server" ecdsa idle --connections "$IDLE_N" --concurrency 200 \
+      --hold "$BIG_HOLD" --sources "$IDLE_SOURCES" --subscribe announce:bench
+  fi
+  if want idle-big-sub; then
+    run_bench idle-big-sub "$server" ecdsa idle --connections "$IDLE_BIG_N" --concurrency 200 \
+      --hold "$BIG_HOLD" --sources "$IDLE_SOURCES" --subscribe announce:bench
   fi
 done
 for window in 100 1; do

@@ -92,6 +92,10 @@ pub enum BenchCommand {
         /// a cluster, trusting the same CA): measures delivery across replicas.
         #[arg(long)]
         publish_url: Option<String>,
+        /// The server's pid: its CPU per delivery over the measured seconds,
+        /// to set beside `bench floor`'s CPU per write.
+        #[arg(long)]
+        server_pid: Option<u32>,
     },
     /// A reconnect storm: N clients subscribed to a history channel drop
     /// at once, `--missed` messages are published, and all N reconnect and
@@ -290,6 +294,7 @@ pub fn run(command: BenchCommand) -> Result<(), BoxError> {
                 warmup,
                 channel,
                 publish_url,
+                server_pid,
             } => {
                 let subscribers_at = target(&t, subscribers).await?;
                 let publisher = match publish_url {
@@ -310,6 +315,7 @@ pub fn run(command: BenchCommand) -> Result<(), BoxError> {
                     Duration::from_secs(duration),
                     Duration::from_secs(warmup),
                     &channel,
+                    server_pid,
                 )
                 .await?;
                 serde_json::to_string(&report)?

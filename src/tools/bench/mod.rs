@@ -240,7 +240,11 @@ impl Target {
             req.headers_mut()
                 .insert(name, value.parse().map_err(|e| err(&e))?);
         }
-        let (mut ws, _) = tokio_tungstenite::client_async(req, tls)
+        // tungstenite zero-fills its whole read buffer before every read:
+        // at the default 128 KiB that was half this generator's CPU.
+        let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .read_buffer_size(4096);
+        let (mut ws, _) = tokio_tungstenite::client_async_with_config(req, tls, Some(config))
             .await
             .map_err(|e| err(&e))?;
         let mut reader = nats::Reader::default();
@@ -462,6 +466,9 @@ pub async fn idle(
                 None
             }
         },
+        // A broadcast server sends every client everything: its
+        // connections are as good as subscribed already.
+        (Some(_), Peer::Plain) => None,
         (Some(channel), _) => Some(Message::text(
             serde_json::json!({"op": "subscribe", "id": 1, "channel": channel, "presence": options.presence})
                 .to_string(),
@@ -577,6 +584,13 @@ pub struct FanoutReport {
     pub deliveries_per_s: f64,
     pub latency_us: Percentiles,
     pub errors: u64,
+    /// With `--server-pid`: the server's CPU (user + system) over the
+    /// measured seconds, per delivery, and as a share of one core.
+    pub server_cpu_us_per_delivery: Option<f64>,
+    pub server_cpu_share: Option<f64>,
+    /// This load generator's CPU share over the measured seconds (near 1.0
+    /// it, not the server, sets the pace).
+    pub client_cpu_share: Option<f64>,
 }
 
 /// Counts receipts per message so the publisher knows what is complete.
@@ -607,6 +621,7 @@ pub async fn fanout(
     duration: Duration,
     warmup: Duration,
     channel: &str,
+    server_pid: Option<u32>,
 ) -> Result<FanoutReport, BenchError> {
     let window = match pace {
         Pace::Window(w) => w.max(1),
@@ -675,6 +690,8 @@ pub async fn fanout(
     let mut published: u64 = 0;
     let mut completed: u64 = 0;
     let mut measured_published: u64 = 0;
+    // The server's and this process's CPU seconds when measuring began.
+    let mut cpu_from: (Option<f64>, Option<f64>) = (None, None);
     let mut last_progress = Instant::now();
     let mut rate_tick = match pace {
         Pace::Rate(r) => Some(tokio::time::interval(Duration::from_secs_f64(
@@ -686,6 +703,7 @@ pub async fn fanout(
         if !measuring.load(Ordering::Relaxed) && Instant::now() >= measure_from {
             measuring.store(true, Ordering::Relaxed);
             measured_published = published;
+            cpu_from = (server_pid.and_then(resume::cpu_s), own_cpu_s());
         }
         match &mut rate_tick {
             Some(tick) => {
@@ -725,6 +743,11 @@ pub async fn fanout(
     }
     let measured_for = end.saturating_duration_since(measure_from);
     measuring.store(false, Ordering::Relaxed);
+    let cpu_to = (server_pid.and_then(resume::cpu_s), own_cpu_s());
+    let delivered_so_far = delivered.load(Ordering::Relaxed);
+    let secs = measured_for.as_secs_f64().max(1e-9);
+    let server_cpu = cpu_from.0.zip(cpu_to.0).map(|(a, b)| b - a);
+    let client_cpu = cpu_from.1.zip(cpu_to.1).map(|(a, b)| b - a);
     // Let in-flight messages land before reading the histograms.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let _ = sink.close().await;
@@ -752,7 +775,17 @@ pub async fn fanout(
         deliveries_per_s: delivered as f64 / measured_for.as_secs_f64().max(1e-9),
         latency_us: Percentiles::of(&total),
         errors: errors.load(Ordering::Relaxed),
+        server_cpu_us_per_delivery: server_cpu
+            .filter(|_| delivered_so_far > 0)
+            .map(|cpu| cpu * 1e6 / delivered_so_far as f64),
+        server_cpu_share: server_cpu.map(|cpu| cpu / secs),
+        client_cpu_share: client_cpu.map(|cpu| cpu / secs),
     })
+}
+
+/// This process's CPU seconds so far (user + system).
+fn own_cpu_s() -> Option<f64> {
+    resume::cpu_s(std::process::id())
 }
 
 /// Subscribers receiving: each records publish-to-receipt latency (the
