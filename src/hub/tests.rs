@@ -325,7 +325,7 @@ fn one_waiting_for_its_floor_hears_of_a_gap_from_its_own_position() {
 }
 
 #[tokio::test]
-async fn a_leisurely_channel_is_written_directly_and_a_busy_one_queues() {
+async fn a_publication_is_written_directly_and_a_burst_queues() {
     let hub = hub();
     let ch = ChannelName::parse("chat:a").unwrap();
     let (server, client) = tokio::io::duplex(1 << 16);
@@ -341,9 +341,8 @@ async fn a_leisurely_channel_is_written_directly_and_a_busy_one_queues() {
     hub.activate(&ch, 1, None, None);
     assert_eq!(hub.publish(&ch, &msg(&ch, 1)).delivered, 1);
     assert_eq!(line.queued_bytes(), 0, "written straight to the socket");
-    // Busy: published again before the last direct fan-out's own length
-    // has passed since it ended.
-    hub.shard(&ch).get_mut(&ch).unwrap().busy_until =
+    // A burst: published again right after the last fan-out ended.
+    hub.shard(&ch).get_mut(&ch).unwrap().last_push =
         Some(Instant::now() + std::time::Duration::from_secs(3600));
     assert_eq!(hub.publish(&ch, &msg(&ch, 2)).delivered, 1);
     assert!(line.queued_bytes() > 0, "queued for the session to batch");

@@ -71,11 +71,16 @@ async fn every_bench_mode_runs_against_a_gateway() {
         Duration::from_millis(800),
         Duration::from_millis(200),
         "chat:bench",
+        Some(std::process::id()),
     )
     .await
     .unwrap();
     assert_eq!((fan.subscribers, fan.errors), (5, 0), "{fan:?}");
     assert!(fan.delivered > 0 && fan.published > 0, "{fan:?}");
+    assert!(
+        fan.server_cpu_us_per_delivery.is_some() && fan.client_cpu_share.is_some(),
+        "{fan:?}"
+    );
     // Deliveries in the measured span may include the window of messages
     // published just before it started.
     assert!(fan.delivered <= (fan.published + 4) * 5, "{fan:?}");

@@ -256,6 +256,7 @@ async fn bench_fanout_measures_delivery_across_replicas() {
         Duration::from_millis(800),
         Duration::from_millis(200),
         "chat:bench",
+        None,
     )
     .await
     .unwrap();
