@@ -17,10 +17,14 @@ Plain Python 3, no packages. Three subcommands, used by bench/run.sh:
   report.py render --results results.jsonl --machine machine.json
                    --md docs/benchmarks.md --svg docs/benchmarks.svg [--quick 0|1]
                    [--notes bench/notes.md]
-      writes the report: the machine, the commands, the three servers'
-      figures, the ratios wsgate/peer for each peer, the targets of the
-      performance issue (against the Node peer), and a bar chart of the
-      ratios; the notes file, when it exists, is
+      writes the report: issue 16's round-2 goals (RSS per idle subscribed
+      connection; fan-out CPU per delivery and p99 against the rustls
+      floor), the machine, the commands, the three servers' figures (idle
+      RSS with and without a subscription, fan-out rate, latency, server
+      CPU per delivery and both processes' CPU share, connects), the
+      ratios wsgate/peer for each peer, the targets of the performance
+      issue (against the Node peer), the kernel floor, and a bar chart of
+      the ratios; the notes file, when it exists, is
       included verbatim (what does not hold, by how much, what the profile
       shows, what was tried).
 """
@@ -49,6 +53,13 @@ NOISE_KIB = 1024
 SOAK_TARGET_S = 600
 # "Several thousand" connects per second with the ECDSA P-256 certificate.
 ECDSA_CONNECTS_TARGET = 3000
+# Round 2 (issue 16): RSS per idle connection holding one subscription
+# (KiB), and wsgate's fan-out at window 1 against the kernel floor with
+# rustls records (`floor-tls`): server CPU per delivery ÷ the floor's CPU
+# per write, delivery p99 ÷ the floor's round p99.
+IDLE_GOAL_KIB = 8.0
+CPU_GOAL = 1.4
+LATENCY_GOAL = 1.5
 
 
 # ---------------------------------------------------------------- machine
@@ -272,15 +283,30 @@ def ratio(a, b):
     return a / b
 
 
+def _shares(client, server):
+    """The load generator's CPU share (the server's), as percent of a core."""
+    if client is None and server is None:
+        return "n/a"
+    return fmt(None if client is None else 100 * client, " %", 0) + (
+        f" ({fmt(100 * server, ' %', 0)})" if server is not None else "")
+
+
 class Row:
     """One figure: the three servers' values, the ratios wsgate/peer, the
     target (against the Node peer)."""
 
     def __init__(self, figure, w, p, unit, nd=None, target=None, goal=None, check=None, better="higher", chart=None,
-                 n=None):
+                 n=None, compare=True, cells=None, optional=False):
         self.figure, self.w, self.p, self.n, self.unit, self.nd = figure, w, p, n, unit, nd
-        self.ratio = ratio(w, p)
-        self.ratio_n = ratio(w, n)
+        # compare=False: a figure that describes the run (the load
+        # generator's CPU share), with no ratio wsgate/peer.
+        self.compare = compare
+        self.ratio = ratio(w, p) if compare else None
+        self.ratio_n = ratio(w, n) if compare else None
+        self.cells = cells  # the three servers' cells as text, instead of fmt(value)
+        # optional: a figure older records do not have; left out when no
+        # server has it.
+        self.optional = optional
         self.target = target  # text
         self.goal = goal  # (what, op, bound): what "ratio" or "wsgate", op "<=" or ">="
         self.check = check  # callable(row) -> True/False/None, when there is no goal
@@ -347,7 +373,7 @@ def build_rows(runs):
     for scen, n_label in (("idle", "10,000"), ("idle-big", "18,000")):
         w, p, n = trio(scen, "rss_per_conn_kib")
         count = any_of(scen, "connections")
-        label = f"RSS per idle wss connection at {fmt(count, nd=0) if count else n_label} connections"
+        label = f"RSS per idle wss connection at {fmt(count, nd=0) if count else n_label} connections, no subscription"
         rows.append(
             Row(
                 label,
@@ -362,6 +388,27 @@ def build_rows(runs):
                 n=n,
             )
         )
+    # idle memory, each connection subscribed to one channel (the Node
+    # peer's are by nature: it broadcasts to every client)
+    for scen, n_label in (("idle-sub", "10,000"), ("idle-big-sub", "18,000")):
+        w, p, n = trio(scen, "rss_per_conn_kib")
+        count = any_of(scen, "connections")
+        rows.append(
+            Row(
+                f"RSS per idle wss connection at {fmt(count, nd=0) if count else n_label} connections, "
+                "each subscribed to one channel",
+                w,
+                p,
+                " KiB",
+                1,
+                target=f"wsgate ≤ {IDLE_GOAL_KIB:g} KiB (round 2)",
+                goal=("wsgate", "<=", IDLE_GOAL_KIB),
+                better="lower",
+                n=n,
+                optional=True,
+            )
+        )
+    tls_floor_cpu = res(get(runs, "floor-tls", "kernel"), "cpu_us_per_write")
     # fan-out
     for scen, win in (("fanout-w100", "100"), ("fanout-w1", "1")):
         w, p, n = trio(scen, "deliveries_per_s")
@@ -396,6 +443,37 @@ def build_rows(runs):
                     n=n,
                 )
             )
+        w, p, n = trio(scen, "server_cpu_us_per_delivery")
+        is_target = win == "1" and tls_floor_cpu is not None
+        rows.append(
+            Row(
+                f"fan-out window {win}: server CPU per delivery",
+                w,
+                p,
+                " µs",
+                2,
+                target=(f"wsgate ≤ {CPU_GOAL:g}× the rustls floor's {fmt(tls_floor_cpu, ' µs', 2)} per write "
+                        "(round 2)") if is_target else None,
+                goal=("wsgate", "<=", CPU_GOAL * tls_floor_cpu) if is_target else None,
+                better="lower",
+                n=n,
+                optional=True,
+            )
+        )
+        shares = [(res(get(runs, scen, srv), "client_cpu_share"), res(get(runs, scen, srv), "server_cpu_share"))
+                  for srv in (W, P, N)]
+        rows.append(
+            Row(
+                f"fan-out window {win}: the load generator's CPU (the server's), share of one core",
+                shares[0][0],
+                shares[1][0],
+                " %",
+                compare=False,
+                cells=[_shares(c, sv) for c, sv in shares],
+                n=shares[2][0],
+                optional=not any(c is not None or sv is not None for c, sv in shares),
+            )
+        )
     # connects
     w, p, n = trio("connect-rsa", "connects_per_s")
     rows.append(
@@ -430,7 +508,17 @@ def build_rows(runs):
         rows.append(Row(f"connect p99 latency, {label}", w, p, " ms", 1, better="lower", n=n))
     # memory over the hold
     gw, gp, gn = (hold_growth(get(runs, "idle", srv)) for srv in (W, P, N))
-    hold = (gw or gp or gn or (None, None, None))[2]
+    # BENCH_SOAK holds wsgate's idle connections longer than the peers'.
+    holds_s = [g[2] for g in (gw, gp, gn) if g and g[2]]
+    hold_w = gw[2] if gw else None
+    hold_peers = sorted({h for g, h in ((gp, gp and gp[2]), (gn, gn and gn[2])) if g and h})
+    if hold_w and hold_peers and hold_peers != [hold_w]:
+        held = (f"wsgate held {fmt(hold_w, ' s', 0)}, the peers "
+                + " and ".join(fmt(h, " s", 0) for h in hold_peers))
+    elif holds_s:
+        held = f"held {fmt(holds_s[0], ' s', 0)}"
+    else:
+        held = ""
 
     def soak_check(r):
         if gw is None:
@@ -442,7 +530,7 @@ def build_rows(runs):
 
     rows.append(
         Row(
-            f"RSS growth while holding the idle connections {fmt(hold, ' s', 0) if hold else ''} (heartbeats)".replace("  ", " "),
+            "RSS growth while holding the idle connections (heartbeats)" + (f": {held}" if held else ""),
             None if gw is None else gw[0],
             None if gp is None else gp[0],
             " KiB",
@@ -453,7 +541,158 @@ def build_rows(runs):
             n=None if gn is None else gn[0],
         )
     )
-    return rows
+    return [r for r in rows if not (r.optional and r.w is None and r.p is None and r.n is None)]
+
+
+def build_goals(runs):
+    """Issue 16's round-2 goals from this run's records, one dict each:
+    id, figure, scenario, wsgate (text), floor (text), measured (number),
+    measured_text, goal_text, bound, informational, holds (True, False or
+    None when not measured), missing (what the run lacks)."""
+    W = "wsgate"
+    floor = get(runs, "floor-tls", "kernel")
+    floor_cpu = res(floor, "cpu_us_per_write")
+    floor_p99 = res(floor, "round_ms_p99")
+    goals = []
+
+    def idle_goal(gid, scen, n_label, informational):
+        run = get(runs, scen, W)
+        x = res(run, "rss_per_conn_kib")
+        count = res(run, "connections")
+        opened = res(run, "opened")
+        what = "holding one subscription" if scen.endswith("-sub") else "with no subscription"
+        figure = f"RSS per idle connection {what}, {fmt(count, nd=0) if count else n_label} connections"
+        short = "" if opened is None or count is None or opened >= count else \
+            f" ({fmt(opened, nd=0)} of {fmt(count, nd=0)} opened)"
+        goals.append({
+            "id": gid, "figure": figure, "scenario": scen,
+            "wsgate": fmt(x, " KiB", 1) + short if x is not None else "not measured",
+            "floor": "—", "measured": x, "measured_text": fmt(x, " KiB", 1) if x is not None else "not measured",
+            "goal_text": f"≤ {IDLE_GOAL_KIB:g} KiB", "bound": IDLE_GOAL_KIB, "unit": " KiB",
+            "informational": informational,
+            "missing": None if x is not None else f"no `{scen}` record of wsgate",
+        })
+
+    def floor_goal(gid, figure, scen, w_value, w_text, floor_value, floor_text, bound, informational, needs):
+        r = ratio(w_value, floor_value)
+        missing = []
+        if w_value is None:
+            missing.append(needs)
+        if floor_value is None:
+            missing.append("no `floor-tls` record")
+        goals.append({
+            "id": gid, "figure": figure, "scenario": scen,
+            "wsgate": w_text if w_value is not None else "not measured",
+            "floor": floor_text if floor_value is not None else "not measured",
+            "measured": r, "measured_text": fmt(r, "×", 2) if r is not None else "not measured",
+            "goal_text": f"≤ {bound:g}×", "bound": bound, "unit": "×",
+            "informational": informational, "missing": "; ".join(missing) or None,
+        })
+
+    idle_goal("a", "idle-sub", "10,000", False)
+    idle_goal("b", "idle-big-sub", "18,000", False)
+    idle_goal("c1", "idle", "10,000", True)
+    idle_goal("c2", "idle-big", "18,000", True)
+    for gid, win, informational in (("d", 1, False), ("e", 100, True)):
+        run = get(runs, f"fanout-w{win}", W)
+        cpu = res(run, "server_cpu_us_per_delivery")
+        floor_goal(gid, f"server CPU per delivery, window {win}, ÷ the floor's CPU per write",
+                   f"fanout-w{win}", cpu, fmt(cpu, " µs", 2), floor_cpu, fmt(floor_cpu, " µs", 2),
+                   CPU_GOAL, informational,
+                   f"no `fanout-w{win}` record of wsgate" if not run else
+                   f"wsgate's `fanout-w{win}` record has no server CPU: it ran without `--server-pid`")
+    run = get(runs, "fanout-w1", W)
+    p99 = res(run, "latency_us", "p99")
+    p99 = None if p99 is None else p99 / 1000
+    floor_goal("f", "delivery p99, window 1, ÷ the floor's round p99", "fanout-w1",
+               p99, fmt(p99, " ms", 2), floor_p99, fmt(floor_p99, " ms", 2), LATENCY_GOAL, False,
+               "no `fanout-w1` record of wsgate")
+    for g in goals:
+        x = g["measured"]
+        g["holds"] = None if x is None else x <= g["bound"]
+    return goals
+
+
+def _margin(g):
+    """How far the measured figure is from the goal's bound, in words."""
+    x, bound = g["measured"], g["bound"]
+    if x is None:
+        return "—"
+    times = f"{x / bound:.2f}× the goal"
+    if g["unit"] == " KiB":
+        diff = abs(x - bound)
+        return f"{times}: {fmt(diff, ' KiB', 1)} {'over' if x > bound else 'to spare'}"
+    return times
+
+
+def render_goals(add, runs, goals, notes):
+    W = "wsgate"
+    floor = get(runs, "floor-tls", "kernel") or get(runs, "floor-tcp", "kernel")
+    size, conns = res(floor, "size"), res(floor, "connections")
+    each = (f"one {fmt(size, ' B', 0)} record to each of {fmt(conns, nd=0)} loopback connections"
+            if size is not None and conns is not None else "one record to each loopback connection")
+    add("## Round 2 goals (issue 16)")
+    add("")
+    add(
+        "From this run's records. Memory: the server's RSS just after the ramp minus before it, per open "
+        "connection (`idle-sub`, `idle-big-sub`: each connection subscribed to one channel; `idle`, "
+        "`idle-big`: none). CPU and latency are against the kernel floor with rustls records "
+        f"(`floor-tls`: one writer where the servers run, {each} in turn, no WebSocket, JSON or hub; "
+        "see The kernel floor below) and come from wsgate's `fanout-w1` and `fanout-w100` with the "
+        "same subscribers: the server's CPU (user + system) over the measured seconds per delivery, "
+        "and the delivery p99. Informational rows are shown against the same line but are not "
+        "goals of the issue."
+    )
+    add("")
+    table = []
+    for g in goals:
+        holds = "not measured" if g["holds"] is None else verdict(g["holds"])
+        table.append((
+            g["id"],
+            f"{g['figure']} (`{g['scenario']}`)",
+            g["wsgate"],
+            g["floor"],
+            g["measured_text"] if g["unit"] == "×" else "—",
+            g["goal_text"] + (" (informational)" if g["informational"] else ""),
+            _margin(g),
+            holds,
+        ))
+    add(md_table(("", "figure", "wsgate", "rustls floor", "wsgate ÷ floor", "goal", "margin", "holds"), table))
+    add("")
+    where = "bench/notes.md (the Notes below)" if notes and notes.strip() else "bench/notes.md"
+    for g in goals:
+        if g["holds"] is False:
+            add(
+                f"- **{g['id']} does not hold**{' (informational)' if g['informational'] else ''}: "
+                f"{g['figure']} is {g['measured_text']}, {g['measured'] / g['bound']:.2f}× the goal "
+                f"of {g['goal_text']}. "
+                f"The profile that explains the rest is in {where}."
+            )
+    missing = [g for g in goals if g["holds"] is None]
+    if missing:
+        add(
+            "- **Not measured in this run:** "
+            + "; ".join(f"{g['id']} ({g['missing']})" for g in missing)
+            + ". `BENCH_ONLY=\"floor idle idle-big idle-sub idle-big-sub fanout-w100 fanout-w1\" "
+            "BENCH_SERVERS=wsgate bench/run.sh` measures all of them."
+        )
+    if any(g["holds"] is False or g["holds"] is None for g in goals):
+        add("")
+    paces = []
+    for win in (1, 100):
+        run = get(runs, f"fanout-w{win}", W)
+        c, sv = res(run, "client_cpu_share"), res(run, "server_cpu_share")
+        if c is None and sv is None:
+            continue
+        paces.append(
+            f"at window {win} the server used {fmt(None if sv is None else 100 * sv, ' %', 0)} of its core "
+            f"and the load generator {fmt(None if c is None else 100 * c, ' %', 0)} of its own"
+            + (" (the load generator near its full core: it, not the server, may have set the pace)"
+               if c is not None and c >= 0.9 else "")
+        )
+    if paces:
+        add("Over the measured seconds of wsgate's fan-out, " + "; ".join(paces) + ".")
+        add("")
 
 
 def md_table(header, rows):
@@ -470,7 +709,9 @@ def details_table(runs):
         mode = x.get("mode", "")
         if mode == "idle":
             what = (
-                f"{x.get('opened')}/{x.get('connections')} open, {x.get('failed')} failed; "
+                (f"subscribed to `{x.get('channel')}`"
+                 + (" with presence" if x.get("presence") else "") + "; " if x.get("channel") else "")
+                + f"{x.get('opened')}/{x.get('connections')} open, {x.get('failed')} failed; "
                 f"RSS {fmt(x.get('rss_before_kib'), nd=0)} → {fmt(x.get('rss_after_kib'), nd=0)} KiB; "
                 f"held: {', '.join(str(s) for s in x.get('rss_samples_kib') or []) or '—'} KiB"
             )
@@ -481,6 +722,13 @@ def details_table(runs):
                 f"errors {x.get('errors')}; latency µs p50 {lat.get('p50')} p90 {lat.get('p90')} "
                 f"p99 {lat.get('p99')} max {lat.get('max')}"
             )
+            if x.get("server_cpu_us_per_delivery") is not None or x.get("client_cpu_share") is not None:
+                share = (lambda v: fmt(None if v is None else 100 * v, " %", 0))
+                what += (
+                    f"; server CPU {fmt(x.get('server_cpu_us_per_delivery'), ' µs', 2)} per delivery; "
+                    f"measured seconds' CPU: server {share(x.get('server_cpu_share'))}, "
+                    f"load generator {share(x.get('client_cpu_share'))}"
+                )
         elif mode == "resume":
             what = (
                 f"{x.get('recovered')}/{x.get('connections')} recovered, {x.get('failed')} failed, "
@@ -495,6 +743,13 @@ def details_table(runs):
                 f"{x.get('delivered')} in {fmt(x.get('duration_s'), ' s')}, errors {x.get('errors')}; "
                 f"request µs p50 {req.get('p50')} p99 {req.get('p99')}; delivery latency µs "
                 f"p50 {lat.get('p50')} p99 {lat.get('p99')} max {lat.get('max')}"
+            )
+        elif mode == "floor":
+            what = (
+                f"{'rustls records' if x.get('tls') else 'plain TCP'}: {x.get('connections')} connections, "
+                f"{x.get('size')} B, {x.get('writes')} writes in {fmt(x.get('duration_s'), ' s')} "
+                f"({fmt(x.get('writes_per_s'), '/s', 0)}); CPU {fmt(x.get('cpu_us_per_write'), ' µs', 2)} per write; "
+                f"round ms p50 {fmt(x.get('round_ms_p50'), nd=2)} p99 {fmt(x.get('round_ms_p99'), nd=2)}"
             )
         elif mode == "connect":
             lat = x.get("latency_ms") or {}
@@ -519,7 +774,7 @@ def details_table(runs):
     return md_table(("scenario", "server", "cert", "result", "server CPU p90", "bench CPU p90"), out)
 
 
-def render_md(runs, mach, rows, quick, svg_name, notes=None):
+def render_md(runs, mach, rows, quick, svg_name, notes=None, goals=None):
     W = "wsgate"
     lines = []
     add = lines.append
@@ -557,6 +812,7 @@ def render_md(runs, mach, rows, quick, svg_name, notes=None):
             "these figures only show that the pipeline works, not how the servers compare."
         )
         add("")
+    render_goals(add, runs, build_goals(runs) if goals is None else goals, notes)
     add("## Machine")
     add("")
     mem = mach.get("mem_total_kib")
@@ -582,18 +838,27 @@ def render_md(runs, mach, rows, quick, svg_name, notes=None):
     add("## Results against the targets")
     add("")
     add(
-        "Ratios are wsgate ÷ peer. For memory and latency lower is better; "
-        "for deliveries and connects higher is better. The targets are against the Node peer."
+        "Ratios are wsgate ÷ peer. For memory, latency and CPU per delivery lower is better; "
+        "for deliveries and connects higher is better. The targets are against the Node peer, "
+        "except those marked wsgate and round 2. Idle memory is the server's RSS after the ramp "
+        "minus before, per open connection: with no subscription (`idle`, `idle-big`), and with "
+        "each connection subscribed to one channel (`idle-sub`, `idle-big-sub`; nats-server: one "
+        "subject; the Node peer broadcasts to every client, so its connections are subscribed by "
+        "nature and its two kinds of idle run are the same). The fan-out's CPU figures are taken "
+        "over its measured seconds (after the warm-up): the server's CPU (user + system) per "
+        "delivery, and each process's CPU as a share of one core; a load generator near 100 % "
+        "set the pace, so the server's rate then says less than its capacity."
     )
     add("")
     table = []
     for r in rows:
-        cells = [r.figure, fmt(r.w, r.unit, r.nd), fmt(r.p, r.unit, r.nd)]
+        values = r.cells or [fmt(v, r.unit, r.nd) for v in (r.w, r.p, r.n)]
+        cells = [r.figure, values[0], values[1]]
         if has_nats:
-            cells.append(fmt(r.n, r.unit, r.nd))
-        cells.append(fmt(r.ratio, "×", 2))
+            cells.append(values[2])
+        cells.append(fmt(r.ratio, "×", 2) if r.compare else "—")
         if has_nats:
-            cells.append(fmt(r.ratio_n, "×", 2))
+            cells.append(fmt(r.ratio_n, "×", 2) if r.compare else "—")
         cells += [r.target or "—", verdict(r.holds()) + (f" ({r.shortfall():.2f}× short)" if r.shortfall() else "")]
         table.append(cells)
     header = ["figure", "wsgate", "Node ws peer"]
@@ -606,13 +871,31 @@ def render_md(runs, mach, rows, quick, svg_name, notes=None):
     add(md_table(header, table))
     add("")
     soak = [r for r in rows if r.figure.startswith("RSS growth")]
-    if soak and soak[0].holds() is None:
-        hold = _hold_of(get(runs, "idle", W))
+    idle_w = get(runs, "idle", W)
+    hold = _hold_of(idle_w)
+    growth = hold_growth(idle_w)
+    if soak and soak[0].holds() is not None and growth:
+        g, start, h = growth
         add(
-            f"The memory target is judged only on a hold of at least {SOAK_TARGET_S} s "
-            f"(this run held {fmt(hold, ' s', 0) if hold else 'n/a'}); run `BENCH_SOAK={SOAK_TARGET_S} bench/run.sh` for it. "
-            "The growth shown is the RSS at the last sample of the hold minus the RSS just after the ramp."
+            f"The memory target is judged on wsgate's hold of {fmt(h, ' s', 0)} (it asks for at least {SOAK_TARGET_S} s): "
+            f"RSS {fmt(start, ' KiB', 0)} just after the ramp, {fmt(start + g, ' KiB', 0)} at the last sample "
+            f"of the hold ({'+' if g >= 0 else ''}{fmt(g, ' KiB', 0)}, {fmt(100 * g / start if start else None, ' %', 2)}); "
+            f"it {'holds' if soak[0].holds() else 'does not hold'}."
         )
+        add("")
+    elif soak and soak[0].holds() is None:
+        if hold and hold >= SOAK_TARGET_S:
+            add(
+                f"wsgate's idle connections were held {fmt(hold, ' s', 0)}, but the run has no RSS samples of "
+                "the hold, so the memory target is not judged."
+            )
+        else:
+            add(
+                f"The memory target is judged only on a hold of at least {SOAK_TARGET_S} s "
+                f"(this run held wsgate's {fmt(hold, ' s', 0) if hold else 'n/a'}); "
+                f"run `BENCH_SOAK={SOAK_TARGET_S} bench/run.sh` for it. "
+                "The growth shown is the RSS at the last sample of the hold minus the RSS just after the ramp."
+            )
         add("")
     add(
         "“× short”: how many times better wsgate's figure must get to meet the target. "
@@ -634,7 +917,9 @@ def render_md(runs, mach, rows, quick, svg_name, notes=None):
             f"{fmt(res(floors[0][1] or floors[1][1], 'connections'), nd=0)} loopback connections in turn, "
             "as plain TCP or as one rustls record each (no WebSocket, no JSON, no hub); a reader on "
             "CPU 1 drains them. This is what the machine's kernel (and TLS) cost alone; beside it, "
-            "wsgate's fan-out to the same number of subscribers from the same run, as a ratio."
+            "the servers' fan-out to the same number of subscribers from the same run, as ratios: "
+            "deliveries/s, delivery p99, and the server's CPU per delivery (user + system over the "
+            "measured seconds, from `/proc`) against the floor's CPU per write."
         )
         add("")
         table = []
@@ -647,18 +932,31 @@ def render_md(runs, mach, rows, quick, svg_name, notes=None):
         add(md_table(("floor", "writes/s", "CPU per write", "round p50", "round p99"), table))
         add("")
         tls_floor = floors[1][1] or floors[0][1]
+        floor_name = "the rustls floor" if floors[1][1] else "the plain TCP floor"
+        names = {W: "wsgate", PEER: "Node ws peer", NATS: "nats-server"}
+        fan_servers = [srv for srv in (W, PEER, NATS) if any(
+            get(runs, f"fanout-w{w}", srv) for w in (100, 1))]
         ratios = []
         for w in (100, 1):
-            fan = get(runs, f"fanout-w{w}", W)
-            if not fan or not tls_floor:
+            fans = [get(runs, f"fanout-w{w}", srv) for srv in fan_servers]
+            if not any(fans) or not tls_floor:
                 continue
-            ratios.append((f"window {w}: deliveries/s ÷ floor writes/s",
-                           fmt(ratio(res(fan, "deliveries_per_s"), res(tls_floor, "writes_per_s")), "×", 2)))
-            p99 = res(fan, "latency_us", "p99")
-            ratios.append((f"window {w}: delivery p99 ÷ floor round p99",
-                           fmt(ratio(None if p99 is None else p99 / 1000, res(tls_floor, "round_ms_p99")), "×", 2)))
+
+            def p99_ms(fan):
+                p99 = res(fan, "latency_us", "p99")
+                return None if p99 is None else p99 / 1000
+
+            ratios.append([f"window {w}: deliveries/s ÷ floor writes/s"] + [
+                fmt(ratio(res(fan, "deliveries_per_s"), res(tls_floor, "writes_per_s")), "×", 2) for fan in fans])
+            ratios.append([f"window {w}: delivery p99 ÷ floor round p99"] + [
+                fmt(ratio(p99_ms(fan), res(tls_floor, "round_ms_p99")), "×", 2) for fan in fans])
+            cpus = [res(fan, "server_cpu_us_per_delivery") for fan in fans]
+            if any(c is not None for c in cpus):
+                ratios.append([f"window {w}: server CPU per delivery"] + [fmt(c, " µs", 2) for c in cpus])
+                ratios.append([f"window {w}: server CPU per delivery ÷ floor CPU per write"] + [
+                    fmt(ratio(c, res(tls_floor, "cpu_us_per_write")), "×", 2) for c in cpus])
         if ratios:
-            add(md_table(("wsgate against the rustls floor", "ratio"), ratios))
+            add(md_table([f"against {floor_name}"] + [names[srv] for srv in fan_servers], ratios))
             add("")
     shakes = [(label, get(runs, scen, W)) for label, scen in (
         ("RSA-2048, full", "connect-rsa"), ("RSA-2048, resumed", "connect-resumed-rsa"),
@@ -983,17 +1281,22 @@ def render(a):
     runs = load_results(a.results)
     mach = json.loads(_read(a.machine) or "{}") if a.machine else machine()
     rows = build_rows(runs)
+    goals = build_goals(runs)
     quick = str(a.quick) == "1"
     svg_name = os.path.basename(a.svg)
     with open(a.md, "w", encoding="utf-8") as f:
         notes = _read(a.notes) if a.notes else None
-        f.write(render_md(runs, mach, rows, quick, svg_name, notes))
+        f.write(render_md(runs, mach, rows, quick, svg_name, notes, goals))
     with open(a.svg, "w", encoding="utf-8") as f:
         f.write(render_svg(rows, quick))
     # A short summary on stdout.
+    for g in goals:
+        print(f"round 2 goal {g['id']}: {g['figure']}: {g['measured_text']}, goal {g['goal_text']}: "
+              + ("not measured" if g["holds"] is None else "holds" if g["holds"] else "does not hold"))
     for r in rows:
-        print(f"{r.figure}: wsgate {fmt(r.w, r.unit, r.nd)}, node {fmt(r.p, r.unit, r.nd)}, "
-              f"nats {fmt(r.n, r.unit, r.nd)}, wsgate/node {fmt(r.ratio, '×', 2)}, wsgate/nats {fmt(r.ratio_n, '×', 2)}"
+        values = r.cells or [fmt(v, r.unit, r.nd) for v in (r.w, r.p, r.n)]
+        print(f"{r.figure}: wsgate {values[0]}, node {values[1]}, nats {values[2]}"
+              + (f", wsgate/node {fmt(r.ratio, '×', 2)}, wsgate/nats {fmt(r.ratio_n, '×', 2)}" if r.compare else "")
               + (f", target {r.target}: {verdict(r.holds()).strip('*')}" if r.target else "")
               + (f" ({r.shortfall():.2f}× short)" if r.shortfall() else ""))
 
