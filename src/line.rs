@@ -38,6 +38,10 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 /// through the queue.
 const DIRECT_MAX: usize = 16 * 1024;
 
+/// Frames up to this size (header included) are copied into one buffer on
+/// the stack for their write.
+const SMALL_FRAME: usize = 512;
+
 /// What became of a pushed frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pushed {
@@ -131,6 +135,19 @@ impl Rest {
 
     /// Writes what is left; `Ready(Ok)` once the socket took all of it.
     fn poll_write(&mut self, io: &mut dyn Io, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let total = self.header_len + self.frame.len();
+        if self.done == 0 && total <= SMALL_FRAME {
+            // One contiguous write: rustls seals two slices as one record
+            // too, but gathers them into a vector it allocates each time.
+            let mut whole = [0u8; SMALL_FRAME];
+            whole[..self.header_len].copy_from_slice(&self.header[..self.header_len]);
+            whole[self.header_len..total].copy_from_slice(self.frame.as_bytes());
+            let n = ready!(Pin::new(&mut *io).poll_write(cx, &whole[..total]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.done = n;
+        }
         loop {
             let header = &self.header[self.done.min(self.header_len)..self.header_len];
             let payload = &self.frame.as_bytes()[self.done.saturating_sub(self.header_len)..];
