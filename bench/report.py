@@ -217,10 +217,17 @@ def load_results(path):
 
 
 def get(runs, scenario, server):
-    """The last run of `scenario` on `server` (or None)."""
+    """The last run of `scenario` on `server` (or None). The floor runs at
+    the start and at the end of a run: it is the machine's limit, so its
+    best (least CPU per write) stands, a slow moment of the machine being
+    noise rather than its limit."""
     found = None
     for r in runs:
         if r.get("scenario") == scenario and r.get("server") == server:
+            if server == "kernel" and found is not None:
+                ours, best = res(r, "cpu_us_per_write"), res(found, "cpu_us_per_write")
+                if ours is None or (best is not None and best <= ours):
+                    continue
             found = r
     return found
 
@@ -916,7 +923,9 @@ def render_md(runs, mach, rows, quick, svg_name, notes=None, goals=None):
             f"{fmt(res(floors[0][1] or floors[1][1], 'size'), ' B', 0)} message to each of "
             f"{fmt(res(floors[0][1] or floors[1][1], 'connections'), nd=0)} loopback connections in turn, "
             "as plain TCP or as one rustls record each (no WebSocket, no JSON, no hub); a reader on "
-            "CPU 1 drains them. This is what the machine's kernel (and TLS) cost alone; beside it, "
+            "CPU 1 drains them; it runs at the start and at the end of the run, and the better of "
+            "the two (less CPU per write) is shown. This is what the machine's kernel (and TLS) "
+            "cost alone; beside it, "
             "the servers' fan-out to the same number of subscribers from the same run, as ratios: "
             "deliveries/s, delivery p99, and the server's CPU per delivery (user + system over the "
             "measured seconds, from `/proc`) against the floor's CPU per write."
