@@ -3,7 +3,11 @@
 //! the same bytes are pushed to every subscriber's [`Line`]: written
 //! straight to its socket when nothing waits there, else queued in its
 //! bounded outbox. The hub never awaits and holds a shard lock only for
-//! the push loop, which also keeps each channel's order on every socket.
+//! the push loop, which also keeps each channel's order on every socket;
+//! with direct writes that loop costs the publishing task about 5 µs per
+//! subscriber (a TLS record and a syscall each), so a publication to
+//! 1,000 subscribers holds its shard, and its worker thread, for about
+//! 5 ms (a burst queues instead: see [`push`]).
 //! A subscriber whose outbox is full is cut off (its `slow` token fires,
 //! and its session closes with 4008); nobody else notices.
 //!
