@@ -49,25 +49,6 @@ pub struct FloorReport {
     pub round_ms_p99: f64,
 }
 
-/// This process's CPU time so far, in seconds (user + system).
-fn own_cpu_s() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-        return 0.0;
-    };
-    // The fields after the command name, which may hold spaces.
-    let Some(rest) = stat.rfind(')').and_then(|i| stat.get(i + 2..)) else {
-        return 0.0;
-    };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    (ticks(11) + ticks(12)) as f64 / 100.0
-}
-
 /// A certificate for `localhost` made on the spot, its PEM written to a
 /// file in the temporary directory for the reader to trust (removed at
 /// the end); the server side's rustls config.
@@ -215,11 +196,16 @@ async fn run_timed<S: AsyncWrite + Unpin>(
     duration: Duration,
 ) -> Result<(Vec<Duration>, f64, f64, f64), BenchError> {
     write_rounds(conns, message, Instant::now() + warmup).await?;
-    let cpu_before = own_cpu_s();
+    let cpu_before = super::own_cpu_s().unwrap_or(0.0);
     let started = Instant::now();
     let rounds = write_rounds(conns, message, started + duration).await?;
     let elapsed = started.elapsed().as_secs_f64();
-    Ok((rounds, cpu_before, own_cpu_s(), elapsed))
+    Ok((
+        rounds,
+        cpu_before,
+        super::own_cpu_s().unwrap_or(0.0),
+        elapsed,
+    ))
 }
 
 /// `bench floor-reader`: connects `connections` times to `addr` (with TLS
