@@ -640,29 +640,31 @@ impl Hub {
         let Some(entry) = shard.get_mut(channel) else {
             return Published::default();
         };
-        let same_epoch = entry.epoch.as_deref().is_none_or(|e| e == epoch);
-        if same_epoch && entry.seq != 0 && seq <= entry.seq {
+        deliver_numbered(entry, channel, epoch, seq, message)
+    }
+
+    /// Delivers this replica's own publication as soon as the cluster
+    /// broker has numbered it, when it is the next one here: the
+    /// publisher's `ok` then means its subscribers on this replica have it
+    /// even if the broker dies before the echo goes out (the echo is a
+    /// duplicate and dropped). Anything else waits for the echo, which
+    /// keeps the order: a publication from another replica may still be
+    /// on its way with the number before.
+    pub fn deliver_own(
+        &self,
+        channel: &ChannelName,
+        epoch: &str,
+        seq: u64,
+        message: &MessageTemplate,
+    ) -> Published {
+        let mut shard = self.shard(channel);
+        let Some(entry) = shard.get_mut(channel) else {
+            return Published::default();
+        };
+        if entry.epoch.as_deref() != Some(epoch) || entry.seq.checked_add(1) != Some(seq) {
             return Published::default();
         }
-        let gap = if same_epoch {
-            entry.seq != 0 && seq > entry.seq + 1
-        } else {
-            true
-        };
-        let notice = gap.then(|| gap_notice(channel, entry.epoch.as_deref(), entry.seq));
-        if !same_epoch || entry.epoch.is_none() {
-            entry.epoch = Some(epoch.into());
-        }
-        entry.seq = seq;
-        let frame = Utf8Bytes::from(message.with_seq(seq));
-        let mut out = Published {
-            seq,
-            ..Published::default()
-        };
-        push(entry, notice.as_ref(), &frame, &mut out);
-        buffer(entry, epoch, seq, &frame);
-        release(entry, epoch, seq);
-        out
+        deliver_numbered(entry, channel, epoch, seq, message)
     }
 
     /// Tells every local subscriber of `channels` that messages may have
@@ -807,6 +809,39 @@ fn release(entry: &mut Channel, epoch: &str, seq: u64) {
         }
         entry.subscribers.push(subscriber);
     }
+}
+
+/// [`Hub::deliver`] once the channel's entry is found.
+fn deliver_numbered(
+    entry: &mut Channel,
+    channel: &ChannelName,
+    epoch: &str,
+    seq: u64,
+    message: &MessageTemplate,
+) -> Published {
+    let same_epoch = entry.epoch.as_deref().is_none_or(|e| e == epoch);
+    if same_epoch && entry.seq != 0 && seq <= entry.seq {
+        return Published::default();
+    }
+    let gap = if same_epoch {
+        entry.seq != 0 && seq > entry.seq + 1
+    } else {
+        true
+    };
+    let notice = gap.then(|| gap_notice(channel, entry.epoch.as_deref(), entry.seq));
+    if !same_epoch || entry.epoch.is_none() {
+        entry.epoch = Some(epoch.into());
+    }
+    entry.seq = seq;
+    let frame = Utf8Bytes::from(message.with_seq(seq));
+    let mut out = Published {
+        seq,
+        ..Published::default()
+    };
+    push(entry, notice.as_ref(), &frame, &mut out);
+    buffer(entry, epoch, seq, &frame);
+    release(entry, epoch, seq);
+    out
 }
 
 /// The notice that messages of `channel` may have been missed, naming the

@@ -109,6 +109,42 @@ fn delivered_seq_gaps_are_announced_and_duplicates_dropped() {
 }
 
 #[test]
+fn an_own_publication_is_delivered_at_once_only_when_it_is_next() {
+    let hub = hub();
+    let ch = ChannelName::parse("chat:a").unwrap();
+    let (a, mut rx) = sub(1, 16);
+    hub.join(&ch, a, false);
+    hub.activate(&ch, 1, None, None);
+    assert_eq!(
+        hub.deliver_own(&ch, "e1", 1, &msg(&ch, 1)).delivered,
+        0,
+        "no position known yet: left to the echo"
+    );
+    hub.deliver(&ch, "e1", 7, &msg(&ch, 7));
+    assert_eq!(hub.deliver_own(&ch, "e1", 8, &msg(&ch, 8)).delivered, 1);
+    assert_eq!(
+        hub.deliver(&ch, "e1", 8, &msg(&ch, 8)).delivered,
+        0,
+        "its echo is a duplicate"
+    );
+    assert_eq!(
+        hub.deliver_own(&ch, "e1", 10, &msg(&ch, 10)).delivered,
+        0,
+        "9 may still be on its way from another replica"
+    );
+    assert_eq!(hub.deliver_own(&ch, "e2", 9, &msg(&ch, 9)).delivered, 0);
+    hub.deliver(&ch, "e1", 9, &msg(&ch, 9));
+    hub.deliver(&ch, "e1", 10, &msg(&ch, 10));
+    let seqs: Vec<String> = std::iter::from_fn(|| rx.try_recv().ok())
+        .map(|f| f.as_str().to_owned())
+        .collect();
+    assert_eq!(seqs.len(), 4, "{seqs:?}");
+    for (frame, seq) in seqs.iter().zip(7..) {
+        assert!(frame.contains(&format!(r#""seq":{seq}"#)), "{frame}");
+    }
+}
+
+#[test]
 fn empty_channels_are_forgotten() {
     let hub = hub();
     let ch = ChannelName::parse("x").unwrap();

@@ -2,7 +2,9 @@
 //! `redis-server`: file descriptors running out (no busy loop, recovery
 //! once they free up), Redis stalled (`DEBUG SLEEP`) and killed in the
 //! middle of publishing (no half-published message, clear errors,
-//! recovery), a reconnect storm of 10,000 clients against admission limits
+//! recovery), Redis cutting the subscription connection between a
+//! publication's answer and its echo (the local subscribers still get
+//! it), a reconnect storm of 10,000 clients against admission limits
 //! while 100 established clients keep their heartbeats (publish latency
 //! printed before and during), and 1,000 subscribers that stop reading
 //! while others keep receiving everything.
@@ -216,6 +218,77 @@ async fn redis_killed_mid_publish_loses_no_acknowledged_message_and_recovers() {
     redis.restart().await;
     wait_ready(&gw, 200).await;
     publisher.publish("chat:kill", json!({"n": 1000})).await;
+}
+
+#[tokio::test]
+async fn an_acknowledged_publication_reaches_local_subscribers_when_its_echo_is_lost() {
+    let redis = RedisServer::start().await;
+    let url = redis.url();
+    let gw = start(|c, _| {
+        c.cluster.redis_url = Some(url.clone());
+        c.cluster.reconnect_max_ms = 200;
+    })
+    .await;
+    wait_ready(&gw, 200).await;
+    let mut sub = Client::join(&gw, "sub", &["member"]).await;
+    sub.subscribe("chat:echo").await;
+    let mut publisher = Client::join(&gw, "pub", &["member"]).await;
+    publisher.publish("chat:echo", json!({"n": 1})).await;
+    let got = drain(&mut sub, "chat:echo", Duration::from_millis(300)).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    // Redis cuts a subscriber whose output buffer passes its limit, as it
+    // does a replica that falls behind: the publication is numbered and
+    // answered, and its echo to this replica never goes out.
+    let redis_cli = |args: &[&str]| {
+        let out = Command::new("redis-cli")
+            .args(["-p", &redis.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli");
+        assert!(out.status.success(), "{out:?}");
+    };
+    // (Redis counts only what overflows a client's 16 KiB reply buffer.)
+    redis_cli(&[
+        "CONFIG",
+        "SET",
+        "client-output-buffer-limit",
+        "pubsub 1 1 0",
+    ]);
+    let big = "x".repeat(40 * 1024);
+    publisher
+        .publish("chat:echo", json!({"n": 2, "pad": big}))
+        .await;
+    redis_cli(&[
+        "CONFIG",
+        "SET",
+        "client-output-buffer-limit",
+        "pubsub 33554432 8388608 60",
+    ]);
+    let mut frames = Vec::new();
+    let until = Instant::now() + Duration::from_secs(3);
+    while let Some(left) = until.checked_duration_since(Instant::now()) {
+        match crate::harness::try_read_json(&mut sub.ws, left).await {
+            Some(f) => {
+                let gap = f["op"] == "error" && f["channel"] == "chat:echo";
+                frames.push(f);
+                if gap {
+                    break;
+                }
+            }
+            None => break,
+        }
+    }
+    let ops: Vec<&Json> = frames.iter().map(|f| &f["op"]).collect();
+    println!("echo lost: the subscriber got {ops:?}");
+    assert_eq!(frames[0]["op"], "message", "{frames:?}");
+    assert_eq!(frames[0]["data"]["n"], 2, "{frames:?}");
+    assert_eq!(frames[0]["seq"], got[0]["seq"].as_u64().unwrap() + 1);
+    // Having been away from the channel, the replica says so once back.
+    let last = frames.last().unwrap();
+    assert_eq!(last["op"], "error", "{frames:?}");
+    assert_eq!(last["code"], "internal", "{frames:?}");
+    wait_ready(&gw, 200).await;
+    publisher.publish("chat:echo", json!({"n": 3})).await;
 }
 
 /// The messages `clients` receive until `stop`, as (sent, latency) in

@@ -80,6 +80,8 @@ pub struct RedisBroker {
     /// Enters and exits of this replica's members, for [`PresenceWorker`].
     presence_ops: mpsc::Sender<PresenceOp>,
     presence_keys: PresenceKeys,
+    /// Where this replica's own publications are delivered at once.
+    hub: Arc<Hub>,
 }
 
 impl std::fmt::Debug for RedisBroker {
@@ -213,6 +215,7 @@ impl RedisBroker {
             ready: Arc::clone(&ready),
             presence_ops: ops_tx,
             presence_keys,
+            hub: Arc::clone(&hub),
         };
         let worker = RedisWorker {
             client,
@@ -274,12 +277,16 @@ impl RedisBroker {
             Ok(Ok((seq, epoch))) => {
                 // The echo of this message may already have been delivered.
                 accepted();
+                // Not left to the echo alone: Redis may die between its
+                // answer here and the echo on the subscription connection.
+                let template = MessageTemplate::new(channel, from, data);
+                let own = self.hub.deliver_own(channel, &epoch, seq, &template);
                 Ok(Published {
                     seq,
                     // Every channel has an epoch in Redis; it is news only
                     // where history can be resumed.
                     epoch: (max_len > 0).then(|| epoch.into()),
-                    ..Published::default()
+                    ..own
                 })
             }
             Ok(Err(e)) => {
