@@ -636,11 +636,7 @@ impl Hub {
         seq: u64,
         message: &MessageTemplate,
     ) -> Published {
-        let mut shard = self.shard(channel);
-        let Some(entry) = shard.get_mut(channel) else {
-            return Published::default();
-        };
-        deliver_numbered(entry, channel, epoch, seq, message)
+        self.deliver_numbered(channel, epoch, seq, message, false)
     }
 
     /// Delivers this replica's own publication as soon as the cluster
@@ -657,14 +653,49 @@ impl Hub {
         seq: u64,
         message: &MessageTemplate,
     ) -> Published {
+        self.deliver_numbered(channel, epoch, seq, message, true)
+    }
+
+    /// [`Hub::deliver`], or [`Hub::deliver_own`] when `only_next`.
+    fn deliver_numbered(
+        &self,
+        channel: &ChannelName,
+        epoch: &str,
+        seq: u64,
+        message: &MessageTemplate,
+        only_next: bool,
+    ) -> Published {
         let mut shard = self.shard(channel);
         let Some(entry) = shard.get_mut(channel) else {
             return Published::default();
         };
-        if entry.epoch.as_deref() != Some(epoch) || entry.seq.checked_add(1) != Some(seq) {
+        let next = entry.epoch.as_deref() == Some(epoch) && entry.seq.checked_add(1) == Some(seq);
+        if only_next && !next {
             return Published::default();
         }
-        deliver_numbered(entry, channel, epoch, seq, message)
+        let same_epoch = entry.epoch.as_deref().is_none_or(|e| e == epoch);
+        if same_epoch && entry.seq != 0 && seq <= entry.seq {
+            return Published::default();
+        }
+        let gap = if same_epoch {
+            entry.seq != 0 && seq > entry.seq + 1
+        } else {
+            true
+        };
+        let notice = gap.then(|| gap_notice(channel, entry.epoch.as_deref(), entry.seq));
+        if !same_epoch || entry.epoch.is_none() {
+            entry.epoch = Some(epoch.into());
+        }
+        entry.seq = seq;
+        let frame = Utf8Bytes::from(message.with_seq(seq));
+        let mut out = Published {
+            seq,
+            ..Published::default()
+        };
+        push(entry, notice.as_ref(), &frame, &mut out);
+        buffer(entry, epoch, seq, &frame);
+        release(entry, epoch, seq);
+        out
     }
 
     /// Tells every local subscriber of `channels` that messages may have
@@ -809,39 +840,6 @@ fn release(entry: &mut Channel, epoch: &str, seq: u64) {
         }
         entry.subscribers.push(subscriber);
     }
-}
-
-/// [`Hub::deliver`] once the channel's entry is found.
-fn deliver_numbered(
-    entry: &mut Channel,
-    channel: &ChannelName,
-    epoch: &str,
-    seq: u64,
-    message: &MessageTemplate,
-) -> Published {
-    let same_epoch = entry.epoch.as_deref().is_none_or(|e| e == epoch);
-    if same_epoch && entry.seq != 0 && seq <= entry.seq {
-        return Published::default();
-    }
-    let gap = if same_epoch {
-        entry.seq != 0 && seq > entry.seq + 1
-    } else {
-        true
-    };
-    let notice = gap.then(|| gap_notice(channel, entry.epoch.as_deref(), entry.seq));
-    if !same_epoch || entry.epoch.is_none() {
-        entry.epoch = Some(epoch.into());
-    }
-    entry.seq = seq;
-    let frame = Utf8Bytes::from(message.with_seq(seq));
-    let mut out = Published {
-        seq,
-        ..Published::default()
-    };
-    push(entry, notice.as_ref(), &frame, &mut out);
-    buffer(entry, epoch, seq, &frame);
-    release(entry, epoch, seq);
-    out
 }
 
 /// The notice that messages of `channel` may have been missed, naming the
