@@ -44,6 +44,8 @@
 #   BENCH_SERVERS="wsgate node nats"
 #   BENCH_PORT=9443 (wsgate; the Node peer +1, nats' WebSocket +3 and its
 #                    client port +4, the HTTP API +5, all on 127.0.0.1)
+#   BENCH_BIN=path  a wsgate binary built before (no build): to compare
+#                   two builds, run alternately, each with its own BENCH_DOCS
 #   BENCH_DOCS=dir  where the report goes (default docs/, or the work dir
 #                   when BENCH_QUICK=1)   BENCH_KEEP=1  keep the work dir
 #
@@ -124,9 +126,13 @@ fi
 need_cmd cargo || die "cargo is missing: install a Rust toolchain (1.88 or newer)"
 [[ $(nproc) -ge 2 ]] || die "needs at least 2 CPUs (server on CPU $SERVER_CPU, load on CPU $CLIENT_CPU)"
 
-log "cargo build --release"
-cargo build --release >&2
-BIN=$ROOT/target/release/wsgate
+if [[ -n ${BENCH_BIN:-} ]]; then
+  BIN=$BENCH_BIN
+else
+  log "cargo build --release"
+  cargo build --release >&2
+  BIN=$ROOT/target/release/wsgate
+fi
 "$BIN" bench --help >/dev/null 2>&1 || die "$BIN has no 'bench' command"
 
 PEER=$ROOT/bench/peers/node-ws

@@ -23,7 +23,7 @@ use serde_json::value::RawValue;
 use tracing::info;
 
 use crate::channel::ChannelName;
-use crate::gateway::{Caller, CoreError, Gateway, Manage, Managed};
+use crate::gateway::{Caller, CoreError, Fanout, Gateway, Manage, Managed};
 use crate::identity::Identity;
 use crate::protocol::{DEFAULT_HISTORY_LIMIT, MAX_HISTORY_LIMIT, PositionOk};
 use crate::rate::{Bucket, Rate};
@@ -288,7 +288,10 @@ impl Api {
     ) -> Result<serde_json::Value, ApiError> {
         let published = self
             .gateway
-            .publish(caller, channel, data, || {})
+            // The answer waits for the fan-out: queue it, so the backend
+            // waits for no socket writes and concurrent publications are
+            // written together.
+            .publish(caller, channel, data, || {}, Fanout::Queued)
             .await
             .map_err(ApiError::from_core)?;
         let mut answer = serde_json::json!({ "seq": published.seq });

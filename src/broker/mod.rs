@@ -30,7 +30,7 @@ pub use self::redis::{RedisBroker, RedisWorker};
 use crate::channel::ChannelName;
 use crate::config::ClusterConfig;
 use crate::history::{HistoryRules, Position, Read};
-use crate::hub::{Hub, Published};
+use crate::hub::{Fanout, Hub, Published};
 use crate::metrics::Metrics;
 use crate::presence::{Listing, Presence};
 use crate::protocol::MessageTemplate;
@@ -142,21 +142,24 @@ impl AnyBroker {
     /// accepted and numbered; nothing is reported as sent that was not.
     /// `accepted` runs once the publication is certain: before local
     /// fan-out in process (so a publisher's `ok` precedes its own echo),
-    /// after Redis numbered it otherwise.
+    /// after Redis numbered it otherwise. `fanout` says who writes it to
+    /// this process's subscribers.
     pub async fn publish(
         &self,
         channel: &ChannelName,
         from: &str,
         data: &RawValue,
         accepted: impl FnOnce() + Send,
+        fanout: Fanout,
     ) -> Result<Published, BrokerError> {
         match self {
             Self::Local(hub) => {
                 // The local hub cannot fail: acknowledge before fanning out.
                 accepted();
-                Ok(hub.publish(channel, &MessageTemplate::new(channel, from, data)))
+                let message = MessageTemplate::new(channel, from, data);
+                Ok(hub.publish(channel, &message, fanout))
             }
-            Self::Redis(b) => b.publish(channel, from, data, accepted).await,
+            Self::Redis(b) => b.publish(channel, from, data, accepted, fanout).await,
         }
     }
 

@@ -29,6 +29,7 @@ use crate::broker::{AnyBroker, BrokerError, LocalKeys, RedisWorker, Reserved};
 use crate::channel::ChannelName;
 use crate::config::Config;
 use crate::history::{HistoryRules, Position};
+pub use crate::hub::Fanout;
 use crate::hub::{Hub, Left, Published, Subscriber};
 use crate::identity::Identity;
 use crate::metrics::Metrics;
@@ -755,7 +756,7 @@ impl Gateway {
     /// Publishes `data` on `channel` as `caller`. `accepted` runs once the
     /// publication is certain: before local fan-out on a single node (the
     /// publisher's `ok` precedes its echo), after Redis numbered it in a
-    /// cluster.
+    /// cluster. `fanout` says who writes it to idle subscribers here.
     ///
     /// # Errors
     /// Forbidden, or the broker could not take it (nothing was published).
@@ -765,12 +766,13 @@ impl Gateway {
         channel: &ChannelName,
         data: &RawValue,
         accepted: impl FnOnce() + Send,
+        fanout: Fanout,
     ) -> Result<Published, CoreError> {
         caller.check(Action::Publish, channel)?;
         let started = Instant::now();
         let published = self
             .broker
-            .publish(channel, &caller.identity.user, data, accepted)
+            .publish(channel, &caller.identity.user, data, accepted, fanout)
             .await
             .map_err(|BrokerError::Unavailable| CoreError::Unavailable(Action::Publish))?;
         let metrics = &self.metrics;

@@ -55,6 +55,20 @@ const SHARDS: usize = 32;
 /// at a time leaves at least 128 µs between them (a client's round trip).
 const BURST_GAP: std::time::Duration = std::time::Duration::from_micros(100);
 
+/// Who writes a publication to subscribers whose sockets are idle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fanout {
+    /// The publishing task, straight to each idle socket (see [`push`]),
+    /// unless the publication is part of a burst: cheapest per delivery,
+    /// and the publisher's `ok` went out before the fan-out began.
+    Inline,
+    /// Always the subscribers' sessions, from their outboxes: for a
+    /// publisher whose answer waits for the fan-out (the HTTP API), which
+    /// then waits only for the frames to be queued, and whose concurrent
+    /// publications each session writes together.
+    Queued,
+}
+
 /// One session's end of a subscription.
 #[derive(Debug, Clone)]
 pub struct Subscriber {
@@ -594,7 +608,12 @@ impl Hub {
 
     /// Delivers one publication to every subscriber of `channel`, in `seq`
     /// order per channel.
-    pub fn publish(&self, channel: &ChannelName, message: &MessageTemplate) -> Published {
+    pub fn publish(
+        &self,
+        channel: &ChannelName,
+        message: &MessageTemplate,
+        fanout: Fanout,
+    ) -> Published {
         let mut shard = self.shard(channel);
         let entry = match shard.get_mut(channel) {
             Some(entry) => entry,
@@ -610,7 +629,7 @@ impl Hub {
             seq: entry.seq,
             ..Published::default()
         };
-        push(entry, None, &frame, &mut out);
+        push(entry, None, &frame, fanout, &mut out);
         if let Some(ring) = entry.history.as_deref_mut() {
             out.epoch = Some(Arc::clone(&ring.epoch));
             let grown = ring.push(entry.seq, &frame, Instant::now());
@@ -636,7 +655,7 @@ impl Hub {
         seq: u64,
         message: &MessageTemplate,
     ) -> Published {
-        self.deliver_numbered(channel, epoch, seq, message, false)
+        self.deliver_numbered(channel, epoch, seq, message, Fanout::Inline, false)
     }
 
     /// Delivers this replica's own publication as soon as the cluster
@@ -652,8 +671,9 @@ impl Hub {
         epoch: &str,
         seq: u64,
         message: &MessageTemplate,
+        fanout: Fanout,
     ) -> Published {
-        self.deliver_numbered(channel, epoch, seq, message, true)
+        self.deliver_numbered(channel, epoch, seq, message, fanout, true)
     }
 
     /// [`Hub::deliver`], or [`Hub::deliver_own`] when `only_next`.
@@ -663,6 +683,7 @@ impl Hub {
         epoch: &str,
         seq: u64,
         message: &MessageTemplate,
+        fanout: Fanout,
         only_next: bool,
     ) -> Published {
         let mut shard = self.shard(channel);
@@ -692,7 +713,7 @@ impl Hub {
             seq,
             ..Published::default()
         };
-        push(entry, notice.as_ref(), &frame, &mut out);
+        push(entry, notice.as_ref(), &frame, fanout, &mut out);
         buffer(entry, epoch, seq, &frame);
         release(entry, epoch, seq);
         out
@@ -714,7 +735,7 @@ impl Hub {
             // What was read before the outage may miss what it lost.
             entry.read = None;
             let mut out = Published::default();
-            push(entry, None, &notice, &mut out);
+            push(entry, None, &notice, Fanout::Queued, &mut out);
             told += out.delivered;
             // Those waiting for their floor have had everything through
             // it; from there on they may miss messages too.
@@ -757,18 +778,26 @@ impl Hub {
 /// Either way it is delivered to no more and moves to `cut`, where it is
 /// counted until its session leaves.
 ///
-/// A publication is written straight to each subscriber's socket by the
-/// publishing task: one TLS record and one write each, no session woken.
+/// With [`Fanout::Inline`], a publication is written straight to each
+/// subscriber's idle socket by the publishing task: one TLS record and one
+/// write each, no session woken.
 /// In a burst that would cost a record and a write per message per
 /// subscriber, so a publication that follows the channel's last fan-out
 /// within [`BURST_GAP`] (it was waiting while that one went out) is queued
 /// instead, and each session writes what queued up as one record and one
 /// write.
-fn push(entry: &mut Channel, notice: Option<&Utf8Bytes>, frame: &Utf8Bytes, out: &mut Published) {
+fn push(
+    entry: &mut Channel,
+    notice: Option<&Utf8Bytes>,
+    frame: &Utf8Bytes,
+    fanout: Fanout,
+    out: &mut Published,
+) {
     let start = Instant::now();
-    let direct = entry
-        .last_push
-        .is_none_or(|last| start.saturating_duration_since(last) >= BURST_GAP);
+    let direct = fanout == Fanout::Inline
+        && entry
+            .last_push
+            .is_none_or(|last| start.saturating_duration_since(last) >= BURST_GAP);
     let cut = &mut entry.cut;
     entry.subscribers.retain(|s| {
         let pushed = match notice.map(|n| s.deliver(n, direct)) {

@@ -46,7 +46,7 @@ fn fan_out_in_order_and_cut_off_only_the_slow_one() {
     assert_eq!(hub.join(&ch, fast, false), Joined::Already, "idempotent");
     assert_eq!(hub.join(&ch, slow, false), Joined::Again);
     assert_eq!(
-        hub.publish(&ch, &msg(&ch, 0)).delivered,
+        hub.publish(&ch, &msg(&ch, 0), Fanout::Inline).delivered,
         0,
         "pending subscribers get nothing"
     );
@@ -54,7 +54,7 @@ fn fan_out_in_order_and_cut_off_only_the_slow_one() {
         hub.activate(&ch, 1, None, None).is_none() && hub.activate(&ch, 2, None, None).is_none()
     );
     for n in 1..=3 {
-        hub.publish(&ch, &msg(&ch, n));
+        hub.publish(&ch, &msg(&ch, n), Fanout::Inline);
     }
     assert!(slow_token.is_cancelled());
     for n in 2..=4u64 {
@@ -63,7 +63,7 @@ fn fan_out_in_order_and_cut_off_only_the_slow_one() {
         assert_eq!(v["seq"], n);
         assert_eq!(v["data"], n - 1);
     }
-    let p = hub.publish(&ch, &msg(&ch, 4));
+    let p = hub.publish(&ch, &msg(&ch, 4), Fanout::Inline);
     assert_eq!(
         (p.seq, p.delivered, p.slow),
         (5, 1, 0),
@@ -116,23 +116,33 @@ fn an_own_publication_is_delivered_at_once_only_when_it_is_next() {
     hub.join(&ch, a, false);
     hub.activate(&ch, 1, None, None);
     assert_eq!(
-        hub.deliver_own(&ch, "e1", 1, &msg(&ch, 1)).delivered,
+        hub.deliver_own(&ch, "e1", 1, &msg(&ch, 1), Fanout::Inline)
+            .delivered,
         0,
         "no position known yet: left to the echo"
     );
     hub.deliver(&ch, "e1", 7, &msg(&ch, 7));
-    assert_eq!(hub.deliver_own(&ch, "e1", 8, &msg(&ch, 8)).delivered, 1);
+    assert_eq!(
+        hub.deliver_own(&ch, "e1", 8, &msg(&ch, 8), Fanout::Inline)
+            .delivered,
+        1
+    );
     assert_eq!(
         hub.deliver(&ch, "e1", 8, &msg(&ch, 8)).delivered,
         0,
         "its echo is a duplicate"
     );
     assert_eq!(
-        hub.deliver_own(&ch, "e1", 10, &msg(&ch, 10)).delivered,
+        hub.deliver_own(&ch, "e1", 10, &msg(&ch, 10), Fanout::Inline)
+            .delivered,
         0,
         "9 may still be on its way from another replica"
     );
-    assert_eq!(hub.deliver_own(&ch, "e2", 9, &msg(&ch, 9)).delivered, 0);
+    assert_eq!(
+        hub.deliver_own(&ch, "e2", 9, &msg(&ch, 9), Fanout::Inline)
+            .delivered,
+        0
+    );
     hub.deliver(&ch, "e1", 9, &msg(&ch, 9));
     hub.deliver(&ch, "e1", 10, &msg(&ch, 10));
     let seqs: Vec<String> = std::iter::from_fn(|| rx.try_recv().ok())
@@ -157,7 +167,10 @@ fn empty_channels_are_forgotten() {
     hub.activate(&ch, 1, None, None);
     assert!(!hub.has_subscribers(&ch), "left meanwhile: not added back");
     assert_eq!(hub.channels(), 0);
-    assert_eq!(hub.publish(&ch, &msg(&ch, 1)), Published::default());
+    assert_eq!(
+        hub.publish(&ch, &msg(&ch, 1), Fanout::Inline),
+        Published::default()
+    );
 }
 
 #[test]
@@ -375,12 +388,18 @@ async fn a_publication_is_written_directly_and_a_burst_queues() {
     };
     hub.join(&ch, s, false);
     hub.activate(&ch, 1, None, None);
-    assert_eq!(hub.publish(&ch, &msg(&ch, 1)).delivered, 1);
+    assert_eq!(hub.publish(&ch, &msg(&ch, 1), Fanout::Inline).delivered, 1);
     assert_eq!(line.queued_bytes(), 0, "written straight to the socket");
     // A burst: published again right after the last fan-out ended.
     hub.shard(&ch).get_mut(&ch).unwrap().last_push =
         Some(Instant::now() + std::time::Duration::from_secs(3600));
-    assert_eq!(hub.publish(&ch, &msg(&ch, 2)).delivered, 1);
+    assert_eq!(hub.publish(&ch, &msg(&ch, 2), Fanout::Inline).delivered, 1);
     assert!(line.queued_bytes() > 0, "queued for the session to batch");
+    // The session takes the queue and writes it; the socket is idle again.
+    while line.try_pop().is_some() {}
+    line.written();
+    hub.shard(&ch).get_mut(&ch).unwrap().last_push = None;
+    assert_eq!(hub.publish(&ch, &msg(&ch, 3), Fanout::Queued).delivered, 1);
+    assert!(line.queued_bytes() > 0, "a queued fan-out never writes");
     drop(client);
 }

@@ -13,7 +13,7 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use super::close::CloseReason;
 use super::{Session, expiry_instant};
 use crate::channel::ChannelName;
-use crate::gateway::{Caller, CoreError, SubscribeOptions};
+use crate::gateway::{Caller, CoreError, Fanout, SubscribeOptions};
 use crate::hub::Subscriber;
 use crate::protocol::{self, ClientFrame, ErrorCode, PositionOk, PresenceOk, ServerFrame};
 
@@ -272,7 +272,11 @@ impl Session<'_> {
                 subscriber.send(ok);
             }
         };
-        if let Err(e) = self.gateway.publish(caller, channel, data, accepted).await {
+        if let Err(e) = self
+            .gateway
+            .publish(caller, channel, data, accepted, Fanout::Inline)
+            .await
+        {
             self.core_error(id, e, channel);
         }
     }

@@ -344,7 +344,9 @@ async fn a_subscriber_that_stops_reading_is_cut_off_as_a_slow_reader() {
 
     // While the client reads, many outboxes' worth flow through.
     for n in 0..OUTBOX * 10 {
-        let published = gateway.publish(caller, &channel, &data, || {}).await;
+        let published = gateway
+            .publish(caller, &channel, &data, || {}, crate::gateway::Fanout::Inline)
+            .await;
         assert_eq!(published.map(|p| (p.delivered, p.slow)), Ok((1, 0)), "#{n}");
         match s.client.next().await {
             Some(Ok(Message::Text(text))) if text.starts_with(r#"{"op":"message""#) => {}
@@ -358,7 +360,9 @@ async fn a_subscriber_that_stops_reading_is_cut_off_as_a_slow_reader() {
     let mut published = 0;
     loop {
         s.assert_running();
-        let result = gateway.publish(caller, &channel, &data, || {}).await;
+        let result = gateway
+            .publish(caller, &channel, &data, || {}, crate::gateway::Fanout::Inline)
+            .await;
         let result = result.expect("published");
         published += 1;
         if result.slow == 1 {

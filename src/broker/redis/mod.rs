@@ -24,7 +24,7 @@ use super::scripts::{NEW_EPOCH, PUBLISH_SCRIPT, READ_SCRIPT};
 use crate::channel::ChannelName;
 use crate::config::ClusterConfig;
 use crate::history::{HistoryRules, Position, Read, Unrecovered};
-use crate::hub::{Hub, Published};
+use crate::hub::{Fanout, Hub, Published};
 use crate::metrics::Metrics;
 use crate::presence::{Listing, Presence};
 use crate::protocol::MessageTemplate;
@@ -255,6 +255,7 @@ impl RedisBroker {
         from: &str,
         data: &RawValue,
         accepted: impl FnOnce() + Send,
+        fanout: Fanout,
     ) -> Result<Published, BrokerError> {
         let mut conn = self.command_conn()?;
         let (max_len, max_age_ms) = self
@@ -280,7 +281,9 @@ impl RedisBroker {
                 // Not left to the echo alone: Redis may die between its
                 // answer here and the echo on the subscription connection.
                 let template = MessageTemplate::new(channel, from, data);
-                let own = self.hub.deliver_own(channel, &epoch, seq, &template);
+                let own = self
+                    .hub
+                    .deliver_own(channel, &epoch, seq, &template, fanout);
                 Ok(Published {
                     seq,
                     // Every channel has an epoch in Redis; it is news only
