@@ -1094,13 +1094,17 @@ def render_md(runs, mach, rows, quick, svg_name, notes=None, goals=None):
             "latency is from just before the request to the subscriber's receipt. Unlike the "
             "WebSocket window, an answer does not wait for the deliveries, so the closed loops "
             "run the server to saturation and their latencies include its queues; the fixed rate "
-            "shows latency below saturation. Beside them, the WebSocket publisher with 1 and 100 "
-            "messages in flight (`fanout-w1`, `fanout-w100`) from the same run; window 100's "
+            "shows latency below saturation. Beside them, the WebSocket publisher at the same "
+            "fixed rate (`fanout-rate`) and with 1 and 100 messages in flight (`fanout-w1`, `fanout-w100`) from the same run; window 100's "
             "deliveries/s is the server's fan-out limit on this machine."
         )
         add("")
         table = []
         rows_of = [(label, run, True) for label, run in apis]
+        ws_rated = get(runs, "fanout-rate", W)
+        if ws_rated:
+            rows_of.append((f"WebSocket publisher at {fmt(res(ws_rated, 'rate'), '/s', 0)}",
+                            ws_rated, False))
         rows_of.append(("WebSocket publisher, window 1", ws1, False))
         rows_of.append(("WebSocket publisher, window 100", get(runs, "fanout-w100", W), False))
         for label, run, is_api in rows_of:

@@ -23,7 +23,7 @@
 #   BENCH_SOAK=0  (seconds: hold wsgate's 10,000 idle connections that long
 #                  instead of BENCH_HOLD, e.g. 600 for the 10-minute
 #                  heartbeat soak, which then adds 9 minutes to the run)
-#   BENCH_ONLY="floor idle idle-big idle-sub idle-big-sub fanout-w100 fanout-w1 connect resume api-c1 api-c16 api-rate cluster-w100 cluster-w1 cluster-resume presence cluster-presence"
+#   BENCH_ONLY="floor idle idle-big idle-sub idle-big-sub fanout-w100 fanout-w1 connect resume api-c1 api-c16 api-rate fanout-rate cluster-w100 cluster-w1 cluster-resume presence cluster-presence"
 #              (a subset; floor: `wsgate bench floor`, the kernel's
 #              own cost of writing to BENCH_SUBSCRIBERS connections in
 #              turn, plain and TLS, no server; idle-sub, idle-big-sub:
@@ -38,7 +38,8 @@
 #              resume: BENCH_RESUME_N clients drop and resume at once;
 #              api-cN: BENCH_SUBSCRIBERS subscribers, publishes through the
 #              HTTP API on N keep-alive connections, wsgate only;
-#              api-rate: the same at BENCH_API_RATE over 16 connections)
+#              api-rate: the same at BENCH_API_RATE over 16 connections;
+#              fanout-rate: a WebSocket publisher at BENCH_API_RATE)
 #   BENCH_API_RATE=100   BENCH_PRESENCE_HOLD=120/5
 #   BENCH_RESUME_N=10000/1000
 #   BENCH_SERVERS="wsgate node nats"
@@ -77,7 +78,7 @@ SIZE=${BENCH_SIZE:-100}
 DURATION=${BENCH_DURATION:-$d_dur}
 WARMUP=${BENCH_WARMUP:-$d_warm}
 CONNECT_N=${BENCH_CONNECT_N:-$d_conn}
-ONLY=${BENCH_ONLY:-"floor idle idle-big idle-sub idle-big-sub fanout-w100 fanout-w1 connect resume api-c1 api-c16 api-rate cluster-w100 cluster-w1 cluster-resume presence cluster-presence"}
+ONLY=${BENCH_ONLY:-"floor idle idle-big idle-sub idle-big-sub fanout-w100 fanout-w1 connect resume api-c1 api-c16 api-rate fanout-rate cluster-w100 cluster-w1 cluster-resume presence cluster-presence"}
 SERVERS=${BENCH_SERVERS:-"wsgate node nats"}
 WS_PORT=${BENCH_PORT:-9443}
 NODE_PORT=$((WS_PORT + 1))
@@ -483,6 +484,11 @@ if [[ " $SERVERS " == *" wsgate "* ]]; then
     run_bench "$scenario" wsgate ecdsa api --api-url "https://127.0.0.1:$API_PORT" \
       --subscribers "$SUBS" --size "$SIZE" "${pace[@]}" --duration "$DURATION" --warmup "$WARMUP"
   done
+fi
+# The WebSocket publisher at the same fixed rate, beside api-rate.
+if has_server wsgate && want fanout-rate; then
+  run_bench fanout-rate wsgate ecdsa fanout --subscribers "$SUBS" --size "$SIZE" \
+    --rate "$API_RATE" --duration "$DURATION" --warmup "$WARMUP"
 fi
 
 # What presence costs (wsgate's own): the same connections subscribed to

@@ -23,6 +23,7 @@ use crate::auth::Verifier;
 use crate::auth::mint::unix_now;
 use crate::channel::ChannelName;
 use crate::config::Config;
+use crate::gateway::Fanout;
 use crate::gateway::{Caller, Gateway};
 use crate::identity::Identity;
 use crate::metrics::Metrics;
@@ -345,7 +346,7 @@ async fn a_subscriber_that_stops_reading_is_cut_off_as_a_slow_reader() {
     // While the client reads, many outboxes' worth flow through.
     for n in 0..OUTBOX * 10 {
         let published = gateway
-            .publish(caller, &channel, &data, || {}, crate::gateway::Fanout::Inline)
+            .publish(caller, &channel, &data, || {}, Fanout::Inline)
             .await;
         assert_eq!(published.map(|p| (p.delivered, p.slow)), Ok((1, 0)), "#{n}");
         match s.client.next().await {
@@ -361,7 +362,7 @@ async fn a_subscriber_that_stops_reading_is_cut_off_as_a_slow_reader() {
     loop {
         s.assert_running();
         let result = gateway
-            .publish(caller, &channel, &data, || {}, crate::gateway::Fanout::Inline)
+            .publish(caller, &channel, &data, || {}, Fanout::Inline)
             .await;
         let result = result.expect("published");
         published += 1;

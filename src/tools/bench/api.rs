@@ -123,7 +123,7 @@ pub async fn api(
     let measure_from = started + warmup;
     let end = measure_from + duration;
     let mut publishers: JoinSet<Histogram<u64>> = JoinSet::new();
-    for _ in 0..connections.max(1) {
+    for i in 0..connections.max(1) {
         let mut sender = api_connection(target, &api.base).await?;
         let (uri, authorization, pad, channel_json) = (
             uri.clone(),
@@ -137,14 +137,16 @@ pub async fn api(
             Arc::clone(&errors),
             Arc::clone(&measuring),
         );
-        // At a fixed rate each connection sends its share on a clock; a
-        // late answer makes the next requests go at once, and their times
-        // count from when they were due, so a stall is not hidden by the
-        // requests it kept from being sent.
+        // At a fixed rate each connection sends its share on a clock, the
+        // clocks spread over the period so the requests are evenly spaced
+        // (together they would be a burst every period); a late answer
+        // makes the next requests go at once, and their times count from
+        // when they were due, so a stall is not hidden by the requests it
+        // kept from being sent.
         let mut tick = rate.map(|r| {
-            tokio::time::interval(Duration::from_secs_f64(
-                connections.max(1) as f64 / f64::from(r.max(1)),
-            ))
+            let period = Duration::from_secs_f64(connections.max(1) as f64 / f64::from(r.max(1)));
+            let offset = period.mul_f64(i as f64 / connections.max(1) as f64);
+            tokio::time::interval_at(tokio::time::Instant::now() + offset, period)
         });
         publishers.spawn(async move {
             let mut hist = histogram();
