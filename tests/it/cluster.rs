@@ -38,13 +38,20 @@ impl RedisServer {
         server
     }
 
-    /// One `INFO` field of the server, as a number.
-    pub fn info(&self, field: &str) -> u64 {
+    /// Runs one command with `redis-cli`; its output.
+    pub fn cli(&self, args: &[&str]) -> String {
         let out = Command::new("redis-cli")
-            .args(["-p", &self.port.to_string(), "INFO"])
+            .args(["-p", &self.port.to_string()])
+            .args(args)
             .output()
             .expect("redis-cli");
-        String::from_utf8_lossy(&out.stdout)
+        assert!(out.status.success(), "redis-cli {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// One `INFO` field of the server, as a number.
+    pub fn info(&self, field: &str) -> u64 {
+        self.cli(&["INFO"])
             .lines()
             .find_map(|l| l.strip_prefix(&format!("{field}:")))
             .and_then(|v| v.trim().parse().ok())

@@ -239,16 +239,8 @@ async fn an_acknowledged_publication_reaches_local_subscribers_when_its_echo_is_
     // Redis cuts a subscriber whose output buffer passes its limit, as it
     // does a replica that falls behind: the publication is numbered and
     // answered, and its echo to this replica never goes out.
-    let redis_cli = |args: &[&str]| {
-        let out = Command::new("redis-cli")
-            .args(["-p", &redis.port.to_string()])
-            .args(args)
-            .output()
-            .expect("redis-cli");
-        assert!(out.status.success(), "{out:?}");
-    };
     // (Redis counts only what overflows a client's 16 KiB reply buffer.)
-    redis_cli(&[
+    redis.cli(&[
         "CONFIG",
         "SET",
         "client-output-buffer-limit",
@@ -258,7 +250,7 @@ async fn an_acknowledged_publication_reaches_local_subscribers_when_its_echo_is_
     publisher
         .publish("chat:echo", json!({"n": 2, "pad": big}))
         .await;
-    redis_cli(&[
+    redis.cli(&[
         "CONFIG",
         "SET",
         "client-output-buffer-limit",
